@@ -1,0 +1,1 @@
+"""Thin typer apps (`embed`, `heads`) over the embedstore and heads packages."""

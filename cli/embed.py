@@ -1,0 +1,269 @@
+"""`embed`: slides and cells in, per-cell vectors out (thin typer layer over `embedstore`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+from cli.common import console, progress, run
+
+app = typer.Typer(
+    help="Per-cell embedding store: synthetic data, cell ingestion, extraction, search.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    cells: Annotated[int, typer.Option(help="total number of cells over all slides")] = 600,
+    slides: Annotated[int, typer.Option(help="number of slides")] = 3,
+    density: Annotated[float, typer.Option(help="cells per mm² of tissue")] = 1500.0,
+) -> None:
+    """Write synthetic H&E slides, Xenium bundles and ground truth from a seed."""
+    from embedstore.synth import make_synthetic
+
+    with console.status("rendering synthetic slides...") as status:
+        result = make_synthetic(
+            out, seed=seed, n_cells=cells, n_slides=slides, density_per_mm2=density,
+            progress=lambda msg, frac: status.update(f"{msg} ({frac:.0%})"),
+        )  # fmt: skip
+    console.print(f"wrote {result.n_cells} cells on {len(result.slides)} slides to {out}")
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / "experiment.xenium").exists()
+
+
+@app.command()
+def cells(
+    source: Annotated[Path, typer.Argument(help="a CSV/Parquet table, a Xenium bundle, or a directory of bundles")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="normalised cells table (.parquet)")],
+    slides: Annotated[list[Path] | None, typer.Option(help="slide file(s) or a directory (tables)")] = None,
+    slide: Annotated[Path | None, typer.Option(help="the H&E slide of a Xenium bundle")] = None,
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel, overrides the slide's")] = None,
+    tissue: Annotated[str | None, typer.Option(help="tissue of all cells, where the source has none")] = None,
+    slide_id: Annotated[str | None, typer.Option(help="slide id of all cells, where the source has none")] = None,
+    unit: Annotated[str | None, typer.Option(help="coordinate unit of a table: px or um")] = None,
+    x_col: Annotated[str | None, typer.Option(help="x column of a table")] = None,
+    y_col: Annotated[str | None, typer.Option(help="y column of a table")] = None,
+    cell_id_col: Annotated[str | None, typer.Option(help="cell id column of a table")] = None,
+    slide_col: Annotated[str | None, typer.Option(help="slide id column of a table")] = None,
+    tissue_col: Annotated[str | None, typer.Option(help="tissue column of a table")] = None,
+    label_col: Annotated[str | None, typer.Option(help="label column of a table")] = None,
+    alignment: Annotated[Path | None, typer.Option(help="H&E alignment CSV of a Xenium bundle")] = None,
+    invert_alignment: Annotated[bool, typer.Option(help="the alignment maps Xenium px -> H&E px")] = False,
+    strict: Annotated[bool, typer.Option(help="fail on bad cells instead of dropping them")] = False,
+) -> None:
+    """Normalise cell centroids from a table or Xenium bundle(s) into one cells.parquet."""
+    from embedstore.cells import CellReport
+    from embedstore.errors import CellsError
+    from embedstore.ingest import ingest_table, ingest_xenium
+
+    on_bad = "error" if strict else "drop"
+    if source.is_dir():
+        bundles = [source] if _is_bundle(source) else sorted(p for p in source.iterdir() if _is_bundle(p))
+        if not bundles:
+            raise CellsError(f"{source}: neither a Xenium bundle nor a directory of bundles")
+        if slide is not None and len(bundles) > 1:
+            raise CellsError("--slide names one H&E image; give one bundle with it")
+        frames, report = [], CellReport()
+        for bundle in bundles:
+            frame, rep = ingest_xenium(
+                bundle, slide=slide, mpp=mpp, tissue=tissue, slide_id=slide_id,
+                alignment=alignment, invert_alignment=invert_alignment, on_bad=on_bad,
+            )  # fmt: skip
+            console.print(f"{bundle.name}: " + "; ".join(rep.lines()), highlight=False)
+            frames.append(frame)
+            report.merge(rep)
+        frame = pl.concat(frames, how="diagonal_relaxed")
+    else:
+        columns = {
+            k: v
+            for k, v in dict(
+                x=x_col, y=y_col, cell_id=cell_id_col, slide_id=slide_col, tissue=tissue_col,
+                label=label_col,
+            ).items()
+            if v is not None
+        }  # fmt: skip
+        frame, report = ingest_table(
+            source, slides=slides, mpp=mpp, unit=unit, columns=columns, slide_id=slide_id,
+            tissue=tissue, on_bad=on_bad,
+        )  # fmt: skip
+    for line in report.lines():
+        console.print(line, highlight=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    n_slides = frame["slide_id"].n_unique()
+    console.print(f"wrote {frame.height} cells of {n_slides} slide(s) to {out}")
+
+
+@app.command()
+def backbones(
+    pattern: Annotated[str, typer.Argument(help="name pattern, e.g. 'test-*'")] = "*",
+) -> None:
+    """List the backbone registry: name, dims, input size, pooling, weights found."""
+    from rich.table import Table
+
+    from embedstore.backbones import get_spec, list_backbones, weights_status
+
+    table = Table("name", "dim", "input px", "pooling", "params", "weights", "description")
+    for name in list_backbones(pattern):
+        spec = get_spec(name)
+        table.add_row(
+            name, str(spec.dim), str(spec.input_px), spec.pooling,
+            f"{spec.n_params:,}" if spec.n_params else "-", weights_status(name), spec.description,
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def extract(
+    slides: Annotated[list[Path], typer.Argument(help="slide files or a directory of slides")],
+    cells: Annotated[Path, typer.Option(help="normalised cells table (from `embed cells`/`embed synth`)")],
+    db: Annotated[Path, typer.Option(help="LanceDB store directory (created if missing)")],
+    local_backbone: Annotated[str, typer.Option(help="backbone for the 224 px nucleus crop")] = "uni2-h",
+    context_backbone: Annotated[str, typer.Option(help="backbone for the 256 µm context field")] = "dinov3-vitl16",
+    local_weights: Annotated[str | None, typer.Option(help="weights file/dir (or hub name) for the local backbone")] = None,
+    context_weights: Annotated[str | None, typer.Option(help="weights file/dir (or hub name) for the context backbone")] = None,
+    context_pooling: Annotated[str | None, typer.Option(help="cls or mean (context backbone)")] = None,
+    context_px: Annotated[int, typer.Option(help="context field resized to this many px for the encoder")] = 512,
+    table: Annotated[str, typer.Option(help="table for these vectors (a new name for another config)")] = "cells",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="crops per model call")] = 64,
+    workers: Annotated[int, typer.Option(help="reader threads")] = 2,
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel for all slides (overrides metadata)")] = None,
+    commit_every: Annotated[int, typer.Option(help="cells per store commit")] = 4096,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Embed every cell's nucleus crop and context field into the store (resumable)."""
+    from embedstore.extract import ExtractConfig
+    from embedstore.extract import extract as run_extract
+
+    cfg = ExtractConfig(
+        local_backbone=local_backbone, context_backbone=context_backbone,
+        local_weights=local_weights, context_weights=context_weights,
+        context_pooling=context_pooling, context_input_px=context_px, device=device,
+        batch_size=batch_size, workers=workers, table=table, mpp=mpp, commit_every=commit_every,
+    )  # fmt: skip
+    with ExtractProgress(quiet) as events:
+        summary = run_extract(slides, cells, db, cfg, on_event=events)
+    console.print(
+        f"stored {summary['written']} new cells ({summary['already_stored']} already there) in "
+        f"{summary['seconds']:.1f} s, {summary['cells_per_s']:.1f} cells/s; run {summary['run_id']}"
+    )
+
+
+class ExtractProgress:
+    """Per-slide and overall progress bars with cells/s, fed by extraction events."""
+
+    def __init__(self, quiet: bool):
+        self.bar = progress(quiet)
+        self.quiet = quiet
+        self.total = self.current = None
+        self.t0 = self.slide_t0 = 0.0
+        self.done = self.slide_done = 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        import time
+
+        now = time.perf_counter()
+        if kind == "start":
+            self.t0 = now
+            self.total = self.bar.add_task("all slides", total=data["cells"], rate="")
+        elif kind == "slide":
+            if self.current is not None:
+                self.bar.remove_task(self.current)
+            self.current = self.bar.add_task(data["slide_id"], total=data["total"], rate="")
+            self.bar.update(self.current, completed=data["total"] - data["todo"])
+            self.bar.update(self.total, advance=data["total"] - data["todo"])
+            self.slide_t0, self.slide_done = now, 0
+        elif kind == "progress":
+            self.done += data["n"]
+            self.slide_done += data["n"]
+            self.bar.update(self.current, advance=data["n"], rate=f"{self.slide_done / max(now - self.slide_t0, 1e-9):.1f} cells/s")
+            self.bar.update(self.total, advance=data["n"], rate=f"{self.done / max(now - self.t0, 1e-9):.1f} cells/s")
+        elif kind in ("slide_failed", "warning"):
+            msg = data.get("reason") or data.get("message")
+            style = "red" if kind == "slide_failed" else "yellow"
+            self.bar.console.print(f"[{style}]{data['slide_id']}:[/] {msg}", highlight=False)
+
+
+@app.command()
+def info(
+    db: Annotated[Path, typer.Argument(help="LanceDB store directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Summarise a store: tables, slides, cells, runs, vector dims, size on disk."""
+    import json
+
+    from rich.table import Table
+
+    from embedstore.store import Store
+
+    info = Store(db).info()
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    size = info["bytes_on_disk"]
+    console.print(f"[bold]{info['uri']}[/]  {size / 1e6:.1f} MB on disk" if size else info["uri"])
+    for name, t in info["tables"].items():
+        vecs = ", ".join(f"{k} {v}-d" for k, v in t["vectors"].items())
+        per_cell = f", {size / t['cells'] / 1e3:.2f} KB/cell" if size and t["cells"] else ""
+        console.print(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
+        for kind, v in t["config"].get("vectors", {}).items():
+            console.print(f"  {kind}: {v.get('name')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
+        slides_t = Table("slide", "cells")
+        for sid, n in t["slides"].items():
+            slides_t.add_row(sid, str(n))
+        console.print(slides_t)
+    if "labels" in info:
+        lab = info["labels"]
+        console.print(f"labels: {lab['rows']} rows, {lab['classes']} classes (from {', '.join(lab['sources'])})")
+    runs = Table("run", "table", "status", "started", "written", "failed slides")
+    for r in info["runs"]:
+        import json as _json
+
+        counts = _json.loads(r.get("counts") or "{}")
+        runs.add_row(r["run_id"], r.get("table", ""), r.get("status", ""), r.get("started", "")[:19], str(counts.get("written", "")), str(counts.get("slides_failed", "")))
+    console.print(runs)
+
+
+@app.command()
+def labels(
+    source: Annotated[Path, typer.Argument(help="table with slide_id, cell_id and label/split columns")],
+    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    table: Annotated[str, typer.Option(help="vector table the labels refer to")] = "cells",
+    merge: Annotated[bool, typer.Option(help="merge into the stored labels instead of replacing them")] = False,
+    label_col: Annotated[str | None, typer.Option(help="label column name")] = None,
+) -> None:
+    """Attach or replace labels and splits for stored cells (no re-extraction)."""
+    from embedstore.cells import read_table
+    from embedstore.store import Store
+
+    frame = read_table(source)
+    if label_col:
+        frame = frame.rename({label_col: "label"})
+    counts = Store(db).set_labels(frame, source=str(source), table=table, replace=not merge)
+    console.print(f"attached labels to {counts['matched']} stored cells")
+    if counts["unknown"]:
+        console.print(f"[yellow]{counts['unknown']} label rows match no stored cell and were ignored[/], e.g. {counts['unknown_examples']}")
+
+
+main = run(app)
+
+if __name__ == "__main__":
+    main()

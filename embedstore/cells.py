@@ -1,0 +1,251 @@
+"""Cells: centroids from a table (CSV/Parquet) or a Xenium bundle, normalised and checked.
+
+The normalised form is one polars DataFrame with `slide_id, cell_id, x_px, y_px, x_um, y_um,
+tissue` (level-0 pixels and slide µm of the cell's centre) plus the optional `label`,
+`label_confidence` and `split` columns.
+
+Bad rows are never dropped silently. The documented rule (`on_bad="drop"`, the default):
+- a centroid with a NaN/inf coordinate is dropped;
+- a repeated (slide_id, cell_id) keeps its first row, later rows are dropped;
+- a centroid outside the slide (x_px not in [0, width), y_px not in [0, height)) is dropped;
+- a cell whose slide_id matches no slide given is dropped.
+Each kind is counted, with examples, in a `CellReport`. `on_bad="error"` raises instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .errors import CellsError
+
+REQUIRED = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue"]
+OPTIONAL = ["label", "label_confidence", "split"]
+SPLITS = ("train", "val", "test")
+
+#: candidate source column names, tried in order, for each normalised field
+DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
+    "slide_id": ("slide_id", "slide", "sample", "image", "image_id"),
+    "cell_id": ("cell_id", "id", "cell", "object_id", "Object ID"),
+    "x": ("x_px", "x_um", "x", "x_centroid", "centroid_x", "Centroid X µm", "Centroid X px"),
+    "y": ("y_px", "y_um", "y", "y_centroid", "centroid_y", "Centroid Y µm", "Centroid Y px"),
+    "tissue": ("tissue", "organ", "tissue_type"),
+    "label": ("label", "cell_type", "class", "Classification"),
+    "label_confidence": ("label_confidence", "confidence"),
+    "split": ("split",),
+}
+
+
+@dataclass(frozen=True)
+class SlideGeometry:
+    """The few slide facts ingestion needs: µm/px and level-0 size (from `SlideInfo`)."""
+
+    mpp: float
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class CellReport:
+    """Counts and examples of what ingestion dropped, per reason."""
+
+    n_in: int = 0
+    n_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, ids: Sequence[str]) -> None:
+        if len(ids):
+            self.dropped[reason] = self.dropped.get(reason, 0) + len(ids)
+            self.examples.setdefault(reason, []).extend(str(i) for i in list(ids)[:5])
+
+    def merge(self, other: CellReport) -> None:
+        self.n_in += other.n_in
+        self.n_out += other.n_out
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.examples.setdefault(reason, []).extend(other.examples.get(reason, [])[:5])
+        self.notes += other.notes
+
+    def lines(self) -> list[str]:
+        out = [f"{self.n_in} cells read, {self.n_out} kept"]
+        for reason, n in self.dropped.items():
+            ex = ", ".join(self.examples.get(reason, [])[:5])
+            out.append(f"dropped {n} ({reason}), e.g. {ex}")
+        return out + self.notes
+
+
+def read_table(path: str | Path) -> pl.DataFrame:
+    """A CSV/TSV (optionally gzipped) or Parquet file as a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise CellsError(f"{path}: no such cell table")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet") or name.endswith(".pq"):
+            return pl.read_parquet(path)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            sep = "\t" if ".tsv" in name else ","
+            return pl.read_csv(path, separator=sep, infer_schema_length=10000)
+    except Exception as exc:  # noqa: BLE001 - polars raises many kinds
+        raise CellsError(f"{path}: cannot read the cell table ({exc})") from exc
+    raise CellsError(f"{path}: unknown table format; use .csv, .tsv (optionally .gz) or .parquet")
+
+
+def _pick(df: pl.DataFrame, key: str, given: str | None, required: bool) -> str | None:
+    if given is not None:
+        if given not in df.columns:
+            raise CellsError(
+                f"column {given!r} (for {key}) is not in the table; columns are {df.columns}"
+            )
+        return given
+    for name in DEFAULT_NAMES[key]:
+        if name in df.columns:
+            return name
+    if required:
+        raise CellsError(
+            f"no {key} column found (tried {', '.join(DEFAULT_NAMES[key])}); columns are "
+            f"{df.columns}. Name it with --{key.replace('_', '-')}-col."
+        )
+    return None
+
+
+def _unit_from_name(name: str) -> str | None:
+    low = name.lower()
+    if low.endswith(("_um", " µm", "_µm", "_micron", "_microns")) or "µm" in low:
+        return "um"
+    if low.endswith(("_px", " px", "_pixel", "_pixels")):
+        return "px"
+    return None
+
+
+def table_to_cells(
+    df: pl.DataFrame,
+    *,
+    unit: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    slide_id: str | None = None,
+    tissue: str | None = None,
+) -> tuple[pl.DataFrame, str]:
+    """Rename a raw table's columns to the normalised names; coordinates become `x`/`y`.
+
+    Returns the frame and the coordinate unit ("px" or "um"), from `unit`, or else from the
+    coordinate column's name (`x_um`, `Centroid X µm` -> um; `x_px` -> px).
+    """
+    columns = dict(columns or {})
+    picked = {
+        key: _pick(df, key, columns.get(key), required=key in ("cell_id", "x", "y"))
+        for key in DEFAULT_NAMES
+    }
+    if unit is None:
+        unit = _unit_from_name(picked["x"])
+    if unit not in ("px", "um"):
+        raise CellsError(
+            f"cannot tell the unit of coordinate column {picked['x']!r}: pass --unit px or --unit um"
+        )
+    out = {"cell_id": pl.col(picked["cell_id"]).cast(pl.Utf8)}
+    out["x"] = pl.col(picked["x"]).cast(pl.Float64)
+    out["y"] = pl.col(picked["y"]).cast(pl.Float64)
+    for key in ("slide_id", "tissue", "label", "split"):
+        if picked[key] is not None:
+            out[key] = pl.col(picked[key]).cast(pl.Utf8)
+    if picked["label_confidence"] is not None:
+        out["label_confidence"] = pl.col(picked["label_confidence"]).cast(pl.Float64)
+    frame = df.select(**out)
+    if slide_id is not None:
+        frame = frame.with_columns(slide_id=pl.lit(slide_id))
+    elif "slide_id" not in frame.columns:
+        raise CellsError("the table has no slide column: name it with --slide-col or pass --slide-id")
+    if tissue is not None:
+        frame = frame.with_columns(tissue=pl.lit(tissue))
+    elif "tissue" not in frame.columns:
+        raise CellsError("the table has no tissue column: name it with --tissue-col or pass --tissue")
+    return frame, unit
+
+
+def normalise(
+    frame: pl.DataFrame,
+    unit: str,
+    slides: Mapping[str, SlideGeometry],
+    *,
+    on_bad: str = "drop",
+) -> tuple[pl.DataFrame, CellReport]:
+    """Convert `x`/`y` in `unit` to x_px/y_px/x_um/y_um per slide and apply the bad-row rule."""
+    if on_bad not in ("drop", "error"):
+        raise ValueError(f"on_bad must be 'drop' or 'error', not {on_bad!r}")
+    report = CellReport(n_in=frame.height)
+    key = pl.col("slide_id") + pl.lit("/") + pl.col("cell_id")
+
+    unknown = frame.filter(~pl.col("slide_id").is_in(list(slides)))
+    report.add(
+        f"slide not found; known slides: {', '.join(sorted(slides)) or 'none'}",
+        unknown.select(key).to_series().to_list(),
+    )
+    frame = frame.filter(pl.col("slide_id").is_in(list(slides)))
+
+    bad = ~(pl.col("x").is_finite() & pl.col("y").is_finite())
+    report.add("NaN or infinite centroid", frame.filter(bad.fill_null(True)).select(key).to_series().to_list())
+    frame = frame.filter((~bad).fill_null(False))
+
+    dup = frame.select(key.is_first_distinct()).to_series()
+    report.add("duplicate cell id in slide, first kept", frame.filter(~dup).select(key).to_series().to_list())
+    frame = frame.filter(dup)
+
+    mpp = frame.select(pl.col("slide_id").replace_strict({k: v.mpp for k, v in slides.items()}, return_dtype=pl.Float64)).to_series()
+    if unit == "px":
+        frame = frame.with_columns(x_px=pl.col("x"), y_px=pl.col("y"))
+    else:
+        frame = frame.with_columns(x_px=pl.col("x") / mpp, y_px=pl.col("y") / mpp)
+    frame = frame.with_columns(x_um=pl.col("x_px") * mpp, y_um=pl.col("y_px") * mpp)
+
+    inside = pl.lit(True)
+    for sid, geo in slides.items():
+        if geo.width is None or geo.height is None:
+            report.notes.append(f"{sid}: no slide file, so centroids were not checked against its bounds")
+            continue
+        in_slide = pl.col("x_px").is_between(0, geo.width, closed="left") & pl.col("y_px").is_between(0, geo.height, closed="left")
+        inside = pl.when(pl.col("slide_id") == sid).then(in_slide).otherwise(inside)
+    outside = frame.filter(~inside)
+    report.add("centroid outside the slide", outside.select(key).to_series().to_list())
+    frame = frame.filter(inside)
+
+    if "split" in frame.columns:
+        wrong = frame.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(SPLITS))
+        if wrong.height:
+            raise CellsError(
+                f"split column has values other than {', '.join(SPLITS)}: "
+                f"{sorted(set(wrong['split'].to_list()))[:5]}"
+            )
+    if on_bad == "error" and report.dropped:
+        raise CellsError("bad cells (rerun without --strict to drop them):\n  " + "\n  ".join(report.lines()[1:]))
+
+    order = REQUIRED + [c for c in OPTIONAL if c in frame.columns]
+    frame = frame.select(order).with_columns(pl.col("tissue").fill_null("unknown"))
+    report.n_out = frame.height
+    return frame, report
+
+
+def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
+    """Check that `frame` is in the normalised form (e.g. a cells.parquet given to extract)."""
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise CellsError(
+            f"cell table lacks columns {missing}; make it with `embed cells SOURCE --out cells.parquet`"
+        )
+    bad = frame.filter(~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite()))
+    if bad.height:
+        raise CellsError(f"{bad.height} cells have NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}")
+    dup = frame.select(pl.struct("slide_id", "cell_id").is_duplicated()).to_series()
+    if dup.any():
+        ex = frame.filter(dup).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series()
+        raise CellsError(f"{int(dup.sum())} rows share a (slide_id, cell_id), e.g. {ex[:3].to_list()}")
+    return frame
+
+
+def centroid_arrays(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return frame["x_px"].to_numpy().astype(np.float64), frame["y_px"].to_numpy().astype(np.float64)

@@ -1,0 +1,353 @@
+"""The extraction pass: slides + cells -> local and context vectors in the store.
+
+Per slide: cells are grouped by region; reader threads read each region once per vector kind
+and cut every crop in it (see `Slide.read_group`) while the main thread runs the backbones on
+full batches and commits rows to the store every `commit_every` cells. A rerun skips cells
+already stored, so a killed run resumes with each cell stored exactly once.
+
+A vector kind is a `VectorStep` (a crop spec plus a backbone); the context step is one such
+step (`exact` mode: one centred field per cell), so another context strategy can replace it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from . import __version__
+from .cells import validate_cells
+from .errors import SlideError, UserError
+from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
+from .slides import PAD_VALUE, Slide, find_slides, group_by_region
+from .store import DEFAULT_TABLE, Store, vectors_to_arrow
+
+
+#: backbone provenance that is recorded per run but does not define the vectors
+VOLATILE_KEYS = ("weights_source", "timm_version", "torch_version", "n_params")
+
+
+class ExtractionFailed(UserError):
+    """Some slides failed; the others were extracted and stored."""
+
+
+@dataclass
+class ExtractConfig:
+    local_backbone: str = "uni2-h"
+    context_backbone: str = "dinov3-vitl16"
+    local_weights: str | None = None
+    context_weights: str | None = None
+    context_pooling: str | None = None
+    context_input_px: int | None = 512
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    table: str = DEFAULT_TABLE
+    mpp: float | None = None
+    region_um: float = 512.0
+    commit_every: int = 4096
+
+
+@dataclass
+class VectorStep:
+    """One vector kind: the field cut around each cell and the backbone that embeds it."""
+
+    name: str
+    crop: CropSpec  # field size in µm and the pixel size delivered to the backbone
+    backbone: object  # embedstore.backbones.Backbone
+
+    def provenance(self) -> dict:
+        """Everything known about how these vectors are made (stored with each run)."""
+        return {**self.backbone.provenance(), **self.config()}
+
+    def config(self) -> dict:
+        """What defines these vectors: two tables' vectors are comparable iff this matches.
+
+        Where the weights file lies and library versions are provenance, not identity.
+        """
+        prov = {k: v for k, v in self.backbone.provenance().items() if k not in VOLATILE_KEYS}
+        return {
+            **prov,
+            "dim": int(self.backbone.dim),
+            "field_um": self.crop.size_um,
+            "field_px": self.crop.out_px,
+            "field_mpp": self.crop.target_mpp,
+        }
+
+    def embed(self, crops: np.ndarray, device) -> np.ndarray:
+        import torch
+
+        images = torch.from_numpy(crops)
+        if device.type == "cuda":
+            images = images.pin_memory().to(device, non_blocking=True)
+        with torch.inference_mode():
+            if device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = self.backbone(images)
+            else:
+                out = self.backbone(images)
+        return out.float().cpu().numpy()
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    path: str | None
+    status: str  # done | skipped (all stored) | failed
+    written: int = 0
+    already: int = 0
+    outside_dropped: int = 0
+    reason: str = ""
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def build_steps(cfg: ExtractConfig, device) -> list[VectorStep]:
+    from .backbones import build_backbone
+
+    local = build_backbone(cfg.local_backbone, weights=cfg.local_weights, device=device)
+    context = build_backbone(
+        cfg.context_backbone, weights=cfg.context_weights, pooling=cfg.context_pooling,
+        input_px=cfg.context_input_px, device=device,
+    )  # fmt: skip
+    return [
+        VectorStep("local", LOCAL_CROP.resized(local.input_px), local),
+        VectorStep("context", CONTEXT_CROP.resized(context.input_px), context),
+    ]
+
+
+def vector_config(steps: list[VectorStep]) -> dict:
+    """What must match for vectors to share a table (weights, geometry, dtype, padding)."""
+    return {
+        "vectors": {s.name: s.config() for s in steps},
+        "dtype": "float16",
+        "pad_value": PAD_VALUE,
+        "context_mode": "exact",
+    }
+
+
+def slide_paths_by_id(slides) -> dict[str, Path]:
+    from .slides import slide_id_from_path
+
+    out: dict[str, Path] = {}
+    for path in find_slides(slides):
+        sid = slide_id_from_path(path)
+        if sid in out:
+            raise SlideError(f"two slide files share the id {sid!r}: {out[sid]} and {path}")
+        out[sid] = path
+    return out
+
+
+def _batched_crops(
+    slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], region_um: float,
+    batch_size: int, pool: ThreadPoolExecutor, ahead: int,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(cell indices, crops per step, outside share per step) in batches of `batch_size`.
+
+    Region groups are read by the pool up to `ahead` groups in advance.
+    """
+    plans = {s.name: slide.plan(s.crop) for s in steps}
+    groups = iter(group_by_region(x, y, region_um / slide.mpp))
+    pending: deque = deque()
+
+    def submit() -> None:
+        idx = next(groups, None)
+        if idx is not None:
+            pending.append((idx, pool.submit(slide.read_group, x[idx], y[idx], plans)))
+
+    for _ in range(ahead):
+        submit()
+    buf_idx: list[np.ndarray] = []
+    buf: dict[str, list] = {s.name: [] for s in steps}
+    out_buf: dict[str, list] = {s.name: [] for s in steps}
+    n_buf = 0
+    while pending:
+        idx, fut = pending.popleft()
+        submit()
+        got = fut.result()
+        buf_idx.append(idx)
+        for name, (crops, outside) in got.items():
+            buf[name].append(crops)
+            out_buf[name].append(outside)
+        n_buf += len(idx)
+        while n_buf >= batch_size or (not pending and n_buf):
+            all_idx = np.concatenate(buf_idx)
+            crops = {k: np.concatenate(v) for k, v in buf.items()}
+            outs = {k: np.concatenate(v) for k, v in out_buf.items()}
+            take = min(batch_size, n_buf)
+            yield all_idx[:take], {k: v[:take] for k, v in crops.items()}, {k: v[:take] for k, v in outs.items()}
+            buf_idx = [all_idx[take:]]
+            buf = {k: [v[take:]] for k, v in crops.items()}
+            out_buf = {k: [v[take:]] for k, v in outs.items()}
+            n_buf -= take
+
+
+def _rows(cells: pl.DataFrame, idx: np.ndarray, run_id: str, vectors: dict, outside: dict) -> pa.Table:
+    sub = cells[idx]
+    cols = {
+        "slide_id": sub["slide_id"].to_arrow(),
+        "cell_id": sub["cell_id"].to_arrow(),
+        "x_px": sub["x_px"].to_arrow(),
+        "y_px": sub["y_px"].to_arrow(),
+        "x_um": sub["x_um"].to_arrow(),
+        "y_um": sub["y_um"].to_arrow(),
+        "tissue": sub["tissue"].to_arrow(),
+        "run_id": pa.array([run_id] * len(idx), pa.string()),
+    }
+    for name, vec in vectors.items():
+        cols[f"{name}_outside"] = pa.array(outside[name].astype(np.float32))
+        cols[name] = vectors_to_arrow(vec)
+    return pa.table({k: (v.cast(pa.string()) if pa.types.is_large_string(v.type) else v) for k, v in cols.items()})
+
+
+def extract(
+    slides,
+    cells: pl.DataFrame | str | Path,
+    db: str | Path,
+    cfg: ExtractConfig,
+    *,
+    steps: list[VectorStep] | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Run the extraction pass; returns a summary dict. Raises ExtractionFailed at the end
+    (after storing every slide that worked) when any slide failed."""
+    emit = on_event or (lambda kind, data: None)
+    if not isinstance(cells, pl.DataFrame):
+        cells = pl.read_parquet(cells)
+    cells = validate_cells(cells)
+    paths = slide_paths_by_id(slides)
+    device = resolve_device(cfg.device)
+    steps = steps or build_steps(cfg, device)
+    config = vector_config(steps)
+
+    store = Store(db, create=True)
+    store.cells_table(cfg.table, {s.name: s.config()["dim"] for s in steps}, config)
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run = {
+        "run_id": run_id, "table": cfg.table, "status": "running",
+        "started": dt.datetime.now(dt.UTC).isoformat(), "finished": "",
+        "code_version": __version__, "host": platform.node(), "device": str(device),
+        "settings": asdict(cfg), "config": config, "slides": {}, "counts": {},
+        "backbones": {s.name: s.provenance() for s in steps},
+    }  # fmt: skip
+    store.record_run(run)
+
+    slide_ids = cells["slide_id"].unique(maintain_order=True).to_list()
+    emit("start", {"slides": len(slide_ids), "cells": cells.height, "run_id": run_id})
+    results: list[SlideResult] = []
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="reader") as pool:
+        for sid in slide_ids:
+            sub = cells.filter(pl.col("slide_id") == sid)
+            result = _extract_slide(sid, sub, paths.get(sid), steps, store, cfg, run_id, device, pool, emit)
+            results.append(result)
+            run["slides"][sid] = {k: v for k, v in asdict(result).items() if k != "slide_id"}
+            store.record_run(run)
+    store.compact(cfg.table)
+    written = sum(r.written for r in results)
+    label_cols = [c for c in ("label", "label_confidence", "split") if c in cells.columns]
+    if label_cols and written:
+        store.set_labels(
+            cells.select(["slide_id", "cell_id", *label_cols]), source="cells table",
+            table=cfg.table, replace=False,
+        )  # fmt: skip
+
+    failed = [r for r in results if r.status == "failed"]
+    run["counts"] = {
+        "cells_in_table": cells.height, "written": written,
+        "already_stored": sum(r.already for r in results),
+        "outside_dropped": sum(r.outside_dropped for r in results),
+        "slides_done": sum(r.status != "failed" for r in results), "slides_failed": len(failed),
+    }  # fmt: skip
+    run["status"] = "failed" if failed else "finished"
+    run["finished"] = dt.datetime.now(dt.UTC).isoformat()
+    store.record_run(run)
+    seconds = time.perf_counter() - t_start
+    summary = {**run["counts"], "run_id": run_id, "seconds": seconds,
+               "cells_per_s": written / seconds if seconds > 0 else 0.0,
+               "failed": {r.slide_id: r.reason for r in failed}}  # fmt: skip
+    emit("done", summary)
+    if failed:
+        raise ExtractionFailed(
+            f"{len(failed)} slide(s) failed (the other {len(results) - len(failed)} were stored; "
+            "fix these and rerun the same command to add them):\n  "
+            + "\n  ".join(f"{r.slide_id}: {r.reason}" for r in failed)
+        )
+    return summary
+
+
+def _extract_slide(
+    sid: str, cells: pl.DataFrame, path: Path | None, steps: list[VectorStep], store: Store,
+    cfg: ExtractConfig, run_id: str, device, pool: ThreadPoolExecutor, emit,
+) -> SlideResult:
+    t0 = time.perf_counter()
+    if path is None:
+        return SlideResult(sid, None, "failed", reason="no slide file with this id among the slides given")
+    stored = store.stored_keys(cfg.table, sid)
+    todo = cells.filter(~pl.col("cell_id").is_in(list(stored))) if stored else cells
+    result = SlideResult(sid, str(path), "done", already=cells.height - todo.height)
+    if todo.height == 0:
+        result.status = "skipped"
+        emit("slide", {"slide_id": sid, "total": cells.height, "todo": 0})
+        return result
+    try:
+        slide = Slide(path, mpp=cfg.mpp)
+    except SlideError as exc:
+        result.status, result.reason = "failed", str(exc)
+        emit("slide_failed", {"slide_id": sid, "reason": str(exc)})
+        return result
+    with slide:
+        result.info = {**slide.info.to_dict(), "plans": {s.name: slide.plan(s.crop).to_dict() for s in steps}}
+        w, h = slide.dimensions
+        x, y = todo["x_px"].to_numpy(), todo["y_px"].to_numpy()
+        inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        if not inside.all():
+            bad = todo.filter(~pl.Series(inside))["cell_id"].head(5).to_list()
+            result.outside_dropped = int((~inside).sum())
+            emit("warning", {"slide_id": sid, "message": f"{result.outside_dropped} centroids outside the slide ({w}x{h} px) skipped, e.g. {bad}"})
+            todo = todo.filter(pl.Series(inside))
+            x, y = x[inside], y[inside]
+        emit("slide", {"slide_id": sid, "total": cells.height, "todo": todo.height})
+        pending: list[pa.Table] = []
+        n_pending = 0
+        try:
+            for idx, crops, outside in _batched_crops(
+                slide, x, y, steps, cfg.region_um, cfg.batch_size, pool, ahead=2 * max(1, cfg.workers)
+            ):
+                vectors = {s.name: s.embed(crops[s.name], device) for s in steps}
+                pending.append(_rows(todo, idx, run_id, vectors, outside))
+                n_pending += len(idx)
+                if n_pending >= cfg.commit_every:
+                    store.append(cfg.table, pa.concat_tables(pending))
+                    result.written += n_pending
+                    pending, n_pending = [], 0
+                emit("progress", {"slide_id": sid, "n": len(idx)})
+            if pending:
+                store.append(cfg.table, pa.concat_tables(pending))
+                result.written += n_pending
+        except SlideError as exc:
+            result.status, result.reason = "failed", str(exc)
+            emit("slide_failed", {"slide_id": sid, "reason": str(exc)})
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,97 @@
+"""Ingest cells from a table or a Xenium bundle into the normalised form (see `cells`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from . import cells as C
+from . import xenium as X
+from .errors import CellsError, SlideError
+from .slides import Slide, find_slides, slide_id_from_path
+
+
+def slide_geometries(slide_paths: Sequence[Path], mpp: float | None = None) -> dict[str, C.SlideGeometry]:
+    """Open each slide once for its µm/px and size."""
+    out: dict[str, C.SlideGeometry] = {}
+    for path in slide_paths:
+        with Slide(path, mpp=mpp) as slide:
+            if slide.slide_id in out:
+                raise SlideError(f"two slide files share the id {slide.slide_id!r}: rename one")
+            out[slide.slide_id] = C.SlideGeometry(slide.mpp, slide.info.width, slide.info.height)
+    return out
+
+
+def ingest_table(
+    path: str | Path,
+    *,
+    slides: str | Path | Sequence[str | Path] | None = None,
+    mpp: float | None = None,
+    unit: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    slide_id: str | None = None,
+    tissue: str | None = None,
+    on_bad: str = "drop",
+) -> tuple[pl.DataFrame, C.CellReport]:
+    """A CSV/Parquet table of centroids -> normalised cells.
+
+    Slide files (a directory or paths) give each slide's µm/px and bounds; without them `mpp`
+    must be given and centroids cannot be checked against the slide bounds.
+    """
+    frame, unit = C.table_to_cells(
+        C.read_table(path), unit=unit, columns=columns, slide_id=slide_id, tissue=tissue
+    )
+    if slides is not None:
+        geos = slide_geometries(find_slides(list(slides) if isinstance(slides, list | tuple) else slides), mpp)
+    elif mpp is not None:
+        geos = {sid: C.SlideGeometry(mpp) for sid in frame["slide_id"].unique().to_list()}
+    else:
+        raise CellsError("give the slides (--slides DIR) or their µm per pixel (--mpp) to place the cells")
+    return C.normalise(frame, unit, geos, on_bad=on_bad)
+
+
+def ingest_xenium(
+    bundle_dir: str | Path,
+    *,
+    slide: str | Path | None = None,
+    mpp: float | None = None,
+    tissue: str | None = None,
+    slide_id: str | None = None,
+    alignment: str | Path | None = None,
+    invert_alignment: bool = False,
+    on_bad: str = "drop",
+) -> tuple[pl.DataFrame, C.CellReport]:
+    """A Xenium output bundle -> normalised cells in the H&E slide's level-0 pixels."""
+    bundle = X.open_bundle(bundle_dir, alignment=alignment, he_image=slide)
+    if bundle.he_image is None:
+        raise CellsError(f"{bundle.root}: no H&E image found (*he_image*): pass --slide PATH")
+    if bundle.alignment_path is None:
+        raise CellsError(
+            f"{bundle.root}: no *_he_imagealignment.csv: export the H&E alignment from Xenium "
+            "Explorer and pass --alignment PATH"
+        )
+    with Slide(bundle.he_image, mpp=mpp) as he:
+        # a bundle's H&E is often a link to the slide collection: name it after the real file
+        sid = slide_id or slide_id_from_path(bundle.he_image.resolve())
+        geo = C.SlideGeometry(he.mpp, he.info.width, he.info.height)
+    matrix = X.read_alignment(bundle.alignment_path)
+    if invert_alignment:
+        if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-12:
+            raise X.AlignmentError(f"{bundle.alignment_path}: the alignment matrix is not invertible")
+        matrix = np.linalg.inv(matrix)
+    X.check_alignment(matrix, bundle.pixel_size, geo.mpp, str(bundle.alignment_path))
+    tissue = tissue or bundle.tissue
+    if tissue is None:
+        raise CellsError(f"{bundle.root}: experiment.xenium names no tissue: pass --tissue NAME")
+
+    raw = X.read_xenium_cells(bundle)
+    x_px, y_px = X.xenium_to_he_px(
+        raw["x_centroid"].to_numpy(), raw["y_centroid"].to_numpy(), matrix, bundle.pixel_size
+    )
+    frame = pl.DataFrame(
+        {"slide_id": sid, "cell_id": raw["cell_id"], "x": x_px, "y": y_px, "tissue": tissue}
+    )
+    return C.normalise(frame, "px", {sid: geo}, on_bad=on_bad)

@@ -1,0 +1,415 @@
+"""Whole-slide images at exact µm/px: open, read regions, cut crops in batches.
+
+Backends: OpenSlide (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) first; tiffslide (tifffile)
+where OpenSlide cannot open the file or sees only one level of a pyramid it stores in SubIFDs
+(OME-TIFF). Every read returns RGB uint8; area outside the slide is white (a tissue-neutral
+pad, recorded as `PAD_VALUE`) and its share is reported per crop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import SlideError
+from .geometry import CropSpec, ReadPlan, is_close_mpp
+
+#: value used for area outside the slide (white: tissue-neutral background)
+PAD_VALUE = 255
+#: plausible µm per level-0 pixel; values outside are treated as broken metadata
+MPP_RANGE = (0.01, 50.0)
+SLIDE_SUFFIXES = (
+    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
+    ".svslide", ".bif", ".btf", ".qptiff",
+)  # fmt: skip
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """The slide's id: its file name without the (possibly double) extension."""
+    name = Path(path).name
+    for suffix in SLIDE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def find_slides(paths: str | Path | list) -> list[Path]:
+    """Slide files among `paths` (files, or directories searched one level deep)."""
+    items = paths if isinstance(paths, list | tuple) else [paths]
+    found: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found += sorted(
+                p for p in item.iterdir()
+                if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)
+            )  # fmt: skip
+        elif item.exists():
+            found.append(item)
+        else:
+            raise SlideError(f"{item}: no such file or directory")
+    return found
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What is known about one slide; stored as provenance next to its vectors."""
+
+    path: str
+    slide_id: str
+    backend: str
+    vendor: str
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float
+    mpp_source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CropBatch:
+    """Crops of one group of cells: `index` into the caller's cell arrays, one image stack per spec."""
+
+    index: np.ndarray
+    images: dict[str, np.ndarray]  # name -> (n, out_px, out_px, 3) uint8
+    outside: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,) share padded
+
+
+class Slide:
+    """One whole-slide image. Use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideError(f"{self.path}: no such slide file")
+        self._handle, backend = _open_backend(self.path)
+        # OpenSlide handles are thread-safe; serialise reads through other backends
+        self._lock = threading.Lock() if backend != "openslide" else contextlib.nullcontext()
+        props = dict(self._handle.properties)
+        meta_mpp, source = _mpp_from_metadata(self.path, props, backend)
+        if mpp is not None:
+            if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+                self.close()
+                raise SlideError(f"--mpp {mpp} is not a plausible µm per pixel (expected 0.05-20)")
+            if meta_mpp is not None and not is_close_mpp(mpp, meta_mpp):
+                warnings.warn(
+                    f"{self.path.name}: --mpp {mpp} overrides the file's {meta_mpp:.4f} µm/px",
+                    stacklevel=2,
+                )
+            meta_mpp, source = float(mpp), "override"
+        if meta_mpp is None:
+            self.close()
+            raise SlideError(
+                f"{self.path}: no µm per pixel in the file's metadata (looked for "
+                "openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX). Pass --mpp with the "
+                "scanner's µm per pixel at full resolution, e.g. --mpp 0.25 for a 40x scan."
+            )
+        h = self._handle
+        self.info = SlideInfo(
+            path=str(self.path),
+            slide_id=slide_id_from_path(self.path),
+            backend=backend,
+            vendor=str(props.get("openslide.vendor", props.get("tiffslide.vendor", "unknown"))),
+            width=int(h.dimensions[0]),
+            height=int(h.dimensions[1]),
+            level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
+            level_downsamples=tuple(float(d) for d in h.level_downsamples),
+            mpp=float(meta_mpp),
+            mpp_source=source,
+        )
+
+    # -- basic properties -------------------------------------------------------------------
+    @property
+    def slide_id(self) -> str:
+        return self.info.slide_id
+
+    @property
+    def mpp(self) -> float:
+        return self.info.mpp
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.info.width, self.info.height
+
+    def plan(self, crop: CropSpec) -> ReadPlan:
+        return ReadPlan.for_slide(self.info.level_downsamples, self.info.mpp, crop)
+
+    def close(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Slide({i.slide_id!r}, {i.width}x{i.height} px, {i.mpp:.4f} µm/px, {i.backend})"
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) of level pixels [x0, x0+width) x [y0, y0+height).
+
+        Only the part inside the slide is read; the rest is PAD_VALUE.
+        """
+        lw, lh = self.info.level_dimensions[level]
+        out = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
+        ix0, iy0 = max(x0, 0), max(y0, 0)
+        ix1, iy1 = min(x0 + width, lw), min(y0 + height, lh)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return out
+        ds = self.info.level_downsamples[level]
+        loc = (int(round(ix0 * ds)), int(round(iy0 * ds)))
+        try:
+            with self._lock:
+                region = self._handle.read_region(loc, level, (ix1 - ix0, iy1 - iy0))
+        except Exception as exc:  # noqa: BLE001 - backend errors vary; report them uniformly
+            raise SlideError(
+                f"{self.path}: reading level {level} at {loc} failed ({exc}); the file may be "
+                "corrupt or truncated"
+            ) from exc
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = _to_rgb(region)
+        return out
+
+    def read(self, x_px: float, y_px: float, crop: CropSpec) -> tuple[np.ndarray, float]:
+        """One crop centred on level-0 point (x_px, y_px): (out_px, out_px, 3) uint8, outside share.
+
+        A single region read per call; use `iter_crops` for many cells.
+        """
+        plan = self.plan(crop)
+        x, y = np.array([x_px], dtype=np.float64), np.array([y_px], dtype=np.float64)
+        bx0, by0, bx1, by1 = (int(v[0]) for v in plan.read_box_level(x, y))
+        buffer = self.read_level(plan.level, bx0, by0, bx1 - bx0, by1 - by0)
+        image = cut_crops(buffer, bx0, by0, plan, x, y)[0]
+        outside = float(plan.outside_fraction(x, y, self.info.width, self.info.height)[0])
+        return image, outside
+
+    def read_group(
+        self, x_px: np.ndarray, y_px: np.ndarray, plans: Mapping[str, ReadPlan]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Crops of a group of nearby cells: for each plan one region read (the union of the
+        group's fields at the plan's level), all crops cut from it.
+
+        Returns name -> (crops (n, out_px, out_px, 3) uint8, share of each field outside the slide).
+        Safe to call from several threads.
+        """
+        out = {}
+        for name, plan in plans.items():
+            bx0, by0, bx1, by1 = plan.read_box_level(x_px, y_px)
+            rx0, ry0 = int(bx0.min()), int(by0.min())
+            buffer = self.read_level(plan.level, rx0, ry0, int(bx1.max()) - rx0, int(by1.max()) - ry0)
+            outside = plan.outside_fraction(x_px, y_px, self.info.width, self.info.height)
+            out[name] = (cut_crops(buffer, rx0, ry0, plan, x_px, y_px), outside)
+        return out
+
+    def iter_crops(
+        self,
+        x_px: np.ndarray,
+        y_px: np.ndarray,
+        crops: Mapping[str, CropSpec],
+        *,
+        region_um: float = 512.0,
+    ) -> Iterator[CropBatch]:
+        """Crops for many cells, reading each large region once per spec.
+
+        Cells are grouped by the `region_um` x `region_um` grid cell holding their centroid
+        (row-major order); each group is read with `read_group`.
+        """
+        x_px = np.asarray(x_px, dtype=np.float64)
+        y_px = np.asarray(y_px, dtype=np.float64)
+        plans = {name: self.plan(spec) for name, spec in crops.items()}
+        for index in group_by_region(x_px, y_px, region_um / self.info.mpp):
+            got = self.read_group(x_px[index], y_px[index], plans)
+            yield CropBatch(
+                index=index,
+                images={k: v[0] for k, v in got.items()},
+                outside={k: v[1] for k, v in got.items()},
+            )
+
+
+def group_by_region(x_px: np.ndarray, y_px: np.ndarray, region_px: float) -> list[np.ndarray]:
+    """Indices of cells grouped by the square grid cell (side `region_px`) holding them."""
+    if len(x_px) == 0:
+        return []
+    gx = np.floor(x_px / region_px).astype(np.int64)
+    gy = np.floor(y_px / region_px).astype(np.int64)
+    order = np.lexsort((x_px, gx, gy))
+    keys = np.stack([gy[order], gx[order]], axis=1)
+    breaks = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    return np.split(order, breaks)
+
+
+def cut_crops(
+    buffer: np.ndarray, bx0: int, by0: int, plan: ReadPlan, x_px: np.ndarray, y_px: np.ndarray
+) -> np.ndarray:
+    """Cut one field per cell from a level buffer whose top-left level pixel is (bx0, by0).
+
+    Exact plans copy pixels; others resample the (sub-pixel) field box with PIL's
+    antialiased bilinear filter straight to `plan.out_px`.
+    """
+    n, size = len(x_px), plan.out_px
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    fx0, fy0 = plan.field_origin_level(x_px, y_px)
+    if plan.exact:
+        for i in range(n):
+            ox, oy = int(fx0[i]) - bx0, int(fy0[i]) - by0
+            out[i] = buffer[oy : oy + size, ox : ox + size]
+        return out
+    image = Image.fromarray(buffer)
+    side = plan.size_level_px
+    for i in range(n):
+        box = (fx0[i] - bx0, fy0[i] - by0, fx0[i] - bx0 + side, fy0[i] - by0 + side)
+        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    return out
+
+
+# -- backends and metadata ----------------------------------------------------------------------
+def _probe(handle) -> None:
+    """Touch what lazy backends only parse on first use, so a broken file fails at open."""
+    dict(handle.properties)
+    last = handle.level_count - 1
+    _ = handle.level_dimensions, handle.level_downsamples
+    handle.read_region((0, 0), last, (1, 1))
+
+
+def _open_backend(path: Path):
+    """(handle, backend name): OpenSlide unless tiffslide sees more pyramid levels."""
+    import openslide
+
+    errors = []
+    handle = None
+    try:
+        handle = openslide.OpenSlide(str(path))
+        _probe(handle)
+    except Exception as exc:  # noqa: BLE001 - backend errors vary; reported together below
+        if handle is not None:
+            handle.close()
+        handle, errors = None, [f"OpenSlide: {exc}"]
+    if handle is not None and handle.level_count > 1:
+        return handle, "openslide"
+    alt = None
+    try:
+        import tiffslide
+
+        alt = tiffslide.TiffSlide(str(path))
+        _probe(alt)
+        if handle is None or alt.level_count > handle.level_count:
+            if handle is not None:
+                handle.close()
+            return alt, "tiffslide"
+        alt.close()
+    except Exception as exc:  # noqa: BLE001
+        if alt is not None:
+            alt.close()
+        errors.append(f"tifffile: {type(exc).__name__}: {exc}")
+    if handle is not None:
+        return handle, "openslide"
+    raise SlideError(
+        f"{path}: cannot open as a whole-slide image ({'; '.join(errors)}). Supported: the "
+        "formats OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) and tiled "
+        "(OME-)TIFF pyramids; the file may be corrupt or truncated."
+    )
+
+
+def _plausible(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value) or not (MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+        return None
+    return float(value)
+
+
+def _mpp_from_metadata(path: Path, props: Mapping, backend: str) -> tuple[float | None, str]:
+    """µm per level-0 pixel from the file, and where it came from."""
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+        try:
+            value = _plausible(float(props[key]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if value is not None:
+            return value, key
+    value = _plausible(_ome_mpp(path))
+    if value is not None:
+        return value, "ome"
+    value = _plausible(_tiff_resolution_mpp(path))
+    if value is not None:
+        return value, "tiff-resolution"
+    return None, "none"
+
+
+def _ome_mpp(path: Path) -> float | None:
+    """PhysicalSizeX of the first OME Pixels element, converted to µm."""
+    if not path.name.lower().endswith((".tif", ".tiff", ".btf")):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+    except Exception:  # noqa: BLE001
+        return None
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    to_um = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+    for elem in root.iter():
+        if elem.tag.endswith("Pixels") and "PhysicalSizeX" in elem.attrib:
+            unit = elem.attrib.get("PhysicalSizeXUnit", "µm")
+            try:
+                return float(elem.attrib["PhysicalSizeX"]) * to_um.get(unit, float("nan"))
+            except ValueError:
+                return None
+    return None
+
+
+def _tiff_resolution_mpp(path: Path) -> float | None:
+    """µm/px from the first page's XResolution and ResolutionUnit (inch or centimetre)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            unit = tags.get("ResolutionUnit")
+            xres = tags.get("XResolution")
+            if unit is None or xres is None:
+                return None
+            num, den = xres.value
+            per_unit = num / den if den else 0.0
+            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    except Exception:  # noqa: BLE001
+        return None
+    if not um_per_unit or per_unit <= 0:
+        return None
+    return um_per_unit / per_unit
+
+
+def _to_rgb(region) -> np.ndarray:
+    """RGB uint8 from a backend's region (PIL RGBA or array), compositing alpha onto white."""
+    arr = np.asarray(region)
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3:4]
+        rgb = arr[..., :3]
+        if alpha.min() == 255:
+            return rgb
+        a = alpha.astype(np.float32) / 255.0
+        return (rgb * a + PAD_VALUE * (1.0 - a) + 0.5).astype(np.uint8)
+    return arr[..., :3]

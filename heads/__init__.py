@@ -1,0 +1,1 @@
+"""Lightweight NuClass heads trained on cached per-cell vectors."""

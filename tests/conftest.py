@@ -1,0 +1,32 @@
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pyramid_levels(level0: np.ndarray, min_side: int = 256) -> list[np.ndarray]:
+    levels = [level0]
+    while min(levels[-1].shape[:2]) >= 2 * min_side:
+        a = levels[-1]
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        levels.append(a[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3)).astype(np.uint8))
+    return levels
+
+
+@pytest.fixture
+def gradient_image() -> np.ndarray:
+    """A 1536x2048 RGB image whose pixel values encode their own coordinates."""
+    h, w = 1536, 2048
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx // 8) % 256, (yy // 8) % 256, ((xx + yy) // 16) % 256], axis=2)
+    return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A small synthetic dataset (3 slides, ~450 cells), made once per test session."""
+    from embedstore.synth import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synth") / "data", seed=7, n_cells=450, n_slides=3)

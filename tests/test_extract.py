@@ -1,0 +1,199 @@
+"""Extraction into the store: exactly-once, provenance refusal, failed slides, real kills."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from embedstore.extract import ExtractConfig, ExtractionFailed, extract
+from embedstore.store import Store, StoreError
+
+FAST = dict(local_backbone="test-vit-local", context_backbone="test-vit-context",
+            context_input_px=128, batch_size=16, workers=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def extracted(synth_small, tmp_path_factory):
+    db = tmp_path_factory.mktemp("store") / "db"
+    summary = extract(synth_small.out_dir / "slides", synth_small.cells_path, db, ExtractConfig(**FAST, commit_every=100))
+    return db, summary
+
+
+def _unique_keys(db, table="cells"):
+    keys = Store(db).keys_frame(table)
+    return keys.height, keys.unique().height
+
+
+def test_every_cell_stored_once_with_vectors_and_provenance(extracted, synth_small):
+    db, summary = extracted
+    assert summary["written"] == synth_small.n_cells and summary["slides_failed"] == 0
+    assert _unique_keys(db) == (synth_small.n_cells, synth_small.n_cells)
+    store = Store(db)
+    loaded = store.load()
+    assert loaded.vectors["local"].shape == (synth_small.n_cells, 64)
+    assert loaded.vectors["context"].dtype == np.float32
+    assert np.isfinite(loaded.vectors["local"]).all() and np.isfinite(loaded.vectors["context"]).all()
+    assert loaded.vectors["local"].std(axis=0).mean() > 0  # vectors vary across cells
+    cfg = store.config()
+    assert cfg["vectors"]["local"]["backbone"] == "test-vit-local"
+    assert cfg["vectors"]["context"]["field_um"] == 256.0 and cfg["vectors"]["context"]["field_px"] == 128
+    assert len(cfg["vectors"]["local"]["weights_sha256"]) == 64
+    runs = store.runs()
+    assert runs.height == 1 and runs["status"][0] == "finished"
+    slides = json.loads(runs["slides"][0])
+    plan = slides["synth_s0"]["info"]["plans"]["context"]
+    # 256 µm at 128 px is 2 µm/px: read from the coarsest level (1 µm/px), halved once more
+    assert (plan["level"], plan["target_mpp"], plan["scale"]) == (2, 2.0, 2.0)
+    # labels from the cells table were attached, and load joins them
+    assert loaded.meta["label"].null_count() == 0
+    truth = pl.read_parquet(synth_small.truth_path)
+    j = loaded.meta.join(truth, on=["slide_id", "cell_id"], suffix="_t")
+    assert (j["label"] == j["label_t"]).all() and j.height == synth_small.n_cells
+
+
+def test_rerun_adds_nothing(extracted, synth_small):
+    db, _ = extracted
+    again = extract(synth_small.out_dir / "slides", synth_small.cells_path, db, ExtractConfig(**FAST))
+    assert again["written"] == 0 and again["already_stored"] == synth_small.n_cells
+    assert _unique_keys(db) == (synth_small.n_cells, synth_small.n_cells)
+
+
+def test_other_config_is_refused_unless_new_table(extracted, synth_small, tmp_path):
+    db, _ = extracted
+    other = ExtractConfig(**{**FAST, "context_pooling": "mean"})
+    with pytest.raises(StoreError, match=r"(?s)pooling.*--table"):
+        extract(synth_small.out_dir / "slides", synth_small.cells_path, db, other)
+    other.table = "cells_mean"
+    one = pl.read_parquet(synth_small.cells_path).filter(pl.col("slide_id") == "synth_s1")
+    extract(synth_small.out_dir / "slides", one, db, other)
+    assert _unique_keys(db, "cells_mean")[0] == one.height
+    assert Store(db).config("cells_mean")["vectors"]["context"]["pooling"] == "mean"
+    assert _unique_keys(db)[0] == synth_small.n_cells  # the first table is untouched
+
+
+def test_load_filters(extracted, synth_small):
+    store = Store(extracted[0])
+    s1 = store.load(slides=["synth_s1"])
+    assert set(s1.meta["slide_id"]) == {"synth_s1"} and len(s1) == synth_small.slides[1].n_cells
+    tissue = synth_small.slides[2].tissue
+    t = store.load(tissues=[tissue], vectors=("context",))
+    assert set(t.meta["tissue"]) == {tissue} and set(t.vectors) == {"context"}
+    full = store.load()
+    key = full.meta["slide_id"] + "/" + full.meta["cell_id"]
+    k1 = (s1.meta["slide_id"] + "/" + s1.meta["cell_id"]).to_list()
+    idx = [key.to_list().index(k) for k in k1[:5]]
+    np.testing.assert_array_equal(full.vectors["local"][idx], s1.vectors["local"][:5])
+
+
+def test_labels_and_splits_can_be_replaced(extracted, synth_small, tmp_path):
+    db, _ = extracted
+    store = Store(db)
+    keys = store.keys_frame()
+    new = keys.with_columns(label=pl.lit("X"), split=pl.when(pl.int_range(pl.len()) % 4 == 0).then(pl.lit("val")).otherwise(pl.lit("train")))
+    extra = pl.DataFrame({"slide_id": ["synth_s0"], "cell_id": ["nope"], "label": ["Y"], "split": ["train"]})
+    counts = store.set_labels(pl.concat([new, extra]), source="relabel")
+    assert counts["matched"] == keys.height and counts["unknown"] == 1
+    val = store.load(splits=["val"])
+    assert len(val) == (keys.height + 3) // 4 and set(val.meta["label"]) == {"X"}
+    with pytest.raises(StoreError, match="repeated"):
+        store.set_labels(pl.concat([new, new]), source="dup")
+    # restore the original labels for the other tests
+    store.set_labels(pl.read_parquet(synth_small.cells_path).select("slide_id", "cell_id", "label"), source="cells table")
+
+
+def test_failed_slide_is_recorded_and_others_stored(synth_small, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    ok = synth_small.slides[0]
+    (slides / ok.path.name).symlink_to(ok.path)
+    (slides / "broken.svs").write_bytes(b"II*\x00" + os.urandom(4096))
+    cells = pl.read_parquet(synth_small.cells_path).filter(pl.col("slide_id") == ok.slide_id)
+    ghost = cells.head(3).with_columns(slide_id=pl.lit("broken"))
+    missing = cells.head(2).with_columns(slide_id=pl.lit("not_there"))
+    path = tmp_path / "cells.parquet"
+    pl.concat([cells, ghost, missing]).write_parquet(path)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "cli.embed", "extract", str(slides), "--cells", str(path), "--db", str(db),
+           "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context", "--context-px", "64", "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "broken" in proc.stderr and "not_there" in proc.stderr and "Traceback" not in proc.stderr
+    assert _unique_keys(db) == (cells.height, cells.height)
+    runs = Store(db).runs()
+    assert runs["status"][0] == "failed"
+    assert json.loads(runs["counts"][0])["slides_failed"] == 2
+
+
+def test_centroids_outside_are_skipped_and_reported(synth_small, tmp_path):
+    cells = pl.read_parquet(synth_small.cells_path).filter(pl.col("slide_id") == "synth_s0").head(20)
+    bad = cells.head(2).with_columns(cell_id=pl.lit("out") + pl.col("cell_id"), x_px=pl.lit(-50.0))
+    events = []
+    summary = extract(synth_small.out_dir / "slides", pl.concat([cells, bad]), tmp_path / "db",
+                      ExtractConfig(**FAST), on_event=lambda k, d: events.append((k, d)))  # fmt: skip
+    assert summary["written"] == 20 and summary["outside_dropped"] == 2
+    assert any(k == "warning" and "outside" in d["message"] for k, d in events)
+
+
+def test_bad_cells_table_is_refused(synth_small, tmp_path):
+    cells = pl.read_parquet(synth_small.cells_path)
+    with pytest.raises(Exception, match="NaN"):
+        extract(synth_small.out_dir / "slides", cells.with_columns(x_px=pl.lit(float("nan"))), tmp_path / "db", ExtractConfig(**FAST))
+    with pytest.raises(Exception, match="share a"):
+        extract(synth_small.out_dir / "slides", pl.concat([cells, cells.head(1)]), tmp_path / "db", ExtractConfig(**FAST))
+    assert not (tmp_path / "db").exists() or not Store(tmp_path / "db").vector_tables()
+
+
+@pytest.mark.slow
+def test_resume_after_real_kills(synth_small, tmp_path):
+    """SIGKILL the CLI at several moments (mid-batch, mid-commit), rerun: every cell exactly once."""
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "cli.embed", "extract", str(synth_small.out_dir / "slides"),
+           "--cells", str(synth_small.cells_path), "--db", str(db),
+           "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context",
+           "--context-px", "64", "--batch-size", "8", "--commit-every", "8", "--quiet"]  # fmt: skip
+    counts = []
+    for attempt in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start = _stored(db)
+        deadline = time.time() + 120
+        # wait until this run has committed something, then kill it a little later
+        while time.time() < deadline and proc.poll() is None and _stored(db) <= start:
+            time.sleep(0.05)
+        time.sleep(0.05 * attempt)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        counts.append(_stored(db))
+    assert counts[0] > 0 and counts[0] < synth_small.n_cells, counts
+    final = subprocess.run(cmd, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert _unique_keys(db) == (synth_small.n_cells, synth_small.n_cells)
+    stored = Store(db).load()
+    truth = pl.read_parquet(synth_small.cells_path)
+    assert stored.meta.join(truth, on=["slide_id", "cell_id"], how="anti").height == 0
+
+
+def _stored(db) -> int:
+    if not (db / "cells.lance").exists():
+        return 0
+    try:
+        return Store(db).keys_frame().height
+    except Exception:  # noqa: BLE001 - the table may be mid-creation
+        return 0
+
+
+def test_info_reports_tables_and_size(extracted, synth_small):
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "info", str(extracted[0]), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["tables"]["cells"]["cells"] == synth_small.n_cells
+    assert info["tables"]["cells"]["vectors"] == {"local": 64, "context": 48}
+    assert info["bytes_on_disk"] > synth_small.n_cells * (64 + 48) * 2
+    shutil.rmtree(extracted[0] / "nonexistent", ignore_errors=True)

@@ -1,0 +1,207 @@
+import gzip
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+from embedstore.cells import validate_cells
+from embedstore.errors import AlignmentError, CellsError
+from embedstore.ingest import ingest_table, ingest_xenium
+from embedstore.xenium import check_alignment, read_alignment, read_feature_matrix, xenium_to_he_px
+
+
+def _bundle_copy(synth, tmp_path, i=0):
+    """A writable copy of one synthetic bundle (the H&E link re-pointed at the real slide)."""
+    s = synth.slides[i]
+    dst = tmp_path / s.slide_id
+    shutil.copytree(s.bundle, dst, symlinks=False, ignore=shutil.ignore_patterns("*he_image.*"))
+    (dst / f"{s.slide_id}_he_image{s.path.suffix}").symlink_to(s.path)
+    return dst, s
+
+
+def test_xenium_alignment_recovers_true_he_positions(synth_small):
+    truth = pl.read_parquet(synth_small.truth_path)
+    for s in synth_small.slides:
+        frame, report = ingest_xenium(s.bundle)
+        assert report.n_out == report.n_in == s.n_cells and not report.dropped
+        assert frame["slide_id"].unique().to_list() == [s.slide_id]
+        assert frame["tissue"].unique().to_list() == [s.tissue]
+        j = frame.join(truth, on=["slide_id", "cell_id"], suffix="_true")
+        assert j.height == s.n_cells
+        err = np.hypot(j["x_px"] - j["x_px_true"], j["y_px"] - j["y_px_true"]).to_numpy()
+        assert err.max() < 0.5
+        np.testing.assert_allclose(j["x_um"], j["x_px"] * 0.25)
+
+
+def test_the_alignment_is_non_trivial(synth_small):
+    m = read_alignment(next(synth_small.slides[0].bundle.glob("*imagealignment.csv")))
+    linear = m[:2, :2]
+    assert abs(np.degrees(np.arctan2(linear[1, 0], linear[0, 0]))) > 1  # rotated
+    assert np.linalg.norm(m[:2, 2]) > 10  # translated
+    assert check_alignment(m, 0.2125, 0.25, "x") == pytest.approx(0.25, rel=1e-6)
+
+
+def test_round_trip_he_xenium():
+    m = np.array([[1.1, -0.2, 500.0], [0.2, 1.1, 80.0], [0, 0, 1]])
+    x, y = np.array([0.0, 100.5, 4000.0]), np.array([0.0, 7.25, 3000.0])
+    from embedstore.xenium import he_px_to_xenium
+
+    xu, yu = he_px_to_xenium(x, y, m, 0.2125)
+    bx, by = xenium_to_he_px(xu, yu, m, 0.2125)
+    np.testing.assert_allclose(bx, x, atol=1e-9)
+    np.testing.assert_allclose(by, y, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "matrix,message",
+    [
+        ([[np.nan, 0, 0], [0, 1, 0], [0, 0, 1]], "NaN"),
+        ([[1, 2, 0], [2, 4, 0], [0, 0, 1]], "singular"),
+        ([[1, 0, 0], [0, 1, 0], [0.001, 0, 1]], "affine"),
+        ([[1.18, 0, 0], [0, 2.5, 0], [0, 0, 1]], "stretches"),
+        ([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 1]], "implies"),
+        ([[0.85, 0, 0], [0, 0.85, 0], [0, 0, 1]], "--invert-alignment"),
+    ],
+)
+def test_bad_alignment_matrices_are_rejected(matrix, message):
+    with pytest.raises(AlignmentError, match=message):
+        check_alignment(np.array(matrix, dtype=float), 0.2125, 0.25, "test.csv")
+
+
+def test_bad_matrix_in_a_bundle_is_rejected_and_inverse_can_be_used(synth_small, tmp_path):
+    bundle, s = _bundle_copy(synth_small, tmp_path)
+    csv = next(bundle.glob("*imagealignment.csv"))
+    m = read_alignment(csv)
+    np.savetxt(csv, np.linalg.inv(m), delimiter=",")
+    with pytest.raises(AlignmentError, match="--invert-alignment"):
+        ingest_xenium(bundle)
+    frame, _ = ingest_xenium(bundle, invert_alignment=True)
+    truth = pl.read_parquet(synth_small.truth_path).filter(pl.col("slide_id") == s.slide_id)
+    j = frame.join(truth, on=["slide_id", "cell_id"], suffix="_true")
+    assert np.abs(j["x_px"] - j["x_px_true"]).max() < 0.5
+    np.savetxt(csv, np.zeros((3, 3)), delimiter=",")
+    with pytest.raises(AlignmentError, match="affine"):
+        ingest_xenium(bundle)
+    csv.write_text("1,0\n0,1\n")
+    with pytest.raises(AlignmentError, match="3x3"):
+        ingest_xenium(bundle)
+
+
+def test_bundle_errors_and_csv_cells(synth_small, tmp_path):
+    bundle, s = _bundle_copy(synth_small, tmp_path)
+    cells = pl.read_parquet(bundle / "cells.parquet")
+    (bundle / "cells.parquet").unlink()
+    with gzip.open(bundle / "cells.csv.gz", "wb") as fh:
+        cells.write_csv(fh)
+    frame, _ = ingest_xenium(bundle)
+    assert frame.height == s.n_cells
+    (bundle / "experiment.xenium").unlink()
+    with pytest.raises(CellsError, match="experiment.xenium"):
+        ingest_xenium(bundle)
+    with pytest.raises(CellsError, match="not a Xenium"):
+        ingest_xenium(tmp_path / "nothing")
+
+
+def test_bundle_without_tissue_needs_one(synth_small, tmp_path):
+    import json
+
+    bundle, s = _bundle_copy(synth_small, tmp_path)
+    exp = json.loads((bundle / "experiment.xenium").read_text())
+    exp.pop("tissue", None)
+    exp.pop("panel_tissue_type", None)
+    (bundle / "experiment.xenium").write_text(json.dumps(exp))
+    with pytest.raises(CellsError, match="--tissue"):
+        ingest_xenium(bundle)
+    frame, _ = ingest_xenium(bundle, tissue="colon")
+    assert set(frame["tissue"]) == {"colon"}
+
+
+def test_feature_matrix_reads(synth_small):
+    bundle = synth_small.slides[0].bundle
+    barcodes, genes, counts = read_feature_matrix(bundle)
+    cells = pl.read_parquet(bundle / "cells.parquet")
+    assert counts.shape == (len(barcodes), len(genes)) == (cells.height, len(synth_small.genes))
+    assert set(barcodes) == set(cells["cell_id"])
+    assert "EPCAM" in genes and not any(g.startswith("NegControl") for g in genes)
+
+
+def _table(synth, unit="px"):
+    truth = pl.read_parquet(synth.truth_path)
+    scale = 1.0 if unit == "px" else 0.25
+    return truth.select(
+        "slide_id", "cell_id", "tissue", "label",
+        (pl.col("x_px") * scale).alias(f"x_{unit}"), (pl.col("y_px") * scale).alias(f"y_{unit}"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("unit,fmt", [("px", "csv"), ("um", "parquet")])
+def test_table_ingest_px_and_um(synth_small, tmp_path, unit, fmt):
+    table = _table(synth_small, unit)
+    path = tmp_path / f"cells.{fmt}"
+    table.write_csv(path) if fmt == "csv" else table.write_parquet(path)
+    frame, report = ingest_table(path, slides=synth_small.slides[0].path.parent)
+    assert report.n_out == table.height and not report.dropped
+    truth = pl.read_parquet(synth_small.truth_path)
+    j = frame.join(truth, on=["slide_id", "cell_id"], suffix="_t")
+    np.testing.assert_allclose(j["x_px"], j["x_px_t"], atol=1e-6)
+    assert set(frame.columns) >= {"slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue", "label"}
+    validate_cells(frame)
+
+
+def test_table_bad_rows_are_reported_and_dropped_by_the_rule(synth_small, tmp_path):
+    table = _table(synth_small).head(50).with_columns(pl.col("x_px").cast(pl.Float64))
+    extra = pl.concat([
+        table.head(2),  # duplicates
+        table.slice(2, 1).with_columns(x_px=pl.lit(float("nan"))),
+        table.slice(3, 1).with_columns(cell_id=pl.lit("far"), x_px=pl.lit(1e7)),
+        table.slice(4, 1).with_columns(cell_id=pl.lit("neg"), y_px=pl.lit(-3.0)),
+        table.slice(5, 1).with_columns(cell_id=pl.lit("ghost"), slide_id=pl.lit("no_such_slide")),
+    ])  # fmt: skip
+    path = tmp_path / "bad.parquet"
+    pl.concat([table, extra]).write_parquet(path)
+    slides = synth_small.slides[0].path.parent
+    frame, report = ingest_table(path, slides=slides)
+    assert report.dropped == {
+        "slide not found; known slides: synth_s0, synth_s1, synth_s2": 1,
+        "NaN or infinite centroid": 1,
+        "duplicate cell id in slide, first kept": 2,
+        "centroid outside the slide": 2,
+    }
+    assert any("far" in e for e in report.examples["centroid outside the slide"])
+    assert frame.height == 50 and frame.select(pl.struct("slide_id", "cell_id").is_unique().all()).item()
+    with pytest.raises(CellsError, match="--strict"):
+        ingest_table(path, slides=slides, on_bad="error")
+
+
+def test_table_errors(synth_small, tmp_path):
+    t = _table(synth_small).rename({"x_px": "xx", "y_px": "yy"})
+    path = tmp_path / "t.csv"
+    t.write_csv(path)
+    with pytest.raises(CellsError, match="no x column"):
+        ingest_table(path, mpp=0.25)
+    with pytest.raises(CellsError, match="--unit"):
+        ingest_table(path, mpp=0.25, columns={"x": "xx", "y": "yy"})
+    frame, rep = ingest_table(path, mpp=0.25, unit="px", columns={"x": "xx", "y": "yy"})
+    assert frame.height == t.height and any("not checked" in n for n in rep.notes)
+    with pytest.raises(CellsError, match="--mpp"):
+        ingest_table(path, unit="px", columns={"x": "xx", "y": "yy"})
+    with pytest.raises(CellsError, match="no such"):
+        ingest_table(tmp_path / "missing.csv", mpp=0.25)
+
+
+def test_cli_cells_writes_and_fails_cleanly(synth_small, tmp_path):
+    out = tmp_path / "cells.parquet"
+    ok = subprocess.run(
+        [sys.executable, "-m", "cli.embed", "cells", str(synth_small.out_dir / "xenium"), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert pl.read_parquet(out).height == synth_small.n_cells
+    bad = subprocess.run(
+        [sys.executable, "-m", "cli.embed", "cells", str(tmp_path / "nope.csv"), "--out", str(out), "--mpp", "0.25"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode != 0 and "no such cell table" in bad.stderr and "Traceback" not in bad.stderr

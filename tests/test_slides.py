@@ -1,0 +1,155 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from embedstore.errors import SlideError
+from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
+from embedstore.slides import PAD_VALUE, Slide, find_slides, slide_id_from_path
+from embedstore.synth import write_pyramid
+
+
+@pytest.fixture
+def slide_files(tmp_path, gradient_image):
+    paths = {}
+    for fmt, ext in (("svs", ".svs"), ("tiff", ".tiff"), ("ome", ".ome.tif")):
+        paths[fmt] = tmp_path / f"grad_{fmt}{ext}"
+        write_pyramid(paths[fmt], gradient_image, 0.25, fmt, compression="zlib")
+    return paths
+
+
+@pytest.mark.parametrize(
+    "fmt,backend,source",
+    [("svs", "openslide", "openslide.mpp-x"), ("tiff", "openslide", "openslide.mpp-x"), ("ome", "tiffslide", "tiffslide.mpp-x")],
+)
+def test_mpp_from_each_kind_of_file(slide_files, fmt, backend, source):
+    with Slide(slide_files[fmt]) as s:
+        assert s.mpp == pytest.approx(0.25)
+        assert s.info.backend == backend
+        assert s.info.mpp_source == source
+        assert len(s.info.level_dimensions) >= 2
+        assert s.dimensions == (2048, 1536)
+
+
+def test_ome_physical_size_is_read_when_backends_say_nothing(tmp_path, gradient_image):
+    from embedstore.slides import _ome_mpp
+
+    path = tmp_path / "x.ome.tif"
+    write_pyramid(path, gradient_image, 0.5031, "ome", compression="zlib")
+    assert _ome_mpp(path) == pytest.approx(0.5031)
+
+
+def test_slide_without_mpp_is_refused_unless_overridden(tmp_path, gradient_image):
+    path = tmp_path / "nompp.tiff"
+    write_pyramid(path, gradient_image, None, "tiff", compression="zlib")
+    with pytest.raises(SlideError, match="--mpp"):
+        Slide(path)
+    with Slide(path, mpp=0.25) as s:
+        assert s.mpp == 0.25 and s.info.mpp_source == "override"
+
+
+def test_override_wins_with_a_warning(slide_files):
+    with pytest.warns(UserWarning, match="overrides"):
+        with Slide(slide_files["svs"], mpp=0.5) as s:
+            assert s.mpp == 0.5
+
+
+def test_corrupt_and_missing_slides(tmp_path):
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + np.random.default_rng(0).bytes(5000))
+    with pytest.raises(SlideError, match="cannot open"):
+        Slide(bad)
+    with pytest.raises(SlideError, match="no such"):
+        Slide(tmp_path / "missing.svs")
+    with pytest.raises(SlideError, match="no such"):
+        find_slides(tmp_path / "nowhere")
+
+
+def test_slide_ids_and_discovery(slide_files):
+    assert slide_id_from_path("a/b/S1.ome.tif") == "S1"
+    assert slide_id_from_path("S2.svs") == "S2"
+    found = find_slides(slide_files["svs"].parent)
+    assert {slide_id_from_path(p) for p in found} == {"grad_svs", "grad_tiff", "grad_ome"}
+
+
+@pytest.mark.parametrize("fmt", ["svs", "ome"])
+def test_exact_crop_matches_the_array(slide_files, gradient_image, fmt):
+    with Slide(slide_files[fmt]) as s:
+        crop, outside = s.read(1000.0, 700.0, LOCAL_CROP)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8 and outside == 0.0
+    # the field [888, 1112) x [588, 812) is centred exactly on the point (1000, 700)
+    np.testing.assert_array_equal(crop, gradient_image[700 - 112 : 700 + 112, 1000 - 112 : 1000 + 112])
+
+
+def test_coarser_target_reads_a_coarser_level(slide_files, gradient_image):
+    spec = CONTEXT_CROP.resized(256)  # 256 µm at 1 µm/px -> level 2 (downsample 4)
+    with Slide(slide_files["tiff"]) as s:
+        plan = s.plan(spec)
+        assert plan.level == 2 and plan.exact
+        crop, _ = s.read(1024.0, 768.0, spec)
+    ref = gradient_image.reshape(384, 4, 512, 4, 3).mean((1, 3))[192 - 128 : 192 + 128, 256 - 128 : 256 + 128]
+    assert np.abs(crop.astype(float) - ref).max() <= 2
+
+
+def test_resampled_crop_is_centred(tmp_path):
+    # a slide at 0.2 µm/px: a 56 µm crop is 280 level px resampled to 224
+    img = np.full((1200, 1200, 3), 240, np.uint8)
+    img[595:605, 795:805] = 0  # a dark 10x10 square centred on (800, 600)
+    path = tmp_path / "fine.tiff"
+    write_pyramid(path, img, 0.2, "tiff", compression="zlib")
+    with Slide(path) as s:
+        plan = s.plan(LOCAL_CROP)
+        assert not plan.exact and plan.scale == pytest.approx(1.25)
+        crop, _ = s.read(800.0, 600.0, LOCAL_CROP)
+    dark = crop.mean(axis=2) < 120
+    ys, xs = np.nonzero(dark)
+    assert abs(xs.mean() + 0.5 - 112) < 0.6 and abs(ys.mean() + 0.5 - 112) < 0.6
+    assert dark.sum() == pytest.approx(64, abs=16)  # 10 px * 0.8 = 8 px square
+
+
+def test_out_of_slide_is_white_and_reported(slide_files):
+    with Slide(slide_files["svs"]) as s:
+        crop, outside = s.read(0.0, 0.0, LOCAL_CROP)
+        assert outside == pytest.approx(0.75)
+        assert (crop[:112, :112] == PAD_VALUE).all() and not (crop[112:, 112:] == PAD_VALUE).all()
+        crop, outside = s.read(-5000.0, 10.0, LOCAL_CROP)
+        assert outside == 1.0 and (crop == PAD_VALUE).all()
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.2])
+def test_batch_reader_equals_per_cell_reads(tmp_path, gradient_image, mpp):
+    path = tmp_path / "s.svs"
+    write_pyramid(path, gradient_image, mpp, "svs", compression="zlib")
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-50, 2100, 60), rng.uniform(-50, 1600, 60)
+    specs = {"local": LOCAL_CROP, "context": CONTEXT_CROP.resized(256)}
+    with Slide(path) as s:
+        seen = np.zeros(60, int)
+        n_groups = 0
+        for batch in s.iter_crops(x, y, specs, region_um=128.0):
+            n_groups += 1
+            for k, i in enumerate(batch.index):
+                seen[i] += 1
+                for name, spec in specs.items():
+                    single, outside = s.read(x[i], y[i], spec)
+                    diff = np.abs(batch.images[name][k].astype(int) - single.astype(int)).max()
+                    assert diff <= 1, (name, i, diff)
+                    assert batch.outside[name][k] == pytest.approx(outside)
+    assert (seen == 1).all() and 1 < n_groups < 60
+
+
+def test_crop_is_centred_on_a_synthetic_nucleus(tmp_path):
+    from embedstore.synth import make_synthetic
+
+    res = make_synthetic(tmp_path / "syn", seed=3, n_cells=200, n_slides=1)
+    truth = pl.read_parquet(res.truth_path)
+    slide_path = next((tmp_path / "syn" / "slides").iterdir())
+    spec = CropSpec(12.0, 48)  # a tight 12 µm window at 0.25 µm/px
+    offsets = []
+    with Slide(slide_path) as s:
+        for row in truth.head(40).iter_rows(named=True):
+            crop, _ = s.read(row["x_px"], row["y_px"], spec)
+            od = -np.log((crop.astype(float) + 1) / 256).sum(axis=2)  # optical density
+            w = np.clip(od - np.percentile(od, 60), 0, None)
+            yy, xx = np.mgrid[0:48, 0:48] + 0.5
+            offsets.append(np.hypot((w * xx).sum() / w.sum() - 24, (w * yy).sum() / w.sum() - 24))
+    assert np.median(offsets) < 1.5, offsets
