@@ -1,8 +1,8 @@
 """The extraction pass: slides + cells -> local and context vectors in the store.
 
-Per slide: cells are grouped by region; reader threads read each region once per vector kind
-and cut every crop in it (see `Slide.read_group`) while the main thread runs the backbones on
-full batches and commits rows to the store every `commit_every` cells. A rerun skips cells
+Per slide: cells are grouped by region; reader threads read each region once per vector kind,
+a cutter thread cuts the crops into reusable batch arrays, and the main thread runs the
+backbones on full batches and commits rows to the store every `commit_every` cells. A rerun skips cells
 already stored, so a killed run resumes with each cell stored exactly once.
 
 A vector kind is a `VectorStep` (a crop spec plus a backbone); the context step is one such
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import queue
+import threading
 import time
 import uuid
 from collections import deque
@@ -31,7 +33,6 @@ from .errors import SlideError, UserError
 from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
 from .slides import PAD_VALUE, Slide, find_slides, group_by_region
 from .store import DEFAULT_TABLE, Store, vectors_to_arrow
-
 
 #: backbone provenance that is recorded per run but does not define the vectors
 VOLATILE_KEYS = ("weights_source", "timm_version", "torch_version", "n_params")
@@ -87,9 +88,9 @@ class VectorStep:
     def embed(self, crops: np.ndarray, device) -> np.ndarray:
         import torch
 
-        images = torch.from_numpy(crops)
+        images = torch.from_numpy(crops)  # pinned on CUDA (see _BufferRing): async copy
         if device.type == "cuda":
-            images = images.pin_memory().to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
         with torch.inference_mode():
             if device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -159,48 +160,112 @@ def slide_paths_by_id(slides) -> dict[str, Path]:
     return out
 
 
-def _batched_crops(
-    slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], region_um: float,
-    batch_size: int, pool: ThreadPoolExecutor, ahead: int,
+class _Stop(Exception):
+    pass
+
+
+def _crop_batches(
+    slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], cfg: ExtractConfig,
+    pool: ThreadPoolExecutor, pin: bool,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """(cell indices, crops per step, outside share per step) in batches of `batch_size`.
+    """(cell indices, crops per step, outside share per step), `cfg.batch_size` cells at a time.
 
-    Region groups are read by the pool up to `ahead` groups in advance.
+    Reader threads (`pool`) read one region per cell group and step, a few groups ahead; a
+    cutter thread cuts each batch's crops straight into one of a few reusable (pinned, on
+    CUDA) arrays; the caller's thread only runs the models. Crops come at the pyramid level's
+    own pixels (`resample=False`); the backbone resizes them on its device.
     """
-    plans = {s.name: slide.plan(s.crop) for s in steps}
-    groups = iter(group_by_region(x, y, region_um / slide.mpp))
-    pending: deque = deque()
+    plans = {s.name: slide.plan(s.crop, resample=False) for s in steps}
+    groups = group_by_region(x, y, cfg.region_um / slide.mpp)
+    bs = cfg.batch_size
+    # 5 buffers: one with the caller, two queued, one being cut, one spare
+    ring = _BufferRing({n: p.out_px for n, p in plans.items()}, bs, n=5, pin=pin)
+    out_q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
 
-    def submit() -> None:
-        idx = next(groups, None)
-        if idx is not None:
-            pending.append((idx, pool.submit(slide.read_group, x[idx], y[idx], plans)))
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                out_q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
 
-    for _ in range(ahead):
-        submit()
-    buf_idx: list[np.ndarray] = []
-    buf: dict[str, list] = {s.name: [] for s in steps}
-    out_buf: dict[str, list] = {s.name: [] for s in steps}
-    n_buf = 0
-    while pending:
-        idx, fut = pending.popleft()
-        submit()
-        got = fut.result()
-        buf_idx.append(idx)
-        for name, (crops, outside) in got.items():
-            buf[name].append(crops)
-            out_buf[name].append(outside)
-        n_buf += len(idx)
-        while n_buf >= batch_size or (not pending and n_buf):
-            all_idx = np.concatenate(buf_idx)
-            crops = {k: np.concatenate(v) for k, v in buf.items()}
-            outs = {k: np.concatenate(v) for k, v in out_buf.items()}
-            take = min(batch_size, n_buf)
-            yield all_idx[:take], {k: v[:take] for k, v in crops.items()}, {k: v[:take] for k, v in outs.items()}
-            buf_idx = [all_idx[take:]]
-            buf = {k: [v[take:]] for k, v in crops.items()}
-            out_buf = {k: [v[take:]] for k, v in outs.items()}
-            n_buf -= take
+    def read(idx: np.ndarray) -> dict:
+        return {n: slide.read_region_for(x[idx], y[idx], p) for n, p in plans.items()}
+
+    def produce() -> None:
+        try:
+            todo = iter(groups)
+            pending: deque = deque()
+
+            def submit() -> None:
+                idx = next(todo, None)
+                if idx is not None:
+                    pending.append((idx, pool.submit(read, idx)))
+
+            for _ in range(max(1, cfg.workers) + 1):
+                submit()
+            crops, outside, cells, fill = ring.next(), {n: np.empty(bs, np.float32) for n in plans}, np.empty(bs, np.int64), 0
+            while pending:
+                idx, fut = pending.popleft()
+                submit()
+                regions = fut.result()
+                pos = 0
+                while pos < len(idx):
+                    take = min(bs - fill, len(idx) - pos)
+                    sl = idx[pos : pos + take]
+                    for name, region in regions.items():
+                        region.cut(x[sl], y[sl], out=crops[name][fill : fill + take])
+                        outside[name][fill : fill + take] = region.outside(x[sl], y[sl])
+                    cells[fill : fill + take] = sl
+                    fill, pos = fill + take, pos + take
+                    if fill == bs:
+                        put((cells, crops, outside))
+                        crops, outside, cells, fill = ring.next(), {n: np.empty(bs, np.float32) for n in plans}, np.empty(bs, np.int64), 0
+            if fill:
+                put((cells[:fill], {k: v[:fill] for k, v in crops.items()}, {k: v[:fill] for k, v in outside.items()}))
+            put(None)
+        except _Stop:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
+            try:
+                put(exc)
+            except _Stop:
+                pass
+
+    thread = threading.Thread(target=produce, name="cutter", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out_q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _BufferRing:
+    """A few reusable crop arrays per step (pinned memory on CUDA for async copies)."""
+
+    def __init__(self, sides: dict[str, int], batch: int, n: int, pin: bool):
+        import torch
+
+        def alloc(side: int) -> np.ndarray:
+            t = torch.empty((batch, side, side, 3), dtype=torch.uint8, pin_memory=pin)
+            return t.numpy()
+
+        self.buffers = [{k: alloc(side) for k, side in sides.items()} for _ in range(n)]
+        self.i = 0
+
+    def next(self) -> dict[str, np.ndarray]:
+        self.i = (self.i + 1) % len(self.buffers)
+        return self.buffers[self.i]
 
 
 def _rows(cells: pl.DataFrame, idx: np.ndarray, run_id: str, vectors: dict, outside: dict) -> pa.Table:
@@ -332,8 +397,8 @@ def _extract_slide(
         pending: list[pa.Table] = []
         n_pending = 0
         try:
-            for idx, crops, outside in _batched_crops(
-                slide, x, y, steps, cfg.region_um, cfg.batch_size, pool, ahead=2 * max(1, cfg.workers)
+            for idx, crops, outside in _crop_batches(
+                slide, x, y, steps, cfg, pool, pin=device.type == "cuda"
             ):
                 vectors = {s.name: s.embed(crops[s.name], device) for s in steps}
                 pending.append(_rows(todo, idx, run_id, vectors, outside))

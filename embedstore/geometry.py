@@ -68,6 +68,9 @@ class ReadPlan:
     """How one CropSpec is read from one slide: which level, and at what resampling factor.
 
     `scale` is level pixels per output pixel; 1.0 means crops are cut without resampling.
+    With `resample=False` crops are delivered at the chosen level's own pixels (`out_px` =
+    the field's side in level pixels, scale 1) and the consumer resizes them, e.g. the
+    backbone on the GPU: the cheapest path when a pyramid has no level at the target µm/px.
     Logged and stored as provenance with every vector.
     """
 
@@ -82,15 +85,23 @@ class ReadPlan:
 
     @classmethod
     def for_slide(
-        cls, level_downsamples: tuple[float, ...], slide_mpp: float, crop: CropSpec
+        cls,
+        level_downsamples: tuple[float, ...],
+        slide_mpp: float,
+        crop: CropSpec,
+        *,
+        resample: bool = True,
     ) -> ReadPlan:
         level = choose_level(level_downsamples, slide_mpp, crop.target_mpp)
         ds = float(level_downsamples[level])
         level_mpp = slide_mpp * ds
         scale = crop.target_mpp / level_mpp
+        out_px = crop.out_px
+        if not resample:
+            out_px, scale = max(1, int(round(crop.size_um / level_mpp))), 1.0
         if abs(scale - 1.0) < 1e-6:
             scale = 1.0
-        return cls(level, ds, slide_mpp, level_mpp, crop.target_mpp, crop.size_um, crop.out_px, scale)
+        return cls(level, ds, slide_mpp, level_mpp, crop.target_mpp, crop.size_um, out_px, scale)
 
     @property
     def exact(self) -> bool:

@@ -143,8 +143,10 @@ class Slide:
     def dimensions(self) -> tuple[int, int]:
         return self.info.width, self.info.height
 
-    def plan(self, crop: CropSpec) -> ReadPlan:
-        return ReadPlan.for_slide(self.info.level_downsamples, self.info.mpp, crop)
+    def plan(self, crop: CropSpec, *, resample: bool = True) -> ReadPlan:
+        return ReadPlan.for_slide(
+            self.info.level_downsamples, self.info.mpp, crop, resample=resample
+        )
 
     def close(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -187,36 +189,21 @@ class Slide:
         out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = _to_rgb(region)
         return out
 
+    def read_region_for(self, x_px: np.ndarray, y_px: np.ndarray, plan: ReadPlan) -> Region:
+        """One region read at the plan's level: the union of the cells' fields (plus margin)."""
+        bx0, by0, bx1, by1 = plan.read_box_level(x_px, y_px)
+        rx0, ry0 = int(bx0.min()), int(by0.min())
+        buffer = self.read_level(plan.level, rx0, ry0, int(bx1.max()) - rx0, int(by1.max()) - ry0)
+        return Region(buffer, rx0, ry0, plan, self.info.width, self.info.height)
+
     def read(self, x_px: float, y_px: float, crop: CropSpec) -> tuple[np.ndarray, float]:
         """One crop centred on level-0 point (x_px, y_px): (out_px, out_px, 3) uint8, outside share.
 
-        A single region read per call; use `iter_crops` for many cells.
+        One region read per call; use `iter_crops` for many cells.
         """
-        plan = self.plan(crop)
         x, y = np.array([x_px], dtype=np.float64), np.array([y_px], dtype=np.float64)
-        bx0, by0, bx1, by1 = (int(v[0]) for v in plan.read_box_level(x, y))
-        buffer = self.read_level(plan.level, bx0, by0, bx1 - bx0, by1 - by0)
-        image = cut_crops(buffer, bx0, by0, plan, x, y)[0]
-        outside = float(plan.outside_fraction(x, y, self.info.width, self.info.height)[0])
-        return image, outside
-
-    def read_group(
-        self, x_px: np.ndarray, y_px: np.ndarray, plans: Mapping[str, ReadPlan]
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Crops of a group of nearby cells: for each plan one region read (the union of the
-        group's fields at the plan's level), all crops cut from it.
-
-        Returns name -> (crops (n, out_px, out_px, 3) uint8, share of each field outside the slide).
-        Safe to call from several threads.
-        """
-        out = {}
-        for name, plan in plans.items():
-            bx0, by0, bx1, by1 = plan.read_box_level(x_px, y_px)
-            rx0, ry0 = int(bx0.min()), int(by0.min())
-            buffer = self.read_level(plan.level, rx0, ry0, int(bx1.max()) - rx0, int(by1.max()) - ry0)
-            outside = plan.outside_fraction(x_px, y_px, self.info.width, self.info.height)
-            out[name] = (cut_crops(buffer, rx0, ry0, plan, x_px, y_px), outside)
-        return out
+        region = self.read_region_for(x, y, self.plan(crop))
+        return region.cut(x, y)[0], float(region.outside(x, y)[0])
 
     def iter_crops(
         self,
@@ -225,22 +212,66 @@ class Slide:
         crops: Mapping[str, CropSpec],
         *,
         region_um: float = 512.0,
+        max_cells: int = 64,
+        resample: bool = True,
     ) -> Iterator[CropBatch]:
         """Crops for many cells, reading each large region once per spec.
 
         Cells are grouped by the `region_um` x `region_um` grid cell holding their centroid
-        (row-major order); each group is read with `read_group`.
+        (row-major order); per group one region is read per spec, and crops are cut from it
+        in batches of at most `max_cells` (so memory stays bounded on dense tissue).
         """
         x_px = np.asarray(x_px, dtype=np.float64)
         y_px = np.asarray(y_px, dtype=np.float64)
-        plans = {name: self.plan(spec) for name, spec in crops.items()}
+        plans = {name: self.plan(spec, resample=resample) for name, spec in crops.items()}
         for index in group_by_region(x_px, y_px, region_um / self.info.mpp):
-            got = self.read_group(x_px[index], y_px[index], plans)
-            yield CropBatch(
-                index=index,
-                images={k: v[0] for k, v in got.items()},
-                outside={k: v[1] for k, v in got.items()},
-            )
+            gx, gy = x_px[index], y_px[index]
+            regions = {name: self.read_region_for(gx, gy, plan) for name, plan in plans.items()}
+            for start in range(0, len(index), max_cells):
+                sl = slice(start, start + max_cells)
+                yield CropBatch(
+                    index=index[sl],
+                    images={k: r.cut(gx[sl], gy[sl]) for k, r in regions.items()},
+                    outside={k: r.outside(gx[sl], gy[sl]) for k, r in regions.items()},
+                )
+
+
+@dataclass
+class Region:
+    """A region of one pyramid level held in memory, from which crops are cut."""
+
+    buffer: np.ndarray
+    x0: int  # level pixel of buffer[0, 0]
+    y0: int
+    plan: ReadPlan
+    slide_width: int
+    slide_height: int
+
+    def cut(self, x_px: np.ndarray, y_px: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The fields of cells at level-0 (x_px, y_px), (n, out_px, out_px, 3) uint8.
+
+        Exact plans copy pixels; others resample the (sub-pixel) field box with PIL's
+        antialiased bilinear filter straight to `plan.out_px`.
+        """
+        plan, n, size = self.plan, len(x_px), self.plan.out_px
+        if out is None:
+            out = np.empty((n, size, size, 3), dtype=np.uint8)
+        fx0, fy0 = plan.field_origin_level(x_px, y_px)
+        fx0, fy0 = fx0 - self.x0, fy0 - self.y0
+        if plan.exact:
+            for i in range(n):
+                ox, oy = int(fx0[i]), int(fy0[i])
+                out[i] = self.buffer[oy : oy + size, ox : ox + size]
+            return out
+        image = Image.fromarray(self.buffer)
+        side = plan.size_level_px
+        for i in range(n):
+            box = (fx0[i], fy0[i], fx0[i] + side, fy0[i] + side)
+            out[i] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+        return out
+
+    def outside(self, x_px: np.ndarray, y_px: np.ndarray) -> np.ndarray:
+        return self.plan.outside_fraction(x_px, y_px, self.slide_width, self.slide_height)
 
 
 def group_by_region(x_px: np.ndarray, y_px: np.ndarray, region_px: float) -> list[np.ndarray]:
@@ -253,30 +284,6 @@ def group_by_region(x_px: np.ndarray, y_px: np.ndarray, region_px: float) -> lis
     keys = np.stack([gy[order], gx[order]], axis=1)
     breaks = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
     return np.split(order, breaks)
-
-
-def cut_crops(
-    buffer: np.ndarray, bx0: int, by0: int, plan: ReadPlan, x_px: np.ndarray, y_px: np.ndarray
-) -> np.ndarray:
-    """Cut one field per cell from a level buffer whose top-left level pixel is (bx0, by0).
-
-    Exact plans copy pixels; others resample the (sub-pixel) field box with PIL's
-    antialiased bilinear filter straight to `plan.out_px`.
-    """
-    n, size = len(x_px), plan.out_px
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    fx0, fy0 = plan.field_origin_level(x_px, y_px)
-    if plan.exact:
-        for i in range(n):
-            ox, oy = int(fx0[i]) - bx0, int(fy0[i]) - by0
-            out[i] = buffer[oy : oy + size, ox : ox + size]
-        return out
-    image = Image.fromarray(buffer)
-    side = plan.size_level_px
-    for i in range(n):
-        box = (fx0[i] - bx0, fy0[i] - by0, fx0[i] - bx0 + side, fy0[i] - by0 + side)
-        out[i] = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
-    return out
 
 
 # -- backends and metadata ----------------------------------------------------------------------

@@ -18,7 +18,9 @@ rerun skips the keys already present, so each cell is stored exactly once.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,10 @@ DEFAULT_TABLE = "cells"
 META_COLUMNS = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue", "run_id"]
 LABEL_COLUMNS = ["label", "label_confidence", "split"]
 VECTOR_KINDS = ("local", "context")
+#: Lance file format of vector tables and the encoding hint for vector columns: chosen by
+#: bench/store.py (load speed of fixed-size float16 lists against numpy.load)
+STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "2.1")
+VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "fullzip"}
 
 
 class StoreError(UserError):
@@ -60,7 +66,7 @@ def cells_schema(dims: dict[str, int], config: dict) -> pa.Schema:
     ]
     for kind, dim in dims.items():
         fields.append(pa.field(f"{kind}_outside", pa.float32()))
-        fields.append(pa.field(kind, pa.list_(pa.float16(), dim)))
+        fields.append(pa.field(kind, pa.list_(pa.float16(), dim), metadata=VECTOR_FIELD_META))
     return pa.schema(fields, metadata={CONFIG_KEY: json.dumps(config, sort_keys=True).encode()})
 
 
@@ -77,7 +83,7 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np
     flat = column.values.to_numpy(zero_copy_only=False)
     flat = flat[column.offset * dim : (column.offset + len(column)) * dim]
     out = flat.reshape(len(column), dim)
-    return out if out.dtype == dtype else out.astype(dtype)
+    return out if dtype is None or out.dtype == dtype else out.astype(dtype)
 
 
 def config_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -157,7 +163,9 @@ class Store:
         if stored is None:
             if self.has(name):
                 raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
-            return self.db.create_table(name, schema=cells_schema(dims, config))
+            return self.db.create_table(
+                name, schema=cells_schema(dims, config), data_storage_version=STORAGE_VERSION
+            )
         diff = config_diff(stored, config)
         if diff:
             raise StoreError(
@@ -182,12 +190,13 @@ class Store:
         self.open(name).add(rows)
 
     def compact(self, name: str) -> None:
-        """Merge the many small fragments of a long run (keeps loading at disk speed)."""
-        table = self.open(name)
-        try:
-            table.optimize()
-        except Exception:  # noqa: BLE001 - optimisation is best effort, data is already safe
-            pass
+        """Merge the many small fragments of a long run and drop the superseded versions'
+        files (keeps loading at disk speed and the store at its data's size).
+
+        Run by the single writer at the end of an extraction; a reader holding an older
+        version open at that moment would have to reopen it.
+        """
+        self.open(name).optimize(cleanup_older_than=dt.timedelta(0))
 
     # -- runs ---------------------------------------------------------------------------------
     def record_run(self, run: dict) -> None:
@@ -274,8 +283,20 @@ class Store:
         if tissues:
             filters.append(sql_in("tissue", tissues))
         meta_cols = [c for c in META_COLUMNS if c in ds.schema.names]
-        tb = ds.to_table(columns=meta_cols + list(vectors), filter=" AND ".join(filters) or None)
-        meta = pl.from_arrow(tb.select(meta_cols))
+        flt = " AND ".join(filters) or None
+        # stream record batches straight into preallocated arrays: one copy, bounded memory
+        n = ds.count_rows(filter=flt)
+        arrays = {v: np.empty((n, ds.schema.field(v).type.list_size), dtype) for v in vectors}
+        metas, pos = [], 0
+        for batch in ds.scanner(columns=meta_cols + list(vectors), filter=flt, batch_size=65536).to_batches():
+            k = batch.num_rows
+            for v in vectors:
+                arrays[v][pos : pos + k] = arrow_to_vectors(batch.column(v), dtype=None)
+            metas.append(batch.select(meta_cols))
+            pos += k
+        if pos != n:
+            raise StoreError(f"table {name!r} changed while loading ({pos} rows read, {n} expected); retry")
+        meta = pl.from_arrow(pa.Table.from_batches(metas, schema=pa.schema([ds.schema.field(c) for c in meta_cols])))
         labels = self.labels()
         if labels is not None:
             meta = meta.join(labels.drop("source"), on=["slide_id", "cell_id"], how="left", maintain_order="left")
@@ -289,7 +310,6 @@ class Store:
                 raise StoreError("no labels are stored; attach them with `embed labels`")
             lab = meta["label"].is_not_null()
             keep = lab if keep is None else keep & lab
-        arrays = {v: arrow_to_vectors(tb.column(v), dtype) for v in vectors}
         if keep is not None:
             idx = np.flatnonzero(keep.to_numpy())
             meta = meta[idx]

@@ -154,12 +154,15 @@ def test_bad_cells_table_is_refused(synth_small, tmp_path):
 def test_resume_after_real_kills(synth_small, tmp_path):
     """SIGKILL the CLI at several moments (mid-batch, mid-commit), rerun: every cell exactly once."""
     db = tmp_path / "db"
+    cells = pl.read_parquet(synth_small.cells_path).filter(pl.col("slide_id") != "synth_s2")
+    cells_path = tmp_path / "cells.parquet"
+    cells.write_parquet(cells_path)
     cmd = [sys.executable, "-m", "cli.embed", "extract", str(synth_small.out_dir / "slides"),
-           "--cells", str(synth_small.cells_path), "--db", str(db),
+           "--cells", str(cells_path), "--db", str(db),
            "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context",
            "--context-px", "64", "--batch-size", "8", "--commit-every", "8", "--quiet"]  # fmt: skip
     counts = []
-    for attempt in range(3):
+    for attempt in range(2):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         start = _stored(db)
         deadline = time.time() + 120
@@ -171,13 +174,12 @@ def test_resume_after_real_kills(synth_small, tmp_path):
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         counts.append(_stored(db))
-    assert counts[0] > 0 and counts[0] < synth_small.n_cells, counts
+    assert 0 < counts[0] <= counts[1] < cells.height, counts
     final = subprocess.run(cmd, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    assert _unique_keys(db) == (synth_small.n_cells, synth_small.n_cells)
+    assert _unique_keys(db) == (cells.height, cells.height)
     stored = Store(db).load()
-    truth = pl.read_parquet(synth_small.cells_path)
-    assert stored.meta.join(truth, on=["slide_id", "cell_id"], how="anti").height == 0
+    assert stored.meta.join(cells, on=["slide_id", "cell_id"], how="anti").height == 0
 
 
 def _stored(db) -> int:
