@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cells", type=int, default=1500)
     ap.add_argument("--slides", type=int, default=3)
-    ap.add_argument("--keep", action="store_true", help="reuse an existing output directory")
     args = ap.parse_args(argv)
 
     from cli.embed import ExtractProgress
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from embedstore.synth import make_synthetic
 
     out: Path = args.out
-    if out.exists() and not args.keep:
+    if out.exists():
         shutil.rmtree(out)
     summary: dict = {}
 

@@ -25,6 +25,7 @@ def synth(
     cells: Annotated[int, typer.Option(help="total number of cells over all slides")] = 600,
     slides: Annotated[int, typer.Option(help="number of slides")] = 3,
     density: Annotated[float, typer.Option(help="cells per mm² of tissue")] = 1500.0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing synthetic dataset in OUT")] = False,
 ) -> None:
     """Write synthetic H&E slides, Xenium bundles and ground truth from a seed."""
     from embedstore.synth import make_synthetic
@@ -32,7 +33,7 @@ def synth(
     with console.status("rendering synthetic slides...") as status:
         result = make_synthetic(
             out, seed=seed, n_cells=cells, n_slides=slides, density_per_mm2=density,
-            progress=lambda msg, frac: status.update(f"{msg} ({frac:.0%})"),
+            overwrite=overwrite, progress=lambda msg, frac: status.update(f"{msg} ({frac:.0%})"),
         )  # fmt: skip
     console.print(f"wrote {result.n_cells} cells on {len(result.slides)} slides to {out}")
 
@@ -98,8 +99,10 @@ def cells(
         )  # fmt: skip
     for line in report.lines():
         console.print(line, highlight=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(out)
+    from embedstore.fileio import atomic_path
+
+    with atomic_path(out) as tmp:
+        frame.write_parquet(tmp)
     n_slides = frame["slide_id"].n_unique()
     console.print(f"wrote {frame.height} cells of {n_slides} slide(s) to {out}")
 
@@ -113,14 +116,16 @@ def backbones(
 
     from embedstore.backbones import get_spec, list_backbones, weights_status
 
-    table = Table("name", "dim", "input px", "pooling", "params", "weights", "description")
+    table = Table("name", "dim", "input px", "pooling", "params", "weights")
+    table.columns[0].no_wrap = table.columns[4].no_wrap = True
     for name in list_backbones(pattern):
         spec = get_spec(name)
         table.add_row(
-            name, str(spec.dim), str(spec.input_px), spec.pooling,
-            f"{spec.n_params:,}" if spec.n_params else "-", weights_status(name), spec.description,
+            name, str(spec.dim), str(spec.input_px), "/".join(spec.poolings),
+            f"{spec.n_params:,}" if spec.n_params else "-", weights_status(name),
         )  # fmt: skip
     console.print(table)
+    console.print("test-* entries are tiny random ViTs for tests and the offline demo, not pathology models.")
 
 
 @app.command()

@@ -408,3 +408,18 @@ def test_local_and_context_each_miss_classes_the_fusion_gets(tmp_path: Path) -> 
     for alone in ("local", "context"):
         gap = recall["fusion"] - recall[alone]
         assert gap.max() > 0.25, (alone, dict(zip(classes, gap.round(2), strict=True)))
+
+
+def test_rerunning_the_same_command_replaces_its_own_output(tmp_path):
+    """A killed or repeated run of the same parameters finishes; other parameters are refused."""
+    from embedstore.errors import UserError
+    from embedstore.synth import make_synthetic
+
+    out = tmp_path / "s"
+    first = make_synthetic(out, seed=1, n_cells=40, n_slides=1)
+    (first.slides[0].path).write_bytes(b"truncated by a kill")  # a half-written slide
+    again = make_synthetic(out, seed=1, n_cells=40, n_slides=1)
+    assert again.slides[0].path.stat().st_size > 1000
+    with pytest.raises(UserError, match="overwrite"):
+        make_synthetic(out, seed=2, n_cells=40, n_slides=1)
+    assert make_synthetic(out, seed=2, n_cells=40, n_slides=1, overwrite=True).seed == 2

@@ -8,6 +8,7 @@ some errors.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -84,9 +85,11 @@ def expression(rng: np.random.Generator, labels: np.ndarray, xy_um: np.ndarray,
     return counts, neg
 
 
+@contextlib.contextmanager
 def _gzip_open(path: Path):
     """Byte-reproducible gzip (no timestamp, no file name in the header)."""
-    return gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
+        yield fh
 
 
 def write_mex(dir_: Path, ids: list[str], genes: tuple[str, ...], counts: np.ndarray,

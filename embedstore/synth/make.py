@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -59,6 +60,10 @@ class SynthResult:
         return [s.bundle for s in self.slides]
 
 
+#: written first (complete=false) and last (complete=true): marks OUT as this generator's
+MANIFEST = "synth.json"
+
+
 def _check_args(out_dir: Path, n_cells: int, n_slides: int, density: float, mpp: float,
                 formats: Sequence[str]) -> None:
     if n_slides < 1:
@@ -97,10 +102,17 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
     """
     out = Path(out_dir)
     formats = tuple(formats) if formats is not None else DEFAULT_FORMATS
-    if overwrite:
+    params = {"seed": seed, "n_cells": n_cells, "n_slides": n_slides,
+              "density_per_mm2": density_per_mm2, "mpp": mpp, "formats": list(formats)}
+    manifest = out / MANIFEST
+    # rerunning the same command (e.g. after a kill) replaces that command's own output
+    same = manifest.exists() and json.loads(manifest.read_text()).get("params") == params
+    if overwrite or same:
         for sub in ("slides", "xenium"):
             shutil.rmtree(out / sub, ignore_errors=True)
     _check_args(out, n_cells, n_slides, density_per_mm2, mpp, formats)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"params": params, "complete": False}))
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "xenium").mkdir(parents=True, exist_ok=True)
     report = progress or (lambda msg, frac: None)
@@ -166,6 +178,7 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
     truth = pl.concat(truth_tables)
     cells.write_parquet(out / "cells.parquet")
     truth.write_parquet(out / "truth.parquet")
+    manifest.write_text(json.dumps({"params": params, "complete": True}))
     counts = dict(zip(*np.unique(truth["label"].to_numpy(), return_counts=True), strict=True))
     report("done", 1.0)
     return SynthResult(
