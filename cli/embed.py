@@ -268,6 +268,132 @@ def labels(
         console.print(f"[yellow]{counts['unknown']} label rows match no stored cell and were ignored[/], e.g. {counts['unknown_examples']}")
 
 
+def _search_progress(label: str):
+    """A progress bar fed by (done, total) callbacks."""
+    bar = progress()
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task(label, total=total, rate="")
+        bar.update(state["task"], completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    return update
+
+
+@app.command()
+def index(
+    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    kind: Annotated[str, typer.Option(help="auto (by size), flat (exact) or ivf")] = "auto",
+    index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+) -> None:
+    """Build the FAISS index of a vector next to the store (exact or IVF, tuned by size)."""
+    import time
+
+    from embedstore.explore import build_index
+    from embedstore.explore import index_dir as where
+
+    t = time.perf_counter()
+    idx, meta, _ = build_index(db, table=table, vector=vector, kind=kind, root=index_dir,
+                               progress=_search_progress(f"indexing {vector}"))  # fmt: skip
+    console.print(
+        f"{idx.kind} index of {idx.ntotal} {vector} vectors ({idx.dim}-d, {idx.metric}) "
+        f"in {time.perf_counter() - t:.1f} s -> {where(db, table, vector, index_dir)}; "
+        f"search params {idx.search_params}"
+    )
+
+
+@app.command()
+def similar(
+    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    cell: Annotated[str, typer.Option(help="the query cell as SLIDE:CELL_ID")],
+    k: Annotated[int, typer.Option("-k", help="number of neighbours")] = 20,
+    vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    exclude_same_slide: Annotated[bool, typer.Option(help="only neighbours from other slides")] = False,
+    tissue: Annotated[list[str] | None, typer.Option(help="only neighbours of these tissues")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="only neighbours in these splits")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the table as Parquet")] = None,
+    gallery: Annotated[Path | None, typer.Option(help="draw query + neighbour crops to this PNG")] = None,
+    slides: Annotated[Path | None, typer.Option(help="slide folder for --gallery (default: as extracted)")] = None,
+    index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+) -> None:
+    """Cells like this one: nearest neighbours of a cell across all slides, with filters."""
+    from rich.table import Table
+
+    from embedstore import explore
+
+    found = explore.similar(
+        db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
+        tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m),
+    )  # fmt: skip
+    t = Table("rank", "slide", "cell", "x µm", "y µm", "label", "distance", title=f"cells like {cell} ({vector})")
+    for r in found.iter_rows(named=True):
+        t.add_row(str(r["rank"]), r["slide_id"], r["cell_id"], f"{r['x_um']:.1f}", f"{r['y_um']:.1f}",
+                  str(r.get("label") or "-"), f"{r['distance']:.3g}")  # fmt: skip
+    console.print(t)
+    if out:
+        from embedstore.fileio import atomic_path
+
+        with atomic_path(out) as tmp:
+            found.write_parquet(tmp)
+        console.print(f"wrote {out}")
+    if gallery:
+        console.print(f"gallery: {explore.gallery(db, found, gallery, slides=slides)}")
+
+
+@app.command()
+def audit(
+    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    out: Annotated[Path, typer.Option(help="review queue (.parquet; .csv, GeoJSON and plots beside it)")],
+    k: Annotated[int, typer.Option("-k", help="neighbours per cell")] = 20,
+    vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    other_slides_only: Annotated[bool, typer.Option(help="vote only with neighbours from other slides")] = False,
+    min_share: Annotated[float, typer.Option(help="flag when this share of voters agree on another class")] = 0.75,
+    index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+) -> None:
+    """Flag cells whose label disagrees with their neighbours'; write a review queue."""
+    from rich.table import Table
+
+    from embedstore import explore
+    from embedstore.fileio import atomic_path
+    from embedstore.geojson import write_geojson
+
+    queue, summary = explore.audit(
+        db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, root=index_dir,
+        progress=_search_progress("auditing"), notify=lambda m: console.print(m), min_share=min_share,
+    )  # fmt: skip
+    stem = out.with_suffix("")
+    with atomic_path(out) as tmp:
+        queue.write_parquet(tmp)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        queue.write_csv(tmp)
+    flagged = queue.filter(pl.col("flagged"))
+    if flagged.height:
+        write_geojson(
+            flagged, Path(f"{stem}_geojson"), class_col="label",
+            measurements={"suspicion": "suspicion", "agreement": "agreement", "suggested_share": "suggested share"},
+            metadata=("slide_id", "cell_id", "label", "suggested", "tissue"),
+        )  # fmt: skip
+    rates = explore.batch_effect(db, f"{stem}_batch_effect.png", k=k, table=table, vector=vector, root=index_dir)
+    t = Table("class", "labelled", "flagged", "share", "most suggested", title=f"label audit ({vector}, k={k})")
+    for r in summary.iter_rows(named=True):
+        t.add_row(r["class"], str(r["n_labelled"]), str(r["n_flagged"]), f"{r['flagged_share']:.3f}", str(r["most_suggested"] or "-"))
+    console.print(t)
+    ratio = rates["ratio"].median()
+    console.print(
+        f"{flagged.height} of {queue.height} labelled cells flagged; queue -> {out} (+ .csv"
+        f"{', ' + str(stem) + '_geojson/' if flagged.height else ''}); same-slide neighbours "
+        f"{ratio:.2f}x chance (median over slides) -> {stem}_batch_effect.png"
+    )
+
+
 main = run(app)
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ CONFIG_KEY = b"nuclass.vector_config"
 DEFAULT_TABLE = "cells"
 META_COLUMNS = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue", "run_id"]
 LABEL_COLUMNS = ["label", "label_confidence", "split"]
+PREDICTION_COLUMNS = [
+    "run", "slide_id", "cell_id", "pred_class", "pred_confidence", "pred_source", "local_class",
+    "local_confidence", "global_class", "global_confidence", "gate",
+]  # fmt: skip
 VECTOR_KINDS = ("local", "context")
 #: Lance file format of vector tables and the encoding hint for vector columns: chosen by
 #: bench/store.py (load speed of fixed-size float16 lists against numpy.load)
@@ -164,7 +169,9 @@ class Store:
             if self.has(name):
                 raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
             return self.db.create_table(
-                name, schema=cells_schema(dims, config), data_storage_version=STORAGE_VERSION
+                name,
+                schema=cells_schema(dims, config),
+                storage_options={"new_table_data_storage_version": STORAGE_VERSION},
             )
         diff = config_diff(stored, config)
         if diff:
@@ -196,7 +203,9 @@ class Store:
         Run by the single writer at the end of an extraction; a reader holding an older
         version open at that moment would have to reopen it.
         """
-        self.open(name).optimize(cleanup_older_than=dt.timedelta(0))
+        with warnings.catch_warnings():  # the "no concurrent readers" warning: understood
+            warnings.simplefilter("ignore", UserWarning)
+            self.open(name).optimize(cleanup_older_than=dt.timedelta(0))
 
     # -- runs ---------------------------------------------------------------------------------
     def record_run(self, run: dict) -> None:
@@ -254,6 +263,37 @@ class Store:
         if not self.has("labels"):
             return None
         return pl.from_arrow(self.db.open_table("labels").to_arrow())
+
+    # -- predictions --------------------------------------------------------------------------
+    def write_predictions(self, frame: pl.DataFrame) -> None:
+        """Upsert per-cell predictions keyed by (run, slide_id, cell_id), in one commit.
+
+        Class probabilities go into one list column `proba` (class order in the run's
+        checkpoint JSON), so runs with different classes share the table.
+        """
+        prob_cols = [c for c in frame.columns if c.startswith("prob_")]
+        keep = [c for c in PREDICTION_COLUMNS if c in frame.columns]
+        rows = frame.select(*keep, proba=pl.concat_list(prob_cols).cast(pl.List(pl.Float32)))
+        arrow = rows.to_arrow()
+        arrow = arrow.cast(pa.schema([
+            f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in arrow.schema
+        ]))  # fmt: skip
+        if not self.has("predictions"):
+            self.db.create_table("predictions", data=arrow)
+            return
+        table = self.db.open_table("predictions")
+        (
+            table.merge_insert(["run", "slide_id", "cell_id"])
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(arrow)
+        )
+
+    def predictions(self, run: str | None = None) -> pl.DataFrame:
+        if not self.has("predictions"):
+            raise StoreError(f"{self.uri}: no predictions yet; run `heads predict --run RUN --db {self.uri}`")
+        ds = self.db.open_table("predictions").to_lance()
+        return pl.from_arrow(ds.to_table(filter=f"run = {_sql_str(run)}" if run else None))
 
     # -- reading ------------------------------------------------------------------------------
     def keys_frame(self, name: str = DEFAULT_TABLE) -> pl.DataFrame:

@@ -30,3 +30,22 @@ def synth_small(tmp_path_factory):
     from embedstore.synth import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synth") / "data", seed=7, n_cells=450, n_slides=3)
+
+
+#: test backbones at a small context size: fast extraction for tests
+FAST = dict(local_backbone="test-vit-local", context_backbone="test-vit-context",
+            context_input_px=128, batch_size=16, workers=2)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def extracted_store(synth_small, tmp_path_factory):
+    """`synth_small` extracted once with the test backbones: (db path, extract summary).
+
+    Tests that change its labels must restore them.
+    """
+    from embedstore.extract import ExtractConfig, extract
+
+    db = tmp_path_factory.mktemp("store") / "db"
+    cfg = ExtractConfig(**FAST, commit_every=100)
+    summary = extract(synth_small.out_dir / "slides", synth_small.cells_path, db, cfg)
+    return db, summary

@@ -15,15 +15,12 @@ import pytest
 from embedstore.extract import ExtractConfig, ExtractionFailed, extract
 from embedstore.store import Store, StoreError
 
-FAST = dict(local_backbone="test-vit-local", context_backbone="test-vit-context",
-            context_input_px=128, batch_size=16, workers=2)  # fmt: skip
+from .conftest import FAST
 
 
-@pytest.fixture(scope="module")
-def extracted(synth_small, tmp_path_factory):
-    db = tmp_path_factory.mktemp("store") / "db"
-    summary = extract(synth_small.out_dir / "slides", synth_small.cells_path, db, ExtractConfig(**FAST, commit_every=100))
-    return db, summary
+@pytest.fixture
+def extracted(extracted_store):
+    return extracted_store
 
 
 def _unique_keys(db, table="cells"):

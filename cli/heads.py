@@ -1,0 +1,106 @@
+"""`heads`: train, evaluate and apply the NuClass heads on cached vectors (thin typer layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import console, run
+
+app = typer.Typer(
+    help="NuClass heads on cached vectors: train (local|global|gate), eval, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _log(msg: str) -> None:
+    console.print(msg, highlight=False)
+
+
+@app.command()
+def train(
+    db: Annotated[Path, typer.Option(help="LanceDB store with the cached vectors")],
+    out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints, split, metrics)")],
+    stage: Annotated[str, typer.Option(help="local, global, gate or all")] = "all",
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    labels: Annotated[Path | None, typer.Option(help="label table (slide_id, cell_id, label[, split]); default: the store's")] = None,
+    holdout: Annotated[list[str] | None, typer.Option(help="slide or tissue kept out of training (repeatable)")] = None,
+    film: Annotated[bool, typer.Option("--film/--concat", help="FiLM tissue conditioning, or the paper's Concat ablation")] = True,
+    epochs: Annotated[int, typer.Option(help="stage-1 epochs (max; early stopping on val macro-F1)")] = 4,
+    global_epochs: Annotated[int, typer.Option(help="stage-2 epochs")] = 3,
+    gate_epochs: Annotated[int, typer.Option(help="stage-3 epochs")] = 1,
+    batch_size: Annotated[int, typer.Option(help="cells per step")] = 1024,
+    patience: Annotated[int, typer.Option(help="epochs without improvement before stopping")] = 2,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+) -> None:
+    """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
+    from heads.runs import train as run_train
+    from heads.train import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=epochs, global_epochs=global_epochs, gate_epochs=gate_epochs,
+        batch_size=batch_size, patience=patience, seed=seed, device=device, film=film,
+    )  # fmt: skip
+    run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, log=_log)
+    console.print(f"[green]trained[/] stage {stage} -> {out}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
+    db: Annotated[Path, typer.Option(help="LanceDB store (the training store, or a cohort's)")],
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    on: Annotated[str, typer.Option(help="part of the run's split to score: val, test, holdout, all")] = "val",
+    cohort: Annotated[str | None, typer.Option(help="name a held-out cohort: score every labelled cell of --db")] = None,
+    synonyms: Annotated[Path | None, typer.Option(help="JSON {raw label: training class or null} for --cohort")] = None,
+    labels: Annotated[Path | None, typer.Option(help="label table to use instead of the store's")] = None,
+    baselines: Annotated[str, typer.Option(help="comma list of logreg,xgboost,knn, or none")] = "logreg,xgboost,knn",
+    temperature: Annotated[bool, typer.Option(help="report ECE after temperature scaling (fit on validation)")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+) -> None:
+    """Accuracy, macro-F1, per-class F1, ECE, confusion matrices, reliability and baselines."""
+    from heads.metrics import rich_results_table
+    from heads.runs import evaluate_run
+
+    syn = json.loads(synonyms.read_text()) if synonyms else None
+    which = () if baselines.strip().lower() in ("", "none") else tuple(b.strip() for b in baselines.split(","))
+    result = evaluate_run(
+        run_dir, db, table=table, on=on, cohort=cohort, synonyms=syn, baselines=which,
+        temperature=temperature, labels=labels, device=device, log=_log,
+    )  # fmt: skip
+    console.print(rich_results_table(result["table"], title=f"{run_dir} on {cohort or on}"))
+    if result["complementarity"] is not None:
+        from rich.table import Table
+
+        comp = Table("class", "support", "only local right", "only global right", title="complementarity")
+        for r in result["complementarity"].iter_rows(named=True):
+            comp.add_row(r["class"], str(r["support"]), f"{r['only_local']:.3f}", f"{r['only_global']:.3f}")
+        console.print(comp)
+    console.print(f"metrics.json, confusion matrices, reliability.png in {result['out_dir']}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
+    db: Annotated[Path, typer.Option(help="LanceDB store with the cells to label")],
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    out: Annotated[Path | None, typer.Option(help="folder for predictions.parquet and geojson/ (default RUN/predictions)")] = None,
+    slide: Annotated[list[str] | None, typer.Option(help="only these slides (repeatable)")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+) -> None:
+    """Per-cell class, probabilities, gate value and confidence -> store, Parquet, QuPath GeoJSON."""
+    from heads.runs import predict as run_predict
+
+    run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device, log=_log)
+
+
+main = run(app)
+
+if __name__ == "__main__":
+    main()

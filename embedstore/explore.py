@@ -1,0 +1,287 @@
+""""Cells like this one" and label audits over the store (the store-facing side of `search`).
+
+A FAISS index lives next to the store, in `<db>/_faiss/<table>/<vector>/`: the index, its JSON
+(with the table version it was built from) and `rows.parquet` (slide_id, cell_id of each index
+row). When the table has changed since (a later extraction, a compaction), the index is stale:
+it is rebuilt, or refused with a message when `rebuild=False`. Labels are read fresh from the
+store at every query, so relabelling never needs a rebuild.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
+from .errors import UserError
+from .search import CellIndex, is_stale
+from .store import DEFAULT_TABLE, Store, StoreError
+
+VECTORS = ("local", "context", "both")
+ROWS_FILE = "rows.parquet"
+Progress = Callable[[int, int], None]
+
+
+def index_dir(db: str | Path, table: str, vector: str, root: str | Path | None = None) -> Path:
+    if root is None:
+        if "://" in str(db):
+            raise UserError("the store is remote: give a local --index-dir for the FAISS index")
+        root = Path(db) / "_faiss"
+    return Path(root) / table / vector
+
+
+def load_vectors(
+    store: Store, table: str, vector: str, *, with_vectors: bool = True
+) -> tuple[pl.DataFrame, np.ndarray | None, int]:
+    """(cell metadata with labels, float32 vectors, table version) for one vector choice.
+
+    `both` concatenates the L2-normalised local and context vectors, so that each counts
+    equally in cosine distance.
+    """
+    if vector not in VECTORS:
+        raise UserError(f"--vector must be one of {', '.join(VECTORS)}, not {vector!r}")
+    kinds = ("local", "context") if vector == "both" else (vector,)
+    loaded = store.load(table, vectors=kinds if with_vectors else ())
+    if not with_vectors:
+        return loaded.meta, None, loaded.version
+    if vector == "both":
+        parts = [v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in loaded.vectors.values()]
+        vectors = np.hstack(parts).astype(np.float32)
+    else:
+        vectors = loaded.vectors[vector]
+    return loaded.meta, vectors, loaded.version
+
+
+def build_index(
+    db: str | Path,
+    *,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    kind: str = "auto",
+    root: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[CellIndex, pl.DataFrame, np.ndarray]:
+    """Build and save the index of one table's vectors; returns (index, meta, vectors)."""
+    store = Store(db)
+    meta, vectors, version = load_vectors(store, table, vector)
+    index = CellIndex.build(vectors, kind=kind, progress=progress)
+    out = index_dir(db, table, vector, root)
+    out.mkdir(parents=True, exist_ok=True)
+    meta.select("slide_id", "cell_id").write_parquet(out / ROWS_FILE)
+    index.save(out, meta={"table": table, "vector": vector, "table_version": version, "n": meta.height})
+    return index, meta, vectors
+
+
+def open_index(
+    db: str | Path,
+    *,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    root: str | Path | None = None,
+    rebuild: bool = True,
+    with_vectors: bool = True,
+    progress: Progress | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+) -> tuple[CellIndex, pl.DataFrame, np.ndarray | None]:
+    """The index (built or rebuilt when missing or stale) with the cells' current metadata
+    (labels included) and, if asked, their vectors, in index row order."""
+    store = Store(db)
+    where = index_dir(db, table, vector, root)
+    current = store.open(table).version
+    if (where / ROWS_FILE).exists() and (where / "index.json").exists():
+        index, imeta = CellIndex.load(where)
+        if not is_stale(imeta, current):
+            meta, vectors, _ = load_vectors(store, table, vector, with_vectors=with_vectors)
+            rows = pl.read_parquet(where / ROWS_FILE)
+            if rows.height == meta.height and rows.equals(meta.select("slide_id", "cell_id")):
+                return index, meta, vectors
+        reason = f"built from table version {imeta.get('table_version')}, the table is now at {current}"
+        if not rebuild:
+            raise StoreError(
+                f"the {vector} index in {where} is stale ({reason}); rebuild it with "
+                f"`embed index --db {db} --vector {vector}`"
+            )
+        notify(f"index is stale ({reason}): rebuilding")
+    elif not rebuild:
+        raise StoreError(f"no {vector} index in {where}: build it with `embed index --db {db} --vector {vector}`")
+    else:
+        notify(f"no {vector} index yet: building it")
+    return build_index(db, table=table, vector=vector, root=root, progress=progress)
+
+
+def parse_cell(ref: str) -> tuple[str, str]:
+    if ":" not in ref:
+        raise UserError(f"--cell {ref!r}: write it as SLIDE:CELL_ID (e.g. synth_s0:aaacdbjl-1)")
+    slide, cell = ref.split(":", 1)
+    return slide, cell
+
+
+def _row_of(meta: pl.DataFrame, slide: str, cell: str) -> int:
+    hits = np.flatnonzero(((meta["slide_id"] == slide) & (meta["cell_id"] == cell)).to_numpy())
+    if hits.size == 0:
+        known = meta.filter(pl.col("slide_id") == slide)
+        hint = (
+            f"slide {slide!r} has {known.height} cells, e.g. {known['cell_id'].head(3).to_list()}"
+            if known.height
+            else f"no slide {slide!r}; slides are {sorted(meta['slide_id'].unique().to_list())[:10]}"
+        )
+        raise UserError(f"cell {slide}:{cell} is not in the store ({hint})")
+    return int(hits[0])
+
+
+def _allowed(meta: pl.DataFrame, tissues: Sequence[str] | None, splits: Sequence[str] | None) -> np.ndarray | None:
+    mask = np.ones(meta.height, dtype=bool)
+    if tissues:
+        mask &= meta["tissue"].is_in(list(tissues)).to_numpy()
+    if splits:
+        if "split" not in meta.columns:
+            raise UserError("no splits are stored; attach them with `embed labels` first")
+        mask &= meta["split"].is_in(list(splits)).fill_null(False).to_numpy()
+    return None if mask.all() else mask
+
+
+def similar(
+    db: str | Path,
+    cell: str,
+    k: int = 20,
+    *,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    exclude_same_slide: bool = False,
+    tissues: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    root: str | Path | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+) -> pl.DataFrame:
+    """The k cells most like `cell` ("SLIDE:CELL_ID"), nearest first, with the query as rank 0."""
+    index, meta, _ = open_index(
+        db, table=table, vector=vector, root=root, with_vectors=False, notify=notify
+    )
+    row = _row_of(meta, *parse_cell(cell))
+    groups = meta["slide_id"].to_numpy() if exclude_same_slide else None
+    scores, rows = index.search_rows(
+        np.array([row]), k, allowed=_allowed(meta, tissues, splits), groups=groups,
+        exclude_same_group=exclude_same_slide,
+    )  # fmt: skip
+    found = rows[0] >= 0
+    rows_k, sims = rows[0][found], scores[0][found]
+    cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue", "label", "split") if c in meta.columns]
+    out = meta[np.concatenate([[row], rows_k])].select(cols)
+    distance = np.concatenate([[0.0], 1.0 - sims]) if index.metric == "cosine" else np.concatenate([[0.0], sims])
+    return out.with_columns(
+        rank=pl.Series(np.arange(len(out)), dtype=pl.Int32),
+        distance=pl.Series(distance.astype(np.float32)),
+    ).select("rank", *cols, "distance")
+
+
+def audit(
+    db: str | Path,
+    *,
+    k: int = 20,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    other_slides_only: bool = False,
+    root: str | Path | None = None,
+    progress: Progress | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+    **kwargs,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(review queue of labelled cells sorted by suspicion, per-class flagged shares)."""
+    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
+    if "label" not in meta.columns or meta["label"].null_count() == meta.height:
+        raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
+    classes = sorted(meta["label"].drop_nulls().unique().to_list())
+    codes = meta["label"].replace_strict({c: i for i, c in enumerate(classes)}, default=-1, return_dtype=pl.Int64).to_numpy()
+    result = label_audit(
+        index, vectors, codes, classes, k=k, groups=meta["slide_id"].to_numpy(),
+        other_groups_only=other_slides_only, progress=progress, **kwargs,
+    )  # fmt: skip
+    cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue") if c in meta.columns]
+    queue = pl.concat([meta[result["row"].to_numpy()].select(cols), result.drop("row", "label", "suggested").rename({"label_name": "label", "suggested_name": "suggested"})], how="horizontal")
+    return queue, flag_summary(result, classes)
+
+
+def batch_effect(
+    db: str | Path,
+    out_png: str | Path,
+    *,
+    k: int = 20,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    root: str | Path | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+) -> pl.DataFrame:
+    """How often a cell's nearest neighbours come from its own slide, against chance (+ PNG)."""
+    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
+    rates = same_slide_rate(index, vectors, meta["slide_id"].to_numpy(), k=k)
+    plot_same_slide_rate(rates, out_png, title=f"Same-slide neighbours ({vector} vectors, k={k})")
+    return rates
+
+
+def slide_paths(db: str | Path) -> dict[str, Path]:
+    """Slide files recorded by the extraction runs (latest run first wins)."""
+    import json
+
+    runs = Store(db).runs()
+    out: dict[str, Path] = {}
+    if runs.height:
+        for slides in reversed(runs.sort("started")["slides"].to_list()):
+            for sid, rec in json.loads(slides or "{}").items():
+                if rec.get("path") and sid not in out:
+                    out[sid] = Path(rec["path"])
+    return out
+
+
+def gallery(
+    db: str | Path,
+    neighbours: pl.DataFrame,
+    out_png: str | Path,
+    *,
+    slides: str | Path | None = None,
+    crop_um: float = 56.0,
+    columns: int = 6,
+) -> Path:
+    """The query crop beside its neighbours' crops, read from the slides, with labels."""
+    from matplotlib.figure import Figure
+
+    from .geometry import CropSpec
+    from .slides import Slide, find_slides, slide_id_from_path
+
+    paths = slide_paths(db)
+    if slides is not None:
+        paths.update({slide_id_from_path(p): p for p in find_slides(slides)})
+    spec = CropSpec(crop_um, 224)
+    n = neighbours.height
+    rows = (n + columns - 1) // columns
+    fig = Figure(figsize=(2.2 * columns, 2.9 * rows))
+    opened: dict[str, Slide] = {}
+    try:
+        for i, rec in enumerate(neighbours.iter_rows(named=True)):
+            ax = fig.add_subplot(rows, columns, i + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            sid = rec["slide_id"]
+            if sid not in paths or not Path(paths[sid]).exists():
+                raise UserError(f"slide file of {sid!r} not found (recorded: {paths.get(sid)}); pass --slides DIR")
+            if sid not in opened:
+                opened[sid] = Slide(paths[sid])
+            img, _ = opened[sid].read(rec["x_px"], rec["y_px"], spec)
+            ax.imshow(img)
+            label = rec.get("label") or "unlabelled"
+            title = "query" if rec["rank"] == 0 else f"#{rec['rank']} d={rec['distance']:.3f}"
+            ax.set_title(f"{title}\n{label}\n{sid}", fontsize=7)
+            if rec["rank"] == 0:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("red")
+                    spine.set_linewidth(3)
+    finally:
+        for s in opened.values():
+            s.close()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    return out_png

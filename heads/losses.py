@@ -1,0 +1,161 @@
+"""Loss terms of the three stages, each a small function of tensors.
+
+Conventions: `y` holds class indices (all >= 0: callers drop unlabelled cells first); `w` is a
+per-cell weight; "mean" is over the cells of the batch unless said otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+EPS = 1e-8
+
+
+def class_balanced_weights(counts: torch.Tensor, beta: float = 0.9999) -> torch.Tensor:
+    """Effective-number weights (1 - β) / (1 - β^n_c), normalised to sum to C.
+
+    Classes with no training cell get weight 0 (they cannot be learnt; an infinite weight
+    would poison the loss); the others then sum to C.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    n_classes = counts.numel()
+    present = counts > 0
+    w = torch.zeros_like(counts)
+    w[present] = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64),
+                                                 counts[present]))
+    w = w * n_classes / w.sum()
+    return w.to(torch.float32)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    smoothing: float = 0.0,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy against the smoothed target (1 - ε) onehot(y) + ε / C.
+
+    With class weights, cell i's loss is multiplied by weight[y_i] and the mean is the weighted
+    mean sum_i w_i l_i / sum_i w_i (the convention of torch's weighted cross-entropy).
+    `reduction="none"` returns the per-cell losses (weighted when `weight` is given).
+    """
+    logp = F.log_softmax(logits, dim=1)
+    nll_y = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    loss = (1.0 - smoothing) * nll_y + smoothing * (-logp.mean(dim=1))
+    wy = None if weight is None else weight.to(logits.dtype)[y]
+    if wy is not None:
+        loss = wy * loss
+    if reduction == "none":
+        return loss
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return loss.sum() / wy.sum() if wy is not None else loss.mean()
+
+
+def uncertainty_weights(a: torch.Tensor) -> torch.Tensor:
+    """(1 - a)^2, a = the local path's probability of the true class."""
+    return (1.0 - a) ** 2
+
+
+def stage2_loss(
+    z_f: torch.Tensor,
+    z_b: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    class_weights: torch.Tensor,
+    *,
+    smoothing: float = 0.05,
+    aux_weight: float = 0.3,
+) -> torch.Tensor:
+    """mean((1 - a)^2 CE_ls(z_F, y)) + 0.3 CE_cb,ls(z_B, y)."""
+    fused = (uncertainty_weights(a) * cross_entropy(z_f, y, smoothing=smoothing,
+                                                    reduction="none")).mean()
+    aux = cross_entropy(z_b, y, smoothing=smoothing, weight=class_weights)
+    return fused + aux_weight * aux
+
+
+def gate_targets(
+    p_a: torch.Tensor, p_b: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, w, gap), all detached; gap = p_y^B - p_y^A, "right" = argmax equals y.
+
+    t = 1 if only B is right, 0 if only A is right, else sigmoid(10 gap);
+    w = 1 + 2 [exactly one path right] + |gap|.
+    """
+    p_a, p_b = p_a.detach(), p_b.detach()
+    gap = p_b.gather(1, y.unsqueeze(1)).squeeze(1) - p_a.gather(1, y.unsqueeze(1)).squeeze(1)
+    right_a = p_a.argmax(dim=1) == y
+    right_b = p_b.argmax(dim=1) == y
+    t = torch.sigmoid(10.0 * gap)
+    t = torch.where(right_b & ~right_a, torch.ones_like(t), t)
+    t = torch.where(right_a & ~right_b, torch.zeros_like(t), t)
+    w = 1.0 + 2.0 * (right_a ^ right_b).to(gap.dtype) + gap.abs()
+    return t, w, gap
+
+
+def mixture_nll(p_mix: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean(w * -log p_mix[y])."""
+    return (w * -torch.log(p_mix.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(EPS))).mean()
+
+
+def auto_pos_weight(t: torch.Tensor, clamp: tuple[float, float] = (0.1, 10.0)) -> torch.Tensor:
+    """BCE pos_weight = (soft) negatives / positives of the batch, clamped."""
+    t = t.detach()
+    pw = (1.0 - t).sum() / t.sum().clamp_min(EPS)
+    return pw.clamp(*clamp)
+
+
+def gate_bce(
+    logit: torch.Tensor, t: torch.Tensor, w: torch.Tensor, pos_weight: torch.Tensor
+) -> torch.Tensor:
+    """mean(-w [pw t log g + (1 - t) log(1 - g)]), g = sigmoid(logit)."""
+    return F.binary_cross_entropy_with_logits(logit, t, weight=w, pos_weight=pos_weight)
+
+
+def selected_probs(p_a: torch.Tensor, p_b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per cell, the path the target favours (B where t > 0.5, else A), detached."""
+    return torch.where((t > 0.5).unsqueeze(1), p_b, p_a).detach()
+
+
+def selection_kl(p_sel: torch.Tensor, p_mix: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean(w KL(p_sel || p_mix)), KL(p || q) = sum_c p_c (log p_c - log q_c)."""
+    kl = (torch.special.xlogy(p_sel, p_sel) - p_sel * torch.log(p_mix.clamp_min(EPS))).sum(dim=1)
+    return (w * kl).mean()
+
+
+def binary_entropy_from_logit(logit: torch.Tensor) -> torch.Tensor:
+    """H(g) = -g log g - (1 - g) log(1 - g) in nats, g = sigmoid(logit), computed stably."""
+    g = torch.sigmoid(logit)
+    return -(g * F.logsigmoid(logit) + (1.0 - g) * F.logsigmoid(-logit))
+
+
+def gate_entropy_penalty(logit: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """mean(H(g) |gap|): the gate should be decisive where the two paths disagree most."""
+    return (binary_entropy_from_logit(logit) * gap.detach().abs()).mean()
+
+
+def gate_loss(
+    out: dict[str, torch.Tensor],
+    y: torch.Tensor,
+    *,
+    heads_trainable: bool,
+    kl_weight: float = 0.1,
+    entropy_weight: float = 0.05,
+    head_ce_weight: float = 0.05,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The stage-3 loss on a `NuClass` forward output; returns (total, {term: detached value})."""
+    t, w, gap = gate_targets(out["p_a"], out["p_b"], y)
+    terms = {
+        "nll": mixture_nll(out["p_mix"], y, w),
+        "bce": gate_bce(out["gate_logit"], t, w, auto_pos_weight(t)),
+        "kl": kl_weight * selection_kl(selected_probs(out["p_a"], out["p_b"], t), out["p_mix"], w),
+        "entropy": entropy_weight * gate_entropy_penalty(out["gate_logit"], gap),
+    }
+    if heads_trainable:
+        heads_ce = 0.5 * (cross_entropy(out["z_a"], y) + cross_entropy(out["z_b"], y))
+        terms["heads_ce"] = head_ce_weight * heads_ce
+    total = sum(terms.values())
+    return total, {k: v.detach() for k, v in terms.items()}

@@ -1,0 +1,370 @@
+"""Training, splits, data validation and checkpoints of the NuClass heads on a synthetic problem.
+
+The problem: 6 classes, 3 tissues, 3 slides. Classes 0-2 differ only in the local vector
+(their context is identical); classes 3-5 differ only in the context vector (their local
+vector is identical). Each tissue shifts the local vector (a batch effect FiLM can undo).
+"""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from embedstore.errors import UserError
+from heads import checkpoint as ckpt
+from heads.data import CellData
+from heads.splits import central_rectangle, make_split
+from heads.train import Heads, TrainConfig, predict_all, train_gate, train_local, train_stage
+
+PROV = {
+    "local": {"backbone": "tiny-vit", "weights_sha256": "aa11", "dim": 32},
+    "context": {"backbone": "tiny-dino", "weights_sha256": "bb22", "dim": 24},
+    "created": "2025-01-01T00:00:00",
+}
+CFG = TrainConfig(
+    epochs=12, global_epochs=12, gate_epochs=3, batch_size=128, lr=2e-3, warmup_steps=5,
+    patience=4, hidden=64, proj=32, gate_proj=16, gate_hidden=(32, 16), gate_lr=2e-3,
+    gate_head_lr=5e-4, seed=0,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: one thread avoids OpenMP contention with other test processes
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic(n=3000, du=32, dc=24, seed=0, label_null_frac=0.02):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 6, n)
+    t = rng.integers(0, 3, n)
+    mu_l = rng.normal(0, 0.5, (6, du))
+    mu_l[3:] = mu_l[3]  # classes 3-5: same local vector
+    mu_c = rng.normal(0, 0.4, (6, dc))
+    mu_c[:3] = mu_c[0]  # classes 0-2: same context
+    shift = rng.normal(0, 1.0, (3, du))
+    local = (mu_l[y] + shift[t] + rng.normal(0, 1, (n, du))).astype(np.float32)
+    context = (mu_c[y] + rng.normal(0, 1, (n, dc))).astype(np.float32)
+    labels = [f"class{k}" for k in y]
+    for i in np.flatnonzero(rng.random(n) < label_null_frac):
+        labels[i] = None
+    meta = pl.DataFrame(
+        {
+            "slide_id": [f"slide{s}" for s in rng.integers(0, 3, n)],
+            "cell_id": np.arange(n),
+            "x_px": rng.uniform(0, 8000, n),
+            "y_px": rng.uniform(0, 4000, n),
+            "tissue": [["colon", "lung", "pancreas"][k] for k in t],
+            "label": labels,
+        }
+    ).with_columns(x_um=pl.col("x_px") * 0.25, y_um=pl.col("y_px") * 0.25)
+    return meta, local, context
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    meta, local, context = synthetic()
+    data = CellData.from_arrays(meta, local, context, provenance=PROV)
+    run_dir = tmp_path_factory.mktemp("run")
+    logs: list[str] = []
+    out = train_stage("all", data, run_dir, CFG, log=logs.append)
+    return data, run_dir, out, logs
+
+
+def _val_f1(data, split, pred, average="macro"):
+    v = split.val[data.label.numpy()[split.val] >= 0]
+    y = data.label.numpy()[v]
+    return f1_score(y, pred[v], average=average, labels=None if average == "macro" else range(6))
+
+
+# ------------------------------------------------------------------------- data
+
+
+def test_cell_data_encoding_and_subset():
+    meta, local, context = synthetic(n=50)
+    data = CellData.from_arrays(meta, local, context, provenance=PROV)
+    assert data.classes == [f"class{k}" for k in range(6)]
+    assert data.tissues == ["colon", "lung", "pancreas"]
+    assert data.local.dtype == torch.float32 and data.local_dim == 32 and data.context_dim == 24
+    assert data.local.data_ptr() == torch.from_numpy(local).data_ptr()  # shared, not copied
+    labels = meta["label"].to_list()
+    for i in range(50):
+        want = -1 if labels[i] is None else data.classes.index(labels[i])
+        assert data.label[i].item() == want
+        assert data.tissues[data.tissue[i]] == meta["tissue"][i]
+    sub = data.subset(np.array([3, 1, 4]))
+    assert sub.meta["cell_id"].to_list() == [3, 1, 4]
+    torch.testing.assert_close(sub.local, data.local[[3, 1, 4]])
+    mask = np.zeros(50, dtype=bool)
+    mask[[0, 2]] = True
+    assert data.subset(mask).meta["cell_id"].to_list() == [0, 2]
+
+
+def test_cell_data_errors():
+    meta, local, context = synthetic(n=40)
+    with pytest.raises(UserError, match="no labelled cells"):
+        CellData.from_arrays(meta.with_columns(label=pl.lit(None, pl.Utf8)), local,
+                             context).check_trainable()
+    with pytest.raises(UserError, match="no `label` column"):
+        CellData.from_arrays(meta.drop("label"), local, context).check_trainable()
+    with pytest.raises(UserError, match="only one class"):
+        CellData.from_arrays(meta.with_columns(label=pl.lit("T_Cell")), local,
+                             context).check_trainable()
+    bad = local.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(UserError, match=r"NaN/inf in their `local` vector \(first: row 7"):
+        CellData.from_arrays(meta, bad, context)
+    with pytest.raises(UserError, match="row counts differ"):
+        CellData.from_arrays(meta, local[:-1], context)
+    with pytest.raises(UserError, match="'pancreas'.* not seen in training"):
+        CellData.from_arrays(meta, local, context, tissues=["colon", "lung"])
+    # labels outside given classes become unlabelled (held-out cohorts) but block training
+    d = CellData.from_arrays(meta, local, context, classes=["class0", "class1"])
+    assert d.n_unknown_labels > 0 and (d.label >= 0).sum() > 0
+    with pytest.raises(UserError, match="outside the checkpoint's classes"):
+        d.check_trainable()
+
+
+# ------------------------------------------------------------------------- splits
+
+
+def test_central_rectangle_on_a_grid_hand_computed():
+    # 10 x 10 grid, median 4.5: rings of max(|dx|,|dy|) 0.5/1.5/2.5 hold 4/16/36 cells;
+    # >= 25 cells needs the 2.5 ring: exactly the 6 x 6 block x, y in 2..7
+    xs, ys = np.meshgrid(np.arange(10.0), np.arange(10.0))
+    inside = central_rectangle(xs.ravel(), ys.ravel(), 0.25)
+    assert inside.sum() == 36
+    expect = (xs.ravel() >= 2) & (xs.ravel() <= 7) & (ys.ravel() >= 2) & (ys.ravel() <= 7)
+    assert (inside == expect).all()
+
+
+def test_central_rectangle_keeps_the_aspect_ratio():
+    xs, ys = np.meshgrid(np.arange(40.0), np.arange(10.0))  # 39 x 9 bounding box
+    inside = central_rectangle(xs.ravel(), ys.ravel(), 0.25)
+    x_in, y_in = xs.ravel()[inside], ys.ravel()[inside]
+    assert 0.25 <= inside.mean() < 0.35
+    # centred on the median (19.5, 4.5), wider than tall like the slide, and a full rectangle
+    assert x_in.min() + x_in.max() == pytest.approx(39) and y_in.min() + y_in.max() == 9
+    assert (x_in.max() - x_in.min()) > 2 * (y_in.max() - y_in.min())
+    box = (xs.ravel() >= x_in.min()) & (xs.ravel() <= x_in.max()) & \
+        (ys.ravel() >= y_in.min()) & (ys.ravel() <= y_in.max())
+    assert (box == inside).all()
+
+
+def test_make_split_per_slide_column_and_holdout():
+    meta, _, _ = synthetic(n=400)
+    s = make_split(meta)
+    assert s.source == "central_rectangle" and s.test.size == 0 and s.holdout.size == 0
+    assert s.train.size + s.val.size == 400 and np.intersect1d(s.train, s.val).size == 0
+    for slide in meta["slide_id"].unique():
+        rows = np.flatnonzero(meta["slide_id"].to_numpy() == slide)
+        frac = np.isin(rows, s.val).mean()
+        assert 0.25 <= frac < 0.40, (slide, frac)
+
+    h = make_split(meta, holdout=["lung", "slide0"])
+    held = (meta["tissue"] == "lung") | (meta["slide_id"] == "slide0")
+    assert (np.sort(h.holdout) == np.flatnonzero(held.to_numpy())).all()
+    assert not np.isin(np.concatenate([h.train, h.val]), h.holdout).any()
+    with pytest.raises(UserError, match="'lugn' match no slide_id or tissue"):
+        make_split(meta, holdout=["lugn"])
+
+    col = meta.with_columns(split=pl.Series(["train", "val", "test", "train"] * 100))
+    c = make_split(col)
+    assert c.source == "column" and (c.val == np.arange(1, 400, 4)).all()
+    assert (c.labels(400)[:4] == ["train", "val", "test", "train"]).all()
+    with pytest.raises(UserError, match="'valid'"):
+        make_split(meta.with_columns(split=pl.Series(["train", "valid"] * 200)))
+    with pytest.raises(UserError, match="empty for 1 of 400"):
+        make_split(meta.with_columns(split=pl.Series(["train"] * 399 + [None])))
+
+
+# ------------------------------------------------------------------------- training
+
+
+def test_stage_all_gate_beats_or_matches_each_path(trained):
+    data, run_dir, out, logs = trained
+    split = out["split"]
+    pred = predict_all(data, run_dir)
+    f1 = {p: _val_f1(data, split, pred[f"pred_{p}"]) for p in ("local", "global", "gate")}
+    assert f1["gate"] >= f1["local"] - 0.01 and f1["gate"] >= f1["global"] - 0.01, f1
+    assert f1["gate"] > 0.75 and f1["global"] > f1["local"] + 0.1, f1
+    # the local path cannot tell the context-only classes 3-5 apart; the global path can
+    per_local = _val_f1(data, split, pred["pred_local"], average=None)
+    per_global = _val_f1(data, split, pred["pred_global"], average=None)
+    assert per_local[:3].min() > 0.75 and per_local[3:].max() < 0.6, per_local
+    assert per_global[3:].min() > 0.6, per_global
+    # one log line per epoch with loss, val macro-F1 and cells/s
+    epoch_lines = [line for line in logs if "] epoch " in line]
+    assert epoch_lines and all("val macro-F1" in x and "cells/s" in x for x in epoch_lines)
+
+
+def test_gate_learns_to_trust_the_global_path_where_local_fails(trained):
+    data, _, out, _ = trained
+    split = out["split"]
+    local, context = out["local"][0], out["global"][0]
+    # min_delta < 0 keeps the last epoch (early stopping may keep the half-epoch gate)
+    cfg = replace(CFG, gate_epochs=3, min_delta=-1.0)
+    before = {k: v.clone() for k, v in local.state_dict().items()}
+    modes: list[bool] = []  # the local head's train/eval mode at each call (hooks are copied)
+    hook = local.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    try:
+        model, hist = train_gate(data, split, local, context, cfg, log=lambda _: None)
+    finally:
+        hook.remove()
+    # heads in train mode exactly for the joint steps: 3 epochs minus the gate-alone half epoch
+    n_train = int((data.label.numpy()[split.train] >= 0).sum())
+    steps = -(-n_train // cfg.batch_size)
+    assert sum(modes) == 3 * steps - -(-steps // 2)
+    assert [r["epoch"] for r in hist] == [0.5, 1, 2, 3]
+    assert [r["heads_trainable"] for r in hist] == [False, True, True, True]
+    g = predict_all(data, model)["gate"]
+    lab = data.label.numpy()
+    g_ctx, g_loc = g[lab >= 3].mean(), g[(lab >= 0) & (lab < 3)].mean()
+    assert g_ctx > g_loc + 0.2, (g_ctx, g_loc)
+    # the heads passed in were fine-tuned as copies, not in place
+    after = local.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(model.local.state_dict()["fc2.weight"], before["fc2.weight"])
+
+
+def test_predict_outputs_and_checkpoint_round_trip(trained):
+    data, run_dir, out, _ = trained
+    for stage in ("local", "global", "gate"):
+        assert (run_dir / f"{stage}.safetensors").exists() and (run_dir / f"{stage}.json").exists()
+    info = json.loads((run_dir / "gate.json").read_text())
+    assert info["classes"] == data.classes and info["tissues"] == data.tissues
+    assert info["dims"] == {"local": 32, "context": 24} and info["stage"] == "gate"
+    assert info["settings"]["batch_size"] == 128 and info["history"]
+    assert info["provenance"]["local"]["weights_sha256"] == "aa11"
+
+    fresh = predict_all(data, Heads(out["local"][0], out["global"][0], out["gate"][0]))
+    loaded = predict_all(data, run_dir)
+    assert set(loaded) == set(fresh)
+    for key in ("p_local", "p_global", "p_gate", "gate", "p_local_gate", "p_global_gate"):
+        np.testing.assert_allclose(loaded[key], fresh[key], rtol=1e-5, atol=1e-6)
+    n = len(data)
+    assert loaded["p_gate"].shape == (n, 6) and loaded["gate"].shape == (n,)
+    np.testing.assert_allclose(loaded["p_gate"].sum(1), 1.0, atol=1e-5)
+    assert (loaded["pred_gate"] == loaded["p_gate"].argmax(1)).all()
+    g = loaded["gate"][:, None]
+    np.testing.assert_allclose(
+        loaded["p_gate"], (1 - g) * loaded["p_local_gate"] + g * loaded["p_global_gate"],
+        atol=1e-6,
+    )
+    # the gate stage fine-tunes copies: the stage-1 head's predictions are reported as such
+    assert not np.allclose(loaded["p_local"], loaded["p_local_gate"])
+    bare = predict_all(data, out["gate"][0])  # a bare NuClass: its own heads are the paths
+    np.testing.assert_allclose(bare["p_local"], loaded["p_local_gate"], atol=1e-6)
+    # the stage-1 checkpoint alone predicts the local path
+    local, _ = ckpt.load_local(run_dir, data)
+    only_local = predict_all(data, local)
+    assert set(only_local) == {"p_local", "pred_local", "conf_local"}
+    np.testing.assert_allclose(only_local["p_local"],
+                               predict_all(data, out["local"][0])["p_local"], atol=1e-6)
+
+
+def test_prediction_refuses_mismatched_vectors(trained):
+    data, run_dir, _, _ = trained
+    meta, local, context = data.meta, data.local.numpy(), data.context.numpy()
+    other = json.loads(json.dumps(PROV))
+    other["local"]["weights_sha256"] = "ffff"
+    mismatch = CellData.from_arrays(meta, local, context, provenance=other)
+    with pytest.raises(UserError, match="provenance does not match.*weights_sha256"):
+        predict_all(mismatch, run_dir)
+    # a change outside the vectors' identity (a timestamp) is fine
+    later = dict(PROV, created="2026-01-01")
+    predict_all(CellData.from_arrays(meta, local, context, provenance=later), run_dir)
+    wide = CellData.from_arrays(meta, np.zeros((len(meta), 40), np.float32), context,
+                                provenance=PROV)
+    with pytest.raises(UserError, match="vector dims do not match.*local: checkpoint 32"):
+        predict_all(wide, run_dir)
+    # a cohort with only some tissues/classes must be encoded with the checkpoint's vocabulary
+    sub = meta.filter(pl.col("tissue") != "lung")
+    keep = (meta["tissue"] != "lung").to_numpy()
+    cohort = CellData.from_arrays(sub, local[keep], context[keep], provenance=PROV)
+    with pytest.raises(UserError, match="other classes/tissues"):
+        predict_all(cohort, run_dir)
+    with pytest.raises(UserError, match="knows 3 tissues.*CellData.remap"):
+        predict_all(cohort, ckpt.load_gate(run_dir)[0])
+    info = ckpt.read_info(run_dir, "gate")
+    ok = cohort.remap(info["classes"], info["tissues"])
+    assert predict_all(ok, run_dir)["p_gate"].shape == (keep.sum(), 6)
+
+
+def test_provenance_identity_keeps_what_defines_the_vectors():
+    config = {  # shaped like the store's vector config
+        "vectors": {
+            "local": {"backbone": "uni2-h", "dim": 1536, "pooling": "cls", "input_px": 224,
+                      "weights_sha256": "ab12", "weights_source": "/models/uni2.bin",
+                      "field_um": 56.0, "timm_version": "1.0.20",
+                      "timm_kwargs": {"embed_dim": 1536}},
+        },
+        "dtype": "float16",
+        "context_mode": "exact",
+    }
+    ident = dict(ckpt.provenance_identity(config))
+    assert set(ident) == {
+        "vectors.local.backbone", "vectors.local.dim", "vectors.local.pooling",
+        "vectors.local.input_px", "vectors.local.weights_sha256", "vectors.local.field_um",
+        "vectors.local.timm_kwargs.embed_dim",
+    }
+    moved = json.loads(json.dumps(config))
+    moved["vectors"]["local"]["weights_source"] = "/elsewhere/uni2.bin"
+    moved["context_mode"] = "tiled"
+    ckpt.check_provenance(config, moved, "run")  # same weights elsewhere: accepted
+    moved["vectors"]["local"]["field_um"] = 112.0
+    with pytest.raises(UserError, match="field_um=56.0"):
+        ckpt.check_provenance(config, moved, "run")
+
+
+def test_stages_one_by_one_read_previous_checkpoints(tmp_path):
+    meta, local, context = synthetic(n=600, seed=1)
+    data = CellData.from_arrays(meta, local, context, provenance=PROV)
+    cfg = replace(CFG, epochs=1, global_epochs=1, gate_epochs=1)
+    with pytest.raises(UserError, match="no `local` checkpoint"):
+        train_stage("global", data, tmp_path, cfg, log=lambda _: None)
+    train_stage("local", data, tmp_path, cfg, log=lambda _: None)
+    # a later stage on a subset missing a tissue: re-encoded with the checkpoint's vocabulary
+    keep = (meta["tissue"] != "lung").to_numpy()
+    part = CellData.from_arrays(meta.filter(pl.Series(keep)), local[keep], context[keep],
+                                provenance=PROV)
+    out = train_stage("global", part, tmp_path, cfg, log=lambda _: None)
+    assert out["global"][0].n_classes == 6
+    train_stage("gate", data, tmp_path, cfg, log=lambda _: None)
+    assert ckpt.read_info(tmp_path, "gate")["tissues"] == ["colon", "lung", "pancreas"]
+    with pytest.raises(UserError, match="unknown stage"):
+        train_stage("fusion", data, tmp_path, cfg)
+
+
+def test_training_is_reproducible_and_concat_trains():
+    meta, local, context = synthetic(n=500, seed=2)
+    data = CellData.from_arrays(meta, local, context)
+    split = make_split(meta)
+    cfg = replace(CFG, epochs=2)
+    a, _ = train_local(data, split, cfg, log=lambda _: None)
+    b, hist = train_local(data, split, cfg, log=lambda _: None)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert len(hist) == 2 and {"loss", "val_macro_f1", "cells_per_s"} <= set(hist[0])
+    c, _ = train_local(data, split, replace(cfg, film=False), log=lambda _: None)
+    assert not c.film and c.feature_dim == 32 + 32
+
+
+def test_training_refuses_bad_labels_and_empty_validation(tmp_path):
+    meta, local, context = synthetic(n=200)
+    one = CellData.from_arrays(meta.with_columns(label=pl.lit("Fibroblast")), local, context)
+    with pytest.raises(UserError, match="only one class"):
+        train_stage("all", one, tmp_path, CFG)
+    none = CellData.from_arrays(meta.drop("label"), local, context)
+    with pytest.raises(UserError, match="no `label` column"):
+        train_stage("local", none, tmp_path, CFG)
+    data = CellData.from_arrays(meta.with_columns(split=pl.lit("train")), local, context)
+    with pytest.raises(UserError, match="no labelled cells in the validation split"):
+        train_stage("local", data, tmp_path, CFG)
