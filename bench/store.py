@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--commit", type=int, default=8192, help="rows per store commit")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="timed loads of each kind (medians)")
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -90,15 +91,19 @@ def main() -> None:
     def load_npy():
         return {k: np.load(work / f"{k}.npy") for k in DIMS}
 
-    results = {}
-    for name, fn in (("store", load_store), ("npy", load_npy)):
-        fn()  # warm: both read from the page cache
-        t = time.perf_counter()
-        out = fn()
-        results[name] = time.perf_counter() - t
-        arrays = out.vectors if name == "store" else out
-        assert all(arrays[k].shape == (args.rows, d) for k, d in DIMS.items())
-        del out, arrays
+    # interleaved repeats (the first of each only warms the page cache); medians are reported
+    times: dict[str, list[float]] = {"store": [], "npy": []}
+    for rep in range(args.repeats + 1):
+        for name, fn in (("store", load_store), ("npy", load_npy)):
+            t = time.perf_counter()
+            out = fn()
+            elapsed = time.perf_counter() - t
+            arrays = out.vectors if name == "store" else out
+            assert all(arrays[k].shape == (args.rows, d) for k, d in DIMS.items())
+            del out, arrays
+            if rep:
+                times[name].append(elapsed)
+    results = {k: float(np.median(v)) for k, v in times.items()}
 
     vec_bytes = args.rows * sum(DIMS.values()) * 2
     print(json.dumps({
@@ -111,6 +116,7 @@ def main() -> None:
         "goal_bytes_per_cell_le_5500": store_bytes / args.rows <= 5500,
         "load_store_seconds": round(results["store"], 3),
         "load_npy_seconds": round(results["npy"], 3),
+        "load_repeats_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
         "load_store_GB_per_s": round(vec_bytes / results["store"] / 1e9, 2),
         "speed_vs_npy": round(results["npy"] / results["store"], 3),
         "goal_speed_vs_npy_ge_0_5": results["npy"] / results["store"] >= 0.5,

@@ -1,7 +1,9 @@
 """The main job end to end on built-in synthetic data, offline (`./justw demo`).
 
-synth slides + Xenium bundles -> ingest the bundles (registration) -> extract with the test
-backbones into a LanceDB store -> store summary.
+synth slides + Xenium bundles -> ingest the bundles (H&E registration) -> extract with the
+test backbones into a LanceDB store -> store summary -> train the three heads -> evaluate
+(paths + baselines) -> predict (store, Parquet, GeoJSON) -> "cells like this one" -> label
+audit with planted label flips.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from rich.markup import escape
 
 from cli.common import console
 
@@ -27,33 +30,39 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cells", type=int, default=1500)
+    ap.add_argument("--cells", type=int, default=3000)
     ap.add_argument("--slides", type=int, default=3)
+    ap.add_argument("--context-px", type=int, default=256, help="context field size for the test backbone")
+    ap.add_argument("--flip", type=float, default=0.05, help="share of labels flipped before the audit")
     args = ap.parse_args(argv)
 
     from cli.embed import ExtractProgress
+    from embedstore import explore
     from embedstore.cells import CellReport
     from embedstore.extract import ExtractConfig, extract
     from embedstore.ingest import ingest_xenium
     from embedstore.store import Store
     from embedstore.synth import make_synthetic
+    from heads import runs
+    from heads.metrics import rich_results_table
+    from heads.train import TrainConfig
 
     out: Path = args.out
     if out.exists():
         shutil.rmtree(out)
     summary: dict = {}
+    def log(msg: str) -> None:  # library messages: "[local] ..." is text, not rich markup
+        console.print(escape(msg), highlight=False)
 
-    t = step("1. synthetic slides and Xenium bundles")
+
+    t = step("1. synthetic slides and Xenium bundles (`embed synth`)")
     data_dir = out / "synth"
     result = make_synthetic(data_dir, seed=args.seed, n_cells=args.cells, n_slides=args.slides)
     truth = pl.read_parquet(result.truth_path)
-    console.print(
-        f"{result.n_cells} cells, {len(result.slides)} slides, "
-        f"{truth['label'].n_unique()} classes, {truth['tissue'].n_unique()} tissues "
-        f"in {time.perf_counter() - t:.1f} s -> {data_dir}"
-    )
+    log(f"{result.n_cells} cells, {len(result.slides)} slides, {truth['label'].n_unique()} classes, "
+        f"{truth['tissue'].n_unique()} tissues in {time.perf_counter() - t:.1f} s -> {data_dir}")  # fmt: skip
 
-    t = step("2. ingest the Xenium bundles (H&E registration)")
+    step("2. ingest the Xenium bundles through the H&E registration (`embed cells`)")
     frames, report = [], CellReport()
     for bundle in sorted((data_dir / "xenium").iterdir()):
         frame, rep = ingest_xenium(bundle)
@@ -61,33 +70,80 @@ def main(argv: list[str] | None = None) -> dict:
         frames.append(frame)
     cells = pl.concat(frames)
     for line in report.lines():
-        console.print(line, highlight=False)
+        log(line)
     joined = cells.join(truth.select("slide_id", "cell_id", "label", tx="x_px", ty="y_px"), on=["slide_id", "cell_id"])
     err = np.hypot(joined["x_px"] - joined["tx"], joined["y_px"] - joined["ty"]).to_numpy()
-    console.print(f"registration error vs truth: median {np.median(err):.3f} px, max {err.max():.3f} px")
-    cells = joined.drop("tx", "ty")
+    log(f"registration error against the true H&E positions: median {np.median(err):.2e} px, max {err.max():.2e} px")
+    cells = joined.drop("tx", "ty")  # labels: the generator's ground truth
     cells_path = out / "cells.parquet"
     cells.write_parquet(cells_path)
     summary["cells"] = cells.height
     summary["registration_max_err_px"] = float(err.max())
 
-    t = step("3. extract vectors with the test backbones (offline, random weights)")
+    step("3. extract vectors with the test backbones (`embed extract`; random weights, offline)")
     db = out / "store"
-    cfg = ExtractConfig(local_backbone="test-vit-local", context_backbone="test-vit-context", batch_size=32, workers=2)
+    cfg = ExtractConfig(local_backbone="test-vit-local", context_backbone="test-vit-context",
+                        context_input_px=args.context_px, batch_size=32, workers=2)  # fmt: skip
     with ExtractProgress(quiet=False) as events:
         ex = extract(data_dir / "slides", cells_path, db, cfg, on_event=events)
-    console.print(f"{ex['written']} cells in {ex['seconds']:.1f} s ({ex['cells_per_s']:.1f} cells/s)")
+    log(f"{ex['written']} cells in {ex['seconds']:.1f} s ({ex['cells_per_s']:.1f} cells/s)")
     summary["extract"] = {k: ex[k] for k in ("written", "already_stored", "cells_per_s")}
 
     step("4. store summary (`embed info`)")
     info = Store(db).info()
     for name, tinfo in info["tables"].items():
-        console.print(f"table {name}: {tinfo['cells']} cells over {len(tinfo['slides'])} slides, vectors {tinfo['vectors']}")
-    if info["bytes_on_disk"]:
-        console.print(f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")
-    summary["store"] = {n: t["cells"] for n, t in info["tables"].items()}
+        log(f"table {name}: {tinfo['cells']} cells over {len(tinfo['slides'])} slides, vectors {tinfo['vectors']}, "
+            f"{info['bytes_on_disk'] / 1e6:.1f} MB on disk")  # fmt: skip
+
+    step("5. train the heads: local (FiLM) -> global (context) -> gate (`heads train --stage all`)")
+    run_dir = out / "run"
+    runs.train(db, run_dir, "all", TrainConfig(seed=args.seed), log=lambda m: None if "] epoch " in m else log(m))
+
+    step("6. evaluate paths and baselines on the validation cells (`heads eval`)")
+    ev = runs.evaluate_run(run_dir, db, log=log)
+    console.print(rich_results_table(ev["table"], title="validation (central rectangle of each slide)"))
+    f1 = {r["name"]: r["macro_f1"] for r in ev["rows"]}
+    summary["macro_f1"] = f1
+    ok = f1["gate"] >= max(f1["local (FiLM)"], f1["global"])
+    console.print(f"gate macro-F1 {f1['gate']:.3f} vs local {f1['local (FiLM)']:.3f}, global {f1['global']:.3f}: "
+                  + ("[green]gate >= each path[/]" if ok else "[red]gate below a path[/]"))  # fmt: skip
+
+    step("7. predictions to the store, Parquet and QuPath GeoJSON (`heads predict`)")
+    runs.predict(run_dir, db, log=log)
+
+    step("8. cells like this one (`embed similar`)")
+    query = cells.filter(pl.col("label") == "B_Cell").row(0, named=True)
+    ref = f"{query['slide_id']}:{query['cell_id']}"
+    found = explore.similar(db, ref, 8, exclude_same_slide=True, notify=log)
+    log(f"query {ref} ({query['label']}); neighbours on other slides: "
+        + ", ".join(found["label"].to_list()[1:]))  # fmt: skip
+    gallery = explore.gallery(db, found, out / "similar.png")
+    log(f"gallery -> {gallery}")
+
+    step(f"9. label audit with {args.flip:.0%} planted label flips (`embed audit`)")
+    store = Store(db)
+    labels = store.labels()
+    rng = np.random.default_rng(args.seed)
+    classes = sorted(labels["label"].unique().to_list())
+    flip = rng.random(labels.height) < args.flip
+    new = [rng.choice([c for c in classes if c != old]) if f else old for old, f in zip(labels["label"], flip, strict=True)]
+    store.set_labels(labels.with_columns(label=pl.Series(new)).drop("source"), source="demo: planted flips")
+    queue, flags = explore.audit(db, k=15, vector="both", notify=log)
+    flipped = set(labels.filter(pl.Series(flip)).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series())
+    flagged = set(queue.filter(pl.col("flagged")).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series())
+    tp = len(flipped & flagged)
+    precision = tp / max(len(flagged), 1)
+    recall = tp / max(len(flipped), 1)
+    top = set(queue.head(len(flipped)).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series())
+    log(f"{len(flipped)} labels flipped, {len(flagged)} cells flagged: precision {precision:.2f}, recall {recall:.2f} "
+        f"(chance precision {len(flipped) / labels.height:.2f}); precision in the top {len(flipped)} of the queue "
+        f"{len(top & flipped) / max(len(flipped), 1):.2f}")  # fmt: skip
+    store.set_labels(labels.drop("source"), source="cells table")  # put the true labels back
+    summary["audit"] = {"flipped": len(flipped), "flagged": len(flagged), "precision": precision, "recall": recall}
+
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"[green]done[/]: summary in {out / 'summary.json'}")
+    console.rule()
+    console.print(f"[green]done[/]: {out / 'summary.json'}; run directory {run_dir} (metrics.json, plots, predictions)")
     return summary
 
 

@@ -80,7 +80,7 @@ def cells(
                 bundle, slide=slide, mpp=mpp, tissue=tissue, slide_id=slide_id,
                 alignment=alignment, invert_alignment=invert_alignment, on_bad=on_bad,
             )  # fmt: skip
-            console.print(f"{bundle.name}: " + "; ".join(rep.lines()), highlight=False)
+            console.print(f"{bundle.name}: " + "; ".join(rep.lines()), highlight=False, markup=False)
             frames.append(frame)
             report.merge(rep)
         frame = pl.concat(frames, how="diagonal_relaxed")
@@ -98,7 +98,7 @@ def cells(
             tissue=tissue, on_bad=on_bad,
         )  # fmt: skip
     for line in report.lines():
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     from embedstore.fileio import atomic_path
 
     with atomic_path(out) as tmp:
@@ -330,7 +330,7 @@ def similar(
 
     found = explore.similar(
         db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
-        tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m),
+        tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m, markup=False),
     )  # fmt: skip
     t = Table("rank", "slide", "cell", "x µm", "y µm", "label", "distance", title=f"cells like {cell} ({vector})")
     for r in found.iter_rows(named=True):
@@ -367,7 +367,7 @@ def audit(
 
     queue, summary = explore.audit(
         db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, root=index_dir,
-        progress=_search_progress("auditing"), notify=lambda m: console.print(m), min_share=min_share,
+        progress=_search_progress("auditing"), notify=lambda m: console.print(m, markup=False), min_share=min_share,
     )  # fmt: skip
     stem = out.with_suffix("")
     with atomic_path(out) as tmp:

@@ -19,7 +19,9 @@ app = typer.Typer(
 
 
 def _log(msg: str) -> None:
-    console.print(msg, highlight=False)
+    from rich.markup import escape
+
+    console.print(escape(msg), highlight=False)  # "[local] ..." is text, not markup
 
 
 @app.command()
@@ -38,6 +40,8 @@ def train(
     patience: Annotated[int, typer.Option(help="epochs without improvement before stopping")] = 2,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    scale: Annotated[bool, typer.Option(help="smaller batches, more epochs for small training sets")] = True,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is faster on a busy machine)")] = None,
 ) -> None:
     """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
     from heads.runs import train as run_train
@@ -47,7 +51,11 @@ def train(
         epochs=epochs, global_epochs=global_epochs, gate_epochs=gate_epochs,
         batch_size=batch_size, patience=patience, seed=seed, device=device, film=film,
     )  # fmt: skip
-    run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, log=_log)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale, log=_log)
     console.print(f"[green]trained[/] stage {stage} -> {out}")
 
 

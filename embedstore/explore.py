@@ -137,9 +137,11 @@ def _allowed(meta: pl.DataFrame, tissues: Sequence[str] | None, splits: Sequence
     if tissues:
         mask &= meta["tissue"].is_in(list(tissues)).to_numpy()
     if splits:
-        if "split" not in meta.columns:
+        if "split" not in meta.columns or meta["split"].null_count() == meta.height:
             raise UserError("no splits are stored; attach them with `embed labels` first")
         mask &= meta["split"].is_in(list(splits)).fill_null(False).to_numpy()
+    if not mask.any():
+        raise UserError(f"no stored cells match the filters (tissues {tissues}, splits {splits})")
     return None if mask.all() else mask
 
 

@@ -40,10 +40,13 @@ PREDICTION_COLUMNS = [
     "local_confidence", "global_class", "global_confidence", "gate",
 ]  # fmt: skip
 VECTOR_KINDS = ("local", "context")
-#: Lance file format of vector tables and the encoding hint for vector columns: chosen by
-#: bench/store.py (load speed of fixed-size float16 lists against numpy.load)
-STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "2.1")
+#: Lance file format of vector tables, chosen by bench/store.py: reading 1M x 2560 float16
+#: vectors took 0.7 s in the "legacy" (v0.1) format and 10-15 s in v2.1 on this machine
+#: (pylance 14). NUCLASS_LANCE_FORMAT=2.1 selects the newer format should legacy go away.
+STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "legacy")
 VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "fullzip"}
+#: rows per record batch when loading (measured best for the legacy format: 65536)
+LOAD_BATCH_ROWS = 65536
 
 
 class StoreError(UserError):
@@ -328,7 +331,8 @@ class Store:
         n = ds.count_rows(filter=flt)
         arrays = {v: np.empty((n, ds.schema.field(v).type.list_size), dtype) for v in vectors}
         metas, pos = [], 0
-        for batch in ds.scanner(columns=meta_cols + list(vectors), filter=flt, batch_size=65536).to_batches():
+        scan = ds.scanner(columns=meta_cols + list(vectors), filter=flt, batch_size=LOAD_BATCH_ROWS)
+        for batch in scan.to_batches():
             k = batch.num_rows
             for v in vectors:
                 arrays[v][pos : pos + k] = arrow_to_vectors(batch.column(v), dtype=None)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .standardize import Standardize
+
 ALPHA_START = 0.25
 ALPHA_RAMP_EPOCHS = 2.0
 
@@ -17,7 +19,8 @@ def alpha_at(epoch_progress: float) -> float:
 
 
 class ContextHead(nn.Module):
-    """z_B = MLP([u', α c']), u' = Linear(LN(u)), c' = Linear(LN(c)).
+    """z_B = MLP([u', α c']), u' = Linear(LN(s(u))), c' = Linear(LN(s(c))), s = per-feature
+    standardisation with training statistics (see `standardize`).
 
     Training also uses an internal gate g = sigmoid(MLP([u', c', a])) (a = the frozen local
     head's probability of the true class) to form z_F = z_A + g z_B; only z_B is exported, so
@@ -40,6 +43,8 @@ class ContextHead(nn.Module):
         super().__init__()
         self.local_dim, self.context_dim, self.n_classes = local_dim, context_dim, n_classes
         self.context_dropout = context_dropout
+        self.standardize_u = Standardize(local_dim)  # fitted on the training cells
+        self.standardize_c = Standardize(context_dim)
         self.norm_u = nn.LayerNorm(local_dim)
         self.proj_u = nn.Linear(local_dim, proj)
         self.norm_c = nn.LayerNorm(context_dim)
@@ -71,8 +76,8 @@ class ContextHead(nn.Module):
 
     def projections(self, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u', c' (c' zeroed for the whole batch with probability `context_dropout` in training)."""
-        u_p = self.proj_u(self.norm_u(u))
-        c_p = self.proj_c(self.norm_c(c))
+        u_p = self.proj_u(self.norm_u(self.standardize_u(u)))
+        c_p = self.proj_c(self.norm_c(self.standardize_c(c)))
         if self.training and self.context_dropout > 0:
             if float(torch.rand(())) < self.context_dropout:
                 c_p = torch.zeros_like(c_p)

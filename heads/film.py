@@ -6,9 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .standardize import Standardize
+
 
 class FiLMHead(nn.Module):
-    """z_A = MLP(h'), h' = LN(u) * (1 + γ_t) + β_t with [γ, β] from a tissue embedding.
+    """z_A = MLP(h'), h' = LN(s(u)) * (1 + γ_t) + β_t with [γ, β] from a tissue embedding,
+    s = per-feature standardisation with training statistics (see `standardize`).
 
     `film=False` is the paper's "Concat" ablation: h' = [LN(u), Embedding_32(t)].
     `forward(..., return_features=True)` also returns h' (the gate's local feature).
@@ -28,6 +31,7 @@ class FiLMHead(nn.Module):
     ) -> None:
         super().__init__()
         self.in_dim, self.n_tissues, self.n_classes, self.film = in_dim, n_tissues, n_classes, film
+        self.standardize = Standardize(in_dim)  # fitted on the training cells by the trainer
         self.norm = nn.LayerNorm(in_dim)
         if film:
             tissue_dim = 64 if tissue_dim is None else tissue_dim
@@ -61,7 +65,7 @@ class FiLMHead(nn.Module):
 
     def features(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The modulated feature h' (N, feature_dim)."""
-        h = self.norm(u)
+        h = self.norm(self.standardize(u))
         if not self.film:
             return torch.cat([h, self.tissue_emb(t)], dim=1)
         # γ/β depend on the tissue only: compute them once per tissue, then gather per cell

@@ -324,15 +324,16 @@ def format_results_table(table: pl.DataFrame, digits: int = 3) -> str:
 
 def rich_results_table(table: pl.DataFrame, title: str | None = None, digits: int = 3) -> Table:
     """`results_table` as a rich.table.Table (best macro-F1 in bold) for the CLI."""
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title)
     for i, c in enumerate(table.columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
     best = table["macro_f1"].max() if "macro_f1" in table.columns else None
     for row in table.iter_rows(named=True):
         vals = [
-            "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+            "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v)))
             for v in row.values()
         ]
         t.add_row(*vals, style="bold" if best is not None and row["macro_f1"] == best else None)

@@ -115,9 +115,13 @@ def train(
     table: str = DEFAULT_TABLE,
     holdout: Sequence[str] = (),
     labels: str | Path | None = None,
+    scale: bool = True,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train `stage` on the store's cached vectors; the split is made once and saved."""
+    """Train `stage` on the store's cached vectors; the split is made once and saved.
+
+    With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
+    """
     run_dir = Path(run_dir)
     data = load_cell_data(db, table=table, labels=labels, labelled_only=True)
     log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
@@ -126,9 +130,34 @@ def train(
         split = make_split(data.meta, holdout=holdout)
     else:
         split = load_split(run_dir, data)
+    if scale:
+        cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
     out = train_stage(stage, data, run_dir, cfg, split=split, log=log)
     save_split(run_dir, data, split)
     return out
+
+
+def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log: Log = print) -> TrainConfig:
+    """Settings for a small training set: the defaults are sized for ~200k cells, where 4
+    epochs of 1024-cell batches are ~600 optimiser steps; a few thousand cells would get a
+    handful. Batches shrink to ~1/16 of the set (>= 32 cells) and epochs and patience grow
+    until every stage sees at least `min_steps` steps. Large sets are left unchanged."""
+    from dataclasses import replace
+
+    bs = min(cfg.batch_size, max(32, n_train // 16))
+    steps_per_epoch = max(1, -(-n_train // bs))
+    factor = max(1, -(-min_steps // (steps_per_epoch * cfg.gate_epochs)))
+    factor_local = max(1, -(-min_steps // (steps_per_epoch * cfg.epochs)))
+    if bs == cfg.batch_size and factor == 1 and factor_local == 1:
+        return cfg
+    new = replace(
+        cfg, batch_size=bs, epochs=cfg.epochs * factor_local,
+        global_epochs=cfg.stage2_epochs * factor_local, gate_epochs=cfg.gate_epochs * factor,
+        patience=cfg.patience * factor_local, warmup_steps=min(cfg.warmup_steps, steps_per_epoch),
+    )  # fmt: skip
+    log(f"small training set ({n_train} cells): batch {bs}, epochs {new.epochs}/"
+        f"{new.stage2_epochs}/{new.gate_epochs}, patience {new.patience} (>= {min_steps} steps a stage)")  # fmt: skip
+    return new
 
 
 def _eval_rows(run_dir: Path, data: CellData, split: Split, on: str) -> np.ndarray:

@@ -269,6 +269,7 @@ def train_local(
         data.local_dim, data.n_tissues, data.n_classes, film=cfg.film,
         hidden=cfg.hidden, dropout=cfg.dropout,
     ).to(device)
+    head.standardize.fit(res.local[res.train])
     weights = _class_weights(res, data.n_classes, cfg.cb_beta)
     opt = _adamw(head.parameters(), cfg.lr, cfg)
 
@@ -360,6 +361,8 @@ def train_global(
         data.local_dim, data.context_dim, data.n_classes, proj=cfg.proj, hidden=cfg.hidden,
         dropout=cfg.dropout, context_dropout=cfg.context_dropout,
     ).to(device)
+    head.standardize_u.fit(res.local[res.train])
+    head.standardize_c.fit(res.context[res.train])
     weights = _class_weights(res, data.n_classes, cfg.cb_beta)
     opt = _adamw(head.parameters(), cfg.lr, cfg)
 

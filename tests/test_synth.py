@@ -302,7 +302,7 @@ def test_progress_and_user_errors(tmp_path: Path) -> None:
     fracs = [f for _, f in seen]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and 0 <= fracs[0] < 0.5
     with pytest.raises(UserError, match="already has files"):
-        make_synthetic(tmp_path / "p", n_cells=60, n_slides=2)
+        make_synthetic(tmp_path / "p", seed=1, n_cells=60, n_slides=2)  # other parameters
     make_synthetic(tmp_path / "p", n_cells=60, n_slides=1, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "p" / "slides").iterdir()) == ["synth_s0.svs"]
     with pytest.raises(UserError, match="format"):

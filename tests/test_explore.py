@@ -1,0 +1,123 @@
+"""Store-level search and audit: similar cells, filters, stale indexes, planted label flips."""
+
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from embedstore import explore
+from embedstore.errors import UserError
+from embedstore.store import Store, StoreError, vectors_to_arrow
+
+
+def clustered_store(path, n_per=40, n_classes=6, n_slides=3, flip=0.05, seed=0):
+    """A store whose local vectors cluster by class; returns (db, set of flipped keys)."""
+    rng = np.random.default_rng(seed)
+    n = n_per * n_classes
+    y = np.repeat(np.arange(n_classes), n_per)
+    centres = rng.normal(size=(n_classes, 32)) * 3
+    local = centres[y] + rng.normal(size=(n, 32))
+    context = rng.normal(size=(n, 16))
+    slides = np.array([f"s{i % n_slides}" for i in range(n)])
+    ids = np.array([f"c{i:04d}" for i in range(n)])
+    store = Store(path, create=True)
+    store.cells_table("cells", {"local": 32, "context": 16}, {"test": 1})
+    store.append("cells", pa.table({
+        "slide_id": slides, "cell_id": ids, "x_px": rng.uniform(0, 1000, n), "y_px": rng.uniform(0, 1000, n),
+        "x_um": rng.uniform(0, 250, n), "y_um": rng.uniform(0, 250, n),
+        "tissue": np.where(np.arange(n) % 2, "lung", "breast"), "run_id": ["t"] * n,
+        "local_outside": np.zeros(n, np.float32), "local": vectors_to_arrow(local),
+        "context_outside": np.zeros(n, np.float32), "context": vectors_to_arrow(context),
+    }))  # fmt: skip
+    flipped = rng.random(n) < flip
+    labels = np.where(flipped, (y + 1 + rng.integers(0, n_classes - 1, n)) % n_classes, y)
+    store.set_labels(pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": [f"k{v}" for v in labels]}), source="t")
+    return path, {f"{s}/{c}" for s, c, f in zip(slides, ids, flipped, strict=True) if f}
+
+
+def test_similar_filters_and_errors(tmp_path):
+    db, _ = clustered_store(tmp_path / "db")
+    found = explore.similar(db, "s0:c0000", k=10)
+    assert found["rank"].to_list() == list(range(11)) and found["cell_id"][0] == "c0000"
+    assert found["distance"][0] == 0 and (np.diff(found["distance"].to_numpy()[1:]) >= -1e-6).all()
+    assert "c0000" not in found["cell_id"].to_list()[1:]
+    assert (found["label"][1:] == "k0").mean() >= 0.8  # same cluster
+    other = explore.similar(db, "s0:c0000", k=10, exclude_same_slide=True)
+    assert set(other["slide_id"][1:]) <= {"s1", "s2"}
+    lung = explore.similar(db, "s0:c0000", k=10, tissues=["lung"])
+    assert set(lung["tissue"][1:]) == {"lung"}
+    with pytest.raises(UserError, match="not in the store"):
+        explore.similar(db, "s0:nope", k=5)
+    with pytest.raises(UserError, match="SLIDE:CELL_ID"):
+        explore.similar(db, "c0000", k=5)
+    with pytest.raises(UserError, match="splits"):
+        explore.similar(db, "s0:c0000", k=5, splits=["val"])
+
+
+def test_stale_index_is_rebuilt_or_refused(tmp_path):
+    db, _ = clustered_store(tmp_path / "db")
+    explore.build_index(db, vector="local")
+    explore.open_index(db, vector="local", rebuild=False)  # fresh: fine
+    store = Store(db)
+    one = store.open("cells").to_lance().to_table(limit=1)
+    store.append("cells", one.set_column(1, "cell_id", pa.array(["extra"])))  # a new version
+    with pytest.raises(StoreError, match="stale"):
+        explore.open_index(db, vector="local", rebuild=False)
+    notes = []
+    explore.open_index(db, vector="local", notify=notes.append)
+    assert any("stale" in n for n in notes)
+    explore.open_index(db, vector="local", rebuild=False)  # rebuilt: fresh again
+    with pytest.raises(StoreError, match="no context index"):
+        explore.open_index(db, vector="context", rebuild=False)
+    with pytest.raises(UserError, match="--vector"):
+        explore.build_index(db, vector="nucleus")
+
+
+def test_audit_finds_planted_flips(tmp_path):
+    db, flipped = clustered_store(tmp_path / "db", n_per=80, flip=0.05)
+    queue, summary = explore.audit(db, k=15)
+    keys = (queue["slide_id"] + "/" + queue["cell_id"]).to_list()
+    flagged = {k for k, f in zip(keys, queue["flagged"], strict=True) if f}
+    tp = len(flagged & flipped)
+    assert tp / len(flipped) >= 0.8 and tp / max(len(flagged), 1) >= 0.8, (tp, len(flipped), len(flagged))
+    assert set(keys[: len(flipped)]) & flipped  # most suspicious first
+    assert {"label", "suggested", "agreement", "suspicion", "flagged"} <= set(queue.columns)
+    assert summary["n_flagged"].sum() == len(flagged)
+
+
+def test_audit_cli_writes_queue_geojson_and_batch_effect(tmp_path):
+    db, _ = clustered_store(tmp_path / "db")
+    out = tmp_path / "review" / "queue.parquet"
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "audit", "--db", str(db), "--out", str(out), "-k", "10"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    q = pl.read_parquet(out)
+    assert q["suspicion"].is_sorted(descending=True, nulls_last=True) or q.height
+    assert (tmp_path / "review" / "queue.csv").exists()
+    assert list((tmp_path / "review" / "queue_geojson").glob("*.geojson"))
+    assert (tmp_path / "review" / "queue_batch_effect.png").stat().st_size > 1000
+
+
+def test_batch_effect_rates(tmp_path):
+    db, _ = clustered_store(tmp_path / "db")
+    rates = explore.batch_effect(db, tmp_path / "be.png", k=10)
+    assert set(rates["group"]) == {"s0", "s1", "s2"}
+    assert rates["ratio"].median() == pytest.approx(1.0, abs=0.35)  # slides are mixed at random
+
+
+def test_similar_on_extracted_slides_with_gallery(extracted_store, tmp_path):
+    db, _ = extracted_store
+    keys = Store(db).keys_frame().row(0, named=True)
+    ref = f"{keys['slide_id']}:{keys['cell_id']}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.embed", "similar", "--db", str(db), "--cell", ref, "-k", "5",
+         "--vector", "both", "--out", str(tmp_path / "nn.parquet"), "--gallery", str(tmp_path / "g.png")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    nn = pl.read_parquet(tmp_path / "nn.parquet")
+    assert nn.height == 6 and nn["cell_id"][0] == keys["cell_id"]
+    assert (tmp_path / "g.png").stat().st_size > 10_000
