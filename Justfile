@@ -1,15 +1,13 @@
 # Recipes. Run them through ./justw, which sets up .venv on first use.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-out := "demo_out"
-
 # list the recipes
 default:
     @just --list
 
 # the main job end to end on built-in synthetic data, offline
-demo seed="0" cells="1500":
-    python -m cli.demo --out {{out}} --seed {{seed}} --cells {{cells}}
+demo out="demo_out" cells="3000" seed="0":
+    python -m cli.demo --out {{out}} --cells {{cells}} --seed {{seed}}
 
 # the test suite (no network, no real weights, no GPU needed)
 test *args:
@@ -19,6 +17,22 @@ test *args:
 lint:
     ruff check embedstore heads cli tests bench
 
-# benchmarks (each prints JSON)
+# crops/s: batch reader vs one read_region per cell (JSON)
 bench-crops *args:
     python bench/crops.py {{args}}
+
+# extraction: pipeline vs naive, model share, memory (JSON); --real on a GPU
+bench-extract *args:
+    python bench/extract.py {{args}}
+
+# store: write/load 1M x (1536 + 1024) float16 vs numpy.load (JSON)
+bench-store *args:
+    python bench/store.py {{args}}
+
+# heads: --stage all on 200k cached cells on CPU (JSON)
+bench-heads *args:
+    python bench/heads.py {{args}}
+
+# search: 1M clustered 1536-d vectors, latency/recall/audit (JSON)
+bench-search *args:
+    python bench/search.py {{args}}

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.store import Store, cells_schema, vectors_to_arrow  # noqa: E402
+from embedstore.store import Store, vectors_to_arrow  # noqa: E402
 
 DIMS = {"local": 1536, "context": 1024}
 

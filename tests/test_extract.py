@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.extract import ExtractConfig, ExtractionFailed, extract
+from embedstore.extract import ExtractConfig, extract
 from embedstore.store import Store, StoreError
 
 from .conftest import FAST

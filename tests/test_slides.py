@@ -156,7 +156,7 @@ def test_crop_is_centred_on_a_synthetic_nucleus(tmp_path):
             b = row["nucleus_width_um"] / 2 / 0.25
             c, s_ = np.cos(np.radians(row["nucleus_angle_deg"])), np.sin(np.radians(row["nucleus_angle_deg"]))
 
-            def inside(dx, dy):
+            def inside(dx, dy, a=a, b=b, c=c, s_=s_):
                 u = (xx - 32 - dx) * c + (yy - 32 - dy) * s_
                 v = -(xx - 32 - dx) * s_ + (yy - 32 - dy) * c
                 return (u / a) ** 2 + (v / b) ** 2 <= 1
