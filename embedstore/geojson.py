@@ -44,7 +44,6 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
 _NAMESPACE = uuid.UUID("6f1c2f0e-4c6b-4f0a-9a57-1d1b3c2e9e10")
 
 
-
 def class_colors(classes: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     """Stable RGB colour per class: by position in the (training) class list for the first
     20 classes, then a hue derived from a hash of the name. The same class list always gives
@@ -60,10 +59,8 @@ def class_colors(classes: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "slide"
-
 
 
 def _features(
@@ -112,23 +109,12 @@ def _features(
         }
 
 
-def _write_collection(
-    frame: pl.DataFrame,
-    path: Path,
-    colors: Mapping[str, tuple[int, int, int]],
-    include_probabilities: bool,
-    digits: int,
-    class_col: str,
-    measurement_names: Mapping[str, str],
-    metadata: Sequence[str],
-) -> int:
+def _write_collection(features: Iterator[dict[str, Any]], path: Path) -> int:
+    """Stream features into a FeatureCollection file; returns how many were written."""
     n = 0
     with path.open("w") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
-        feats = _features(
-            frame, colors, include_probabilities, digits, class_col, measurement_names, metadata
-        )
-        for feat in feats:
+        for feat in features:
             f.write((",\n" if n else "") + json.dumps(feat, allow_nan=False))
             n += 1
         f.write("\n]}\n")
@@ -164,9 +150,7 @@ def write_geojson(
         c for c in ("slide_id", "cell_id", "x_px", "y_px", class_col) if c not in frame.columns
     ]
     if missing:
-        raise UserError(
-            f"cell frame lacks columns {missing} needed for GeoJSON export"
-        )
+        raise UserError(f"cell frame lacks columns {missing} needed for GeoJSON export")
     path = Path(path)
     classes = list(classes or [])
     for c in sorted(frame[class_col].unique().drop_nulls().to_list()):
@@ -198,9 +182,10 @@ def write_geojson(
         target = path if is_file else path / f"{names[s]}.geojson"
         target.parent.mkdir(parents=True, exist_ok=True)
         sub = frame.filter(pl.col("slide_id") == s) if len(slides) > 1 else frame
-        n = _write_collection(
-            sub, target, cmap, include_probabilities, digits, class_col, measurements, metadata
+        feats = _features(
+            sub, cmap, include_probabilities, digits, class_col, measurements, metadata
         )
+        n = _write_collection(feats, target)
         if n < sub.height:
             log.warning("%s: %d cells without finite x_px/y_px left out", target, sub.height - n)
         written.append(target)

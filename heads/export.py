@@ -1,16 +1,5 @@
 """Exports of per-cell predictions: a polars frame, Parquet, and QuPath-importable GeoJSON
-(see `embedstore.geojson`).
-
-GeoJSON follows QuPath's own object format (File > Import objects, or drag and drop; QuPath
->= 0.4): a FeatureCollection of Features with a geometry in level-0 pixel coordinates (origin
-at the top-left of the full-resolution image, pixel i covering [i, i+1), the same convention
-as `x_px`/`y_px`), and QuPath metadata in "properties": "objectType" ("detection": the type
-QuPath uses for cells and other numerous small objects; annotations are meant for regions
-and get slow by the tens of thousands), "classification" {"name", "color": [r, g, b]},
-"measurements" {name: number} (finite numbers only), "name" (the cell id) and "metadata"
-{str: str}. The Feature "id" is a UUID derived from (slide_id, cell_id), so re-exports keep
-the same ids.
-"""
+(point detections classified by the predicted class; format in `embedstore.geojson`)."""
 
 from __future__ import annotations
 
@@ -34,6 +23,7 @@ PASSTHROUGH_COLUMNS = ("tissue", "label", "split")
 PROB_PREFIX = "prob_"
 
 log = logging.getLogger(__name__)
+
 
 def _path_columns(
     prefix: str, proba: np.ndarray, classes: list[str], n: int, name: str
