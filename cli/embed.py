@@ -249,24 +249,41 @@ def info(
 
 @app.command()
 def labels(
-    source: Annotated[Path, typer.Argument(help="table with slide_id, cell_id and label/split columns")],
+    source: Annotated[Path, typer.Argument(help="table with cell ids and label and/or split columns (CSV/Parquet)")],
     db: Annotated[Path, typer.Option(help="LanceDB store directory")],
     table: Annotated[str, typer.Option(help="vector table the labels refer to")] = "cells",
     merge: Annotated[bool, typer.Option(help="merge into the stored labels instead of replacing them")] = False,
-    label_col: Annotated[str | None, typer.Option(help="label column name")] = None,
+    slide_id: Annotated[str | None, typer.Option(help="slide of every row, for per-slide files (e.g. 10x clusters.csv)")] = None,
+    cell_id_col: Annotated[str, typer.Option(help="cell id column (10x: Barcode)")] = "cell_id",
+    label_col: Annotated[str, typer.Option(help="label column (10x: Cluster)")] = "label",
+    split_col: Annotated[str, typer.Option(help="split column (train/val/test), if any")] = "split",
 ) -> None:
-    """Attach or replace labels and splits for stored cells (no re-extraction)."""
+    """Attach or replace labels and splits for stored cells (no re-extraction).
+
+    Works for any table and for Xenium-derived per-slide files, e.g. 10x's
+    analysis/clustering/gene_expression_graphclust/clusters.csv with
+    --slide-id S --cell-id-col Barcode --label-col Cluster.
+    """
     from embedstore.cells import read_table
+    from embedstore.errors import CellsError
     from embedstore.store import Store
 
     frame = read_table(source)
-    if label_col:
-        frame = frame.rename({label_col: "label"})
+    rename = {c: new for c, new in ((cell_id_col, "cell_id"), (label_col, "label"), (split_col, "split")) if c in frame.columns and c != new}
+    frame = frame.rename(rename)
+    if slide_id is not None:
+        frame = frame.with_columns(slide_id=pl.lit(slide_id))
+    missing = [c for c in ("slide_id", "cell_id") if c not in frame.columns]
+    if missing:
+        raise CellsError(f"{source}: no {' or '.join(missing)} column (columns: {frame.columns}); "
+                         "name them with --cell-id-col, or give --slide-id for a per-slide file")  # fmt: skip
+    if "label" in frame.columns:
+        frame = frame.with_columns(pl.col("label").cast(pl.Utf8))
     counts = Store(db).set_labels(frame, source=str(source), table=table, replace=not merge)
     console.print(f"attached labels to {counts['matched']} stored cells")
     if counts["unknown"]:
-        console.print(f"[yellow]{counts['unknown']} label rows match no stored cell and were ignored[/], e.g. {counts['unknown_examples']}")
-
+        console.print(f"{counts['unknown']} label rows match no stored cell and were ignored, e.g. "
+                      f"{counts['unknown_examples']}", markup=False)  # fmt: skip
 
 def _search_progress(label: str):
     """A progress bar fed by (done, total) callbacks."""

@@ -22,6 +22,8 @@ import datetime as dt
 import json
 import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,8 @@ STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "legacy")
 VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "fullzip"}
 #: rows per record batch when loading (measured best for the legacy format: 65536)
 LOAD_BATCH_ROWS = 65536
+#: threads copying record batches into the output arrays
+LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class StoreError(UserError):
@@ -92,6 +96,11 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np
     flat = flat[column.offset * dim : (column.offset + len(column)) * dim]
     out = flat.reshape(len(column), dim)
     return out if dtype is None or out.dtype == dtype else out.astype(dtype)
+
+
+def _copy_rows(out: np.ndarray, start: int, column: pa.Array) -> None:
+    values = arrow_to_vectors(column, dtype=None)
+    out[start : start + len(values)] = values
 
 
 def config_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -327,17 +336,23 @@ class Store:
             filters.append(sql_in("tissue", tissues))
         meta_cols = [c for c in META_COLUMNS if c in ds.schema.names]
         flt = " AND ".join(filters) or None
-        # stream record batches straight into preallocated arrays: one copy, bounded memory
+        # stream record batches straight into preallocated arrays: one copy, bounded memory;
+        # the copies (and the page faults of the fresh arrays) run on a few threads
         n = ds.count_rows(filter=flt)
         arrays = {v: np.empty((n, ds.schema.field(v).type.list_size), dtype) for v in vectors}
-        metas, pos = [], 0
+        metas, pos, pending = [], 0, deque()
         scan = ds.scanner(columns=meta_cols + list(vectors), filter=flt, batch_size=LOAD_BATCH_ROWS)
-        for batch in scan.to_batches():
-            k = batch.num_rows
-            for v in vectors:
-                arrays[v][pos : pos + k] = arrow_to_vectors(batch.column(v), dtype=None)
-            metas.append(batch.select(meta_cols))
-            pos += k
+        with ThreadPoolExecutor(LOAD_THREADS) as pool:
+            for batch in scan.to_batches():
+                k = batch.num_rows
+                for v in vectors:
+                    pending.append(pool.submit(_copy_rows, arrays[v], pos, batch.column(v)))
+                metas.append(batch.select(meta_cols))
+                pos += k
+                while len(pending) > 4 * LOAD_THREADS:
+                    pending.popleft().result()
+            for fut in pending:
+                fut.result()
         if pos != n:
             raise StoreError(f"table {name!r} changed while loading ({pos} rows read, {n} expected); retry")
         meta = pl.from_arrow(pa.Table.from_batches(metas, schema=pa.schema([ds.schema.field(c) for c in meta_cols])))

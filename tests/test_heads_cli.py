@@ -101,3 +101,30 @@ def test_bad_inputs_are_refused(trained, tmp_path):
                                  classes=data.classes, tissues=data.tissues)  # fmt: skip
     with pytest.raises(UserError):
         predict_all(wrong, run)
+
+
+def test_cohort_eval_maps_synonyms_and_restricts_classes(trained):
+    db, run = trained
+    store = Store(db)
+    saved = store.labels()
+    raw = saved.with_columns(
+        label=pl.when(pl.col("label") == "T_Cell").then(pl.lit("T lymphocyte"))
+        .when(pl.col("label") == "B_Cell").then(pl.lit("Plasma cell"))
+        .otherwise(pl.col("label"))
+    ).drop("source")  # fmt: skip
+    try:
+        store.set_labels(raw, source="cohort")
+        result = runs.evaluate_run(
+            run, db, cohort="ext", synonyms={"T lymphocyte": "T_Cell", "Plasma cell": None},
+            baselines=(), log=lambda m: None,
+        )  # fmt: skip
+    finally:
+        store.set_labels(saved.drop("source"), source="cells table")
+    metrics = json.loads((run / "cohort-ext" / "metrics.json").read_text())
+    present = metrics["info"]["classes_present"]
+    assert "T_Cell" in present and "B_Cell" not in present
+    n_b = saved.filter(pl.col("label") == "B_Cell").height
+    assert metrics["info"]["cells"] == saved.height - n_b
+    gate = metrics["paths"]["gate"]
+    assert set(gate["per_class_f1"]) >= set(present)
+    assert result["out_dir"] == run / "cohort-ext"
