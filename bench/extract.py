@@ -118,7 +118,8 @@ def naive_extract(slides_dir: Path, cells: pl.DataFrame, db: Path, steps: list[V
 
 def cpu_mode(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2, density_per_mm2=args.density)
+    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2,
+                         density_per_mm2=args.density, level_step=args.level_step)  # fmt: skip
     cells = pl.read_parquet(res.cells_path)
     cfg = ExtractConfig(
         local_backbone="test-vit-local", context_backbone="test-vit-context",
@@ -151,6 +152,7 @@ def cpu_mode(args) -> dict:
         "mode": "cpu, test backbones",
         "cells": summary["written"],
         "density_cells_per_mm2": args.density,
+        "pyramid_level_step": args.level_step,
         "context_input_px": steps[1].backbone.input_px,
         "batch_size": args.batch_size,
         "reader_threads": args.workers,
@@ -208,7 +210,8 @@ def real_mode(args) -> dict:
         pure_rate = n_iter * bs / (time.perf_counter() - t)
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_real_"))
-    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2, density_per_mm2=args.density)
+    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2,
+                         density_per_mm2=args.density, level_step=args.level_step)  # fmt: skip
     cfg = ExtractConfig(local_backbone="uni2-h", context_backbone="dinov3-vitl16", batch_size=bs,
                         workers=args.workers, device="cuda", commit_every=4096)  # fmt: skip
     cells = pl.read_parquet(res.cells_path)
@@ -244,6 +247,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--context-px", type=int, default=512)
+    ap.add_argument("--level-step", type=int, default=4,
+                    help="pyramid downsample per level of the synthetic slides (4: Aperio SVS, 2: NDPI/MRXS)")
     args = ap.parse_args()
     if args.batch_size is None:
         args.batch_size = 128 if args.real else 32

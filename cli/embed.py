@@ -26,6 +26,7 @@ def synth(
     slides: Annotated[int, typer.Option(help="number of slides")] = 3,
     density: Annotated[float, typer.Option(help="cells per mm² of tissue")] = 1500.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing synthetic dataset in OUT")] = False,
+    level_step: Annotated[int, typer.Option(help="pyramid downsample per level: 2, or 4 as in Aperio SVS")] = 2,
 ) -> None:
     """Write synthetic H&E slides, Xenium bundles and ground truth from a seed."""
     from embedstore.synth import make_synthetic
@@ -33,7 +34,8 @@ def synth(
     with console.status("rendering synthetic slides...") as status:
         result = make_synthetic(
             out, seed=seed, n_cells=cells, n_slides=slides, density_per_mm2=density,
-            overwrite=overwrite, progress=lambda msg, frac: status.update(f"{msg} ({frac:.0%})"),
+            overwrite=overwrite, level_step=level_step,
+            progress=lambda msg, frac: status.update(f"{msg} ({frac:.0%})"),
         )  # fmt: skip
     console.print(f"wrote {result.n_cells} cells on {len(result.slides)} slides to {out}")
 

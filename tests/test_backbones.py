@@ -367,12 +367,14 @@ def test_output_shape_dtype_and_resize(name: str) -> None:
     out = model(x)
     assert out.shape == (3, spec.dim) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    # the wrapper resizes with bilinear antialiasing and normalises with the spec's mean/std
+    # the wrapper resizes with bilinear antialiasing and normalises with the spec's mean/std;
+    # on the CPU the resize runs on uint8 (torch's fast path), so allow one grey level
     want = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(spec.input_px, spec.input_px),
                          mode="bilinear", align_corners=False, antialias=True)
     want = (want / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(
         spec.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(model.preprocess(x), want, rtol=1e-5, atol=1e-5)
+    one_level = 1.0 / 255 / min(spec.std) + 1e-5
+    torch.testing.assert_close(model.preprocess(x), want, rtol=0, atol=one_level)
     with pytest.raises(ValueError, match="uint8"):
         model(x.float())
 

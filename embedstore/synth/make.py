@@ -92,10 +92,11 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
                    density_per_mm2: float = 1500.0, mpp: float = 0.25,
                    formats: Sequence[str] | None = None,
                    progress: Callable[[str, float], None] | None = None,
-                   overwrite: bool = False) -> SynthResult:
+                   overwrite: bool = False, level_step: int = 2) -> SynthResult:
     """Generate synthetic H&E slides with Xenium-like bundles, deterministically from `seed`.
 
-    Slide i has organ TISSUES[i % 3] and container formats[i % len(formats)]. Cells are split
+    Slide i has organ TISSUES[i % 3] and container formats[i % len(formats)]; pyramid levels
+    are `level_step` (2 or 4, as in most Aperio SVS files) times smaller each. Cells are split
     evenly over slides; each slide is sized for `density_per_mm2` cells over its tissue.
     Layout of OUT: slides/, xenium/<slide_id>/, cells.parquet, truth.parquet (see
     docs/synthetic-data.md).
@@ -103,7 +104,8 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
     out = Path(out_dir)
     formats = tuple(formats) if formats is not None else DEFAULT_FORMATS
     params = {"seed": seed, "n_cells": n_cells, "n_slides": n_slides,
-              "density_per_mm2": density_per_mm2, "mpp": mpp, "formats": list(formats)}
+              "density_per_mm2": density_per_mm2, "mpp": mpp, "formats": list(formats),
+              "level_step": level_step}
     manifest = out / MANIFEST
     # rerunning the same command (e.g. after a kill) replaces that command's own output
     same = manifest.exists() and json.loads(manifest.read_text()).get("params") == params
@@ -131,7 +133,7 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
         lay = build_layout(rng, slide_id, tissue, n, density_per_mm2, mpp)
         path = out / "slides" / f"{slide_id}{EXTENSIONS[fmt]}"
         shapes = write_pyramid(
-            path, SlideRenderer(lay), mpp, fmt, name=path.name,
+            path, SlideRenderer(lay), mpp, fmt, name=path.name, level_step=level_step,
             progress=lambda fr, b=base, s=slide_id: report(f"{s}: pixels",
                                                            b + 0.9 * fr / n_slides))
         c = lay.cells

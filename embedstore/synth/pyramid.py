@@ -50,13 +50,21 @@ class ArraySource:
         return self.image[y0:y1, x0:x1]
 
 
-def level_shapes(height: int, width: int) -> list[tuple[int, int]]:
-    """(h, w) of each level: halved (rounded up) while the next level keeps a side >= 512."""
+def level_shapes(height: int, width: int, step: int = 2) -> list[tuple[int, int]]:
+    """(h, w) of each level: divided by `step` (rounded up) while the next level keeps a
+    side >= 512. step 2 is the usual generic-TIFF/NDPI pyramid, 4 the usual Aperio SVS one."""
     shapes = [(height, width)]
-    while max(shapes[-1]) // 2 >= MIN_LEVEL_PX:
+    while max(shapes[-1]) // step >= MIN_LEVEL_PX:
         h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
+        shapes.append((-(-h // step), -(-w // step)))
     return shapes
+
+
+def _reduce(img: np.ndarray, step: int) -> np.ndarray:
+    """Downsample by a power of two with repeated 2x2 means."""
+    while step > 1:
+        img, step = _halve(img), step // 2
+    return img
 
 
 def _halve(img: np.ndarray) -> np.ndarray:
@@ -96,9 +104,11 @@ def _aperio_description(shapes: list[tuple[int, int]], level: int, mpp: float | 
 
 def write_pyramid(path: str | os.PathLike, level0: np.ndarray | TileSource, mpp: float | None,
                   fmt: str, *, quality: int = 90, compression: str = "jpeg",
-                  name: str | None = None, workers: int = 2,
+                  name: str | None = None, workers: int = 2, level_step: int = 2,
                   progress: Callable[[float], None] | None = None) -> list[tuple[int, int]]:
     """Write `level0` as a tiled 256x256 pyramid TIFF; returns the (h, w) of every level.
+
+    Each level is `level_step` (2, 4 or 8) times smaller than the one before.
 
     fmt: "svs" (Aperio: levels as pages, MPP in the description; opens as "aperio" in
     OpenSlide), "tiff" (generic tiled TIFF, µm/px as resolution tags in px/cm, reduced levels
@@ -116,7 +126,9 @@ def write_pyramid(path: str | os.PathLike, level0: np.ndarray | TileSource, mpp:
     src = ArraySource(level0) if isinstance(level0, np.ndarray) else level0
     path = Path(path)
     name = name or path.name
-    shapes = level_shapes(src.height, src.width)
+    if level_step not in (2, 4, 8):
+        raise UserError(f"level_step must be 2, 4 or 8, got {level_step}")
+    shapes = level_shapes(src.height, src.width, level_step)
     opts: dict = dict(tile=(TILE, TILE), photometric="rgb", compression=compression,
                       maxworkers=max(1, workers), buffersize=32 << 20)
     if compression == "jpeg":
@@ -132,11 +144,11 @@ def write_pyramid(path: str | os.PathLike, level0: np.ndarray | TileSource, mpp:
         elif fmt == "tiff":
             kw["metadata"] = None
             if mpp is not None:
-                res = 1e4 / (mpp * 2**level)
+                res = 1e4 / (mpp * level_step**level)
                 kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
         else:  # ome: physical size goes into the OME-XML of the first write only
             if mpp is not None:
-                res = 1e4 / (mpp * 2**level)
+                res = 1e4 / (mpp * level_step**level)
                 kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
             if level:
                 kw["metadata"] = None
@@ -170,7 +182,7 @@ def write_pyramid(path: str | os.PathLike, level0: np.ndarray | TileSource, mpp:
             y = k * TILE
             y1 = y + strip.shape[0]
             if level1 is not None:
-                level1[y // 2:(y1 + 1) // 2] = _halve(strip)
+                level1[y // level_step:-(-y1 // level_step)] = _reduce(strip, level_step)
             yield from _tiles(strip)
             if progress is not None:
                 progress((k + 1) / n_strips)
@@ -191,5 +203,5 @@ def write_pyramid(path: str | os.PathLike, level0: np.ndarray | TileSource, mpp:
             assert img is not None
             tw.write(_tiles(img), shape=img.shape, dtype=np.uint8, **level_opts(level))
             if level + 1 < len(shapes):
-                img = _halve(img)
+                img = _reduce(img, level_step)
     return shapes
