@@ -229,10 +229,10 @@ def info(
     console.print(f"[bold]{info['uri']}[/]  {size / 1e6:.1f} MB on disk" if size else info["uri"])
     for name, t in info["tables"].items():
         vecs = ", ".join(f"{k} {v}-d" for k, v in t["vectors"].items())
-        per_cell = f", {size / t['cells'] / 1e3:.2f} KB/cell" if size and t["cells"] else ""
+        per_cell = f", store {size / t['cells'] / 1e3:.2f} KB/cell" if size and t['cells'] else ""
         console.print(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
         for kind, v in t["config"].get("vectors", {}).items():
-            console.print(f"  {kind}: {v.get('name')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
+            console.print(f"  {kind}: {v.get('backbone')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
         slides_t = Table("slide", "cells")
         for sid, n in t["slides"].items():
             slides_t.add_row(sid, str(n))

@@ -17,6 +17,7 @@ import polars as pl
 
 from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from .errors import UserError
+from .fileio import atomic_path
 from .search import CellIndex, is_stale
 from .store import DEFAULT_TABLE, Store, StoreError
 
@@ -70,7 +71,8 @@ def build_index(
     index = CellIndex.build(vectors, kind=kind, progress=progress)
     out = index_dir(db, table, vector, root)
     out.mkdir(parents=True, exist_ok=True)
-    meta.select("slide_id", "cell_id").write_parquet(out / ROWS_FILE)
+    with atomic_path(out / ROWS_FILE) as tmp:
+        meta.select("slide_id", "cell_id").write_parquet(tmp)
     index.save(out, meta={"table": table, "vector": vector, "table_version": version, "n": meta.height})
     return index, meta, vectors
 
