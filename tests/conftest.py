@@ -49,3 +49,14 @@ def extracted_store(synth_small, tmp_path_factory):
     cfg = ExtractConfig(**FAST, commit_every=100)
     summary = extract(synth_small.out_dir / "slides", synth_small.cells_path, db, cfg)
     return db, summary
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP contention with other test processes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

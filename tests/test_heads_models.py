@@ -27,13 +27,7 @@ from heads.losses import (
 LN2, LN3 = math.log(2), math.log(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one thread avoids OpenMP contention with other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _layer_norm(u: torch.Tensor) -> torch.Tensor:

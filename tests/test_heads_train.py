@@ -32,13 +32,7 @@ CFG = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one thread avoids OpenMP contention with other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n=3000, du=32, dc=24, seed=0, label_null_frac=0.02):
