@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,28 @@ from embedstore.errors import UserError
 console = Console(stderr=True)
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error class, and the copy of click that typer >= 0.29 vendors."""
+    import click
+
+    found = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:
+        pass
+    else:
+        found.append(TyperClickException)
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_errors()
+#: OSErrors caused by the user's paths or machine (not bugs): reported in one line
+_USER_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+    errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG,
+}  # fmt: skip
+
+
 def run(app: typer.Typer) -> Callable[[], None]:
     """Entry point wrapper: a UserError prints its message and exits non-zero, no traceback."""
 
@@ -39,13 +62,15 @@ def run(app: typer.Typer) -> Callable[[], None]:
         except typer.Abort:
             console.print("aborted")
             sys.exit(130)
-        except Exception as exc:  # click usage errors carry their own exit code
-            import click
-
-            if isinstance(exc, click.ClickException):
-                exc.show()
-                sys.exit(exc.exit_code)
-            raise
+        except OSError as exc:  # a place that cannot be read or written: say which, no traceback
+            if exc.errno not in _USER_ERRNOS:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            console.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc))}{escape(where)}", highlight=False, soft_wrap=True)
+            sys.exit(UserError.exit_code)
+        except _CLICK_ERRORS as exc:  # usage errors (missing option, bad value): exit 2
+            exc.show()
+            sys.exit(exc.exit_code)
 
     return main
 

@@ -231,6 +231,9 @@ def info(
         vecs = ", ".join(f"{k} {v}-d" for k, v in t["vectors"].items())
         per_cell = f", store {size / t['cells'] / 1e3:.2f} KB/cell" if size and t['cells'] else ""
         console.print(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
+        if t["duplicate_rows"]:
+            console.print(f"[yellow]warning:[/] {t['duplicate_rows']} rows repeat a stored cell (from unlocked "
+                          f"concurrent writers); `embed extract` with the same --db removes them")  # fmt: skip
         for kind, v in t["config"].get("vectors", {}).items():
             console.print(f"  {kind}: {v.get('backbone')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
         slides_t = Table("slide", "cells")
@@ -251,10 +254,11 @@ def info(
 
 @app.command()
 def labels(
-    source: Annotated[Path, typer.Argument(help="table with cell ids and label and/or split columns (CSV/Parquet)")],
-    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    source: Annotated[Path | None, typer.Argument(help="table with cell ids and label and/or split columns (CSV/Parquet)")] = None,
+    db: Annotated[Path | None, typer.Option(help="LanceDB store directory")] = None,
     table: Annotated[str, typer.Option(help="vector table the labels refer to")] = "cells",
     merge: Annotated[bool, typer.Option(help="merge into the stored labels instead of replacing them")] = False,
+    restore: Annotated[int | None, typer.Option(help="make this earlier version of the labels current (no SOURCE)")] = None,
     slide_id: Annotated[str | None, typer.Option(help="slide of every row, for per-slide files (e.g. 10x clusters.csv)")] = None,
     cell_id_col: Annotated[str, typer.Option(help="cell id column (10x: Barcode)")] = "cell_id",
     label_col: Annotated[str, typer.Option(help="label column (10x: Cluster)")] = "label",
@@ -267,9 +271,17 @@ def labels(
     --slide-id S --cell-id-col Barcode --label-col Cluster.
     """
     from embedstore.cells import read_table
-    from embedstore.errors import CellsError
+    from embedstore.errors import CellsError, UserError
     from embedstore.store import Store
 
+    if db is None:
+        raise UserError("give the store with --db DB")
+    if (source is None) == (restore is None):
+        raise UserError("give either a label table (SOURCE) or --restore VERSION")
+    if restore is not None:
+        n = Store(db).restore_labels(restore)
+        console.print(f"labels restored to version {restore}: {n} label rows are current")
+        return
     frame = read_table(source)
     rename = {c: new for c, new in ((cell_id_col, "cell_id"), (label_col, "label"), (split_col, "split")) if c in frame.columns and c != new}
     frame = frame.rename(rename)
@@ -282,10 +294,13 @@ def labels(
     if "label" in frame.columns:
         frame = frame.with_columns(pl.col("label").cast(pl.Utf8))
     counts = Store(db).set_labels(frame, source=str(source), table=table, replace=not merge)
-    console.print(f"attached labels to {counts['matched']} stored cells")
+    console.print(f"{'merged' if merge else 'set'} labels of {counts['matched']} stored cells")
     if counts["unknown"]:
         console.print(f"{counts['unknown']} label rows match no stored cell and were ignored, e.g. "
                       f"{counts['unknown_examples']}", markup=False)  # fmt: skip
+    if counts["unlabelled"]:
+        console.print(f"[yellow]warning:[/] {counts['unlabelled']} cells that had a label before have none now; "
+                      f"`embed labels --db {db} --restore {counts['previous_version']}` brings the previous labels back")  # fmt: skip
 
 def _search_progress(label: str):
     """A progress bar fed by (done, total) callbacks."""

@@ -88,7 +88,8 @@ def eval_(
 
         comp = Table("class", "support", "only local right", "only global right", title="complementarity")
         for r in result["complementarity"].iter_rows(named=True):
-            comp.add_row(r["class"], str(r["support"]), f"{r['only_local']:.3f}", f"{r['only_global']:.3f}")
+            share = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("only_local", "only_global")]
+            comp.add_row(r["class"], str(r["support"]), *share)  # "-": no cells of this class here
         console.print(comp)
     console.print(f"metrics.json, confusion matrices, reliability.png in {result['out_dir']}")
 

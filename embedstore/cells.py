@@ -80,21 +80,70 @@ class CellReport:
         return out + self.notes
 
 
+#: delimiters a CSV-like file may use (European spreadsheets write ";")
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(path: Path) -> str:
+    """The delimiter of a CSV-like file: the candidate that splits its header line most."""
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    except (OSError, EOFError) as exc:
+        raise CellsError(f"{path}: cannot read the table ({exc})") from exc
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
 def read_table(path: str | Path) -> pl.DataFrame:
-    """A CSV/TSV (optionally gzipped) or Parquet file as a DataFrame."""
+    """A CSV/TSV (optionally gzipped; delimiter , ; tab or | from the header) or Parquet file."""
     path = Path(path)
     if not path.exists():
-        raise CellsError(f"{path}: no such cell table")
+        raise CellsError(f"{path}: no such table")
+    if path.is_dir():
+        raise CellsError(f"{path}: a directory, not a table (.csv, .tsv or .parquet)")
     name = path.name.lower()
     try:
         if name.endswith(".parquet") or name.endswith(".pq"):
             return pl.read_parquet(path)
         if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
-            sep = "\t" if ".tsv" in name else ","
+            sep = sniff_delimiter(path)
             return pl.read_csv(path, separator=sep, infer_schema_length=10000)
+    except CellsError:
+        raise
     except Exception as exc:  # noqa: BLE001 - polars raises many kinds
-        raise CellsError(f"{path}: cannot read the cell table ({exc})") from exc
+        raise CellsError(f"{path}: cannot read the table ({exc})") from exc
     raise CellsError(f"{path}: unknown table format; use .csv, .tsv (optionally .gz) or .parquet")
+
+
+def clean_text_columns(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
+    """Strip the given text columns; empty or blank values become null (never a class)."""
+    present = [c for c in columns if c in frame.columns]
+    return frame.with_columns(
+        pl.col(c).cast(pl.Utf8).str.strip_chars().replace("", None) for c in present
+    )
+
+
+def numeric_column(frame: pl.DataFrame, column: str, what: str) -> pl.Expr:
+    """`column` as Float64, or a CellsError naming the values that are not numbers."""
+    dtype = frame.schema[column]
+    if dtype.is_numeric():
+        return pl.col(column).cast(pl.Float64)
+    if dtype != pl.Utf8 and dtype != pl.Null:
+        raise CellsError(f"column {column!r} ({what}) holds {dtype}, not numbers")
+    cast = frame[column].str.strip_chars().cast(pl.Float64, strict=False)
+    bad = frame[column].filter(cast.is_null() & frame[column].is_not_null())
+    if bad.len():
+        decimal = "; the file may use decimal commas: convert them to points" if bad.str.contains(r"^\s*-?\d+,\d+\s*$").any() else ""
+        raise CellsError(
+            f"column {column!r} ({what}) has {bad.len()} values that are not numbers, e.g. "
+            f"{bad.head(3).to_list()}{decimal}"
+        )
+    return pl.col(column).str.strip_chars().cast(pl.Float64, strict=False)
 
 
 def _pick(df: pl.DataFrame, key: str, given: str | None, required: bool) -> str | None:
@@ -137,6 +186,13 @@ def table_to_cells(
     Returns the frame and the coordinate unit ("px" or "um"), from `unit`, or else from the
     coordinate column's name (`x_um`, `Centroid X µm` -> um; `x_px` -> px).
     """
+    if len(df.columns) == 1:
+        raise CellsError(
+            f"the table has a single column, {df.columns[0][:60]!r}: its delimiter was not "
+            "recognised; save it with , ; tab or | between the columns"
+        )
+    if df.height == 0:
+        raise CellsError("the table has no rows: no cells to ingest")
     columns = dict(columns or {})
     picked = {
         key: _pick(df, key, columns.get(key), required=key in ("cell_id", "x", "y"))
@@ -149,14 +205,17 @@ def table_to_cells(
             f"cannot tell the unit of coordinate column {picked['x']!r}: pass --unit px or --unit um"
         )
     out = {"cell_id": pl.col(picked["cell_id"]).cast(pl.Utf8)}
-    out["x"] = pl.col(picked["x"]).cast(pl.Float64)
-    out["y"] = pl.col(picked["y"]).cast(pl.Float64)
+    out["x"] = numeric_column(df, picked["x"], "x")
+    out["y"] = numeric_column(df, picked["y"], "y")
     for key in ("slide_id", "tissue", "label", "split"):
         if picked[key] is not None:
             out[key] = pl.col(picked[key]).cast(pl.Utf8)
     if picked["label_confidence"] is not None:
-        out["label_confidence"] = pl.col(picked["label_confidence"]).cast(pl.Float64)
-    frame = df.select(**out)
+        out["label_confidence"] = numeric_column(df, picked["label_confidence"], "label confidence")
+    frame = clean_text_columns(df.select(**out), ["label", "split", "tissue"])
+    nulls = frame.filter(pl.col("cell_id").is_null())
+    if nulls.height:
+        raise CellsError(f"{nulls.height} rows have no cell id (column {picked['cell_id']!r}); give every cell an id")
     if slide_id is not None:
         frame = frame.with_columns(slide_id=pl.lit(slide_id))
     elif "slide_id" not in frame.columns:
@@ -223,6 +282,8 @@ def normalise(
             )
     if on_bad == "error" and report.dropped:
         raise CellsError("bad cells (rerun without --strict to drop them):\n  " + "\n  ".join(report.lines()[1:]))
+    if frame.height == 0:
+        raise CellsError("no cells left to store: " + "; ".join(report.lines()))
 
     order = REQUIRED + [c for c in OPTIONAL if c in frame.columns]
     frame = frame.select(order).with_columns(pl.col("tissue").fill_null("unknown"))
@@ -237,7 +298,24 @@ def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
         raise CellsError(
             f"cell table lacks columns {missing}; make it with `embed cells SOURCE --out cells.parquet`"
         )
-    bad = frame.filter(~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite()))
+    if frame.height == 0:
+        raise CellsError("the cell table has no rows: no cells to extract")
+    not_num = [c for c in ("x_px", "y_px", "x_um", "y_um") if not frame.schema[c].is_numeric()]
+    if not_num:
+        raise CellsError(
+            f"cell table columns {not_num} are {[str(frame.schema[c]) for c in not_num]}, not numbers; "
+            "make the table with `embed cells SOURCE --out cells.parquet`"
+        )
+    for col in ("slide_id", "cell_id"):
+        if frame[col].null_count():
+            raise CellsError(f"{frame[col].null_count()} cells have no {col}; give every cell one")
+    frame = frame.with_columns(pl.col("slide_id", "cell_id", "tissue").cast(pl.Utf8))
+    frame = clean_text_columns(frame, ["label", "split"]).with_columns(pl.col("tissue").fill_null("unknown"))
+    if "split" in frame.columns:
+        wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
+        if wrong:
+            raise CellsError(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
+    bad = frame.filter(~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite()).fill_null(True))
     if bad.height:
         raise CellsError(f"{bad.height} cells have NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}")
     dup = frame.select(pl.struct("slide_id", "cell_id").is_duplicated()).to_series()

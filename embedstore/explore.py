@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from . import faults
 from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from .errors import UserError
 from .fileio import atomic_path
-from .search import CellIndex, is_stale
+from .search import CellIndex, check_k, is_stale
 from .store import DEFAULT_TABLE, Store, StoreError
 
 VECTORS = ("local", "context", "both")
@@ -26,7 +27,14 @@ ROWS_FILE = "rows.parquet"
 Progress = Callable[[int, int], None]
 
 
+def check_vector(vector: str) -> str:
+    if vector not in VECTORS:
+        raise UserError(f"--vector must be one of {', '.join(VECTORS)}, not {vector!r}")
+    return vector
+
+
 def index_dir(db: str | Path, table: str, vector: str, root: str | Path | None = None) -> Path:
+    check_vector(vector)
     if root is None:
         if "://" in str(db):
             raise UserError("the store is remote: give a local --index-dir for the FAISS index")
@@ -42,8 +50,7 @@ def load_vectors(
     `both` concatenates the L2-normalised local and context vectors, so that each counts
     equally in cosine distance.
     """
-    if vector not in VECTORS:
-        raise UserError(f"--vector must be one of {', '.join(VECTORS)}, not {vector!r}")
+    check_vector(vector)
     kinds = ("local", "context") if vector == "both" else (vector,)
     loaded = store.load(table, vectors=kinds if with_vectors else ())
     if not with_vectors:
@@ -71,6 +78,7 @@ def build_index(
     index = CellIndex.build(vectors, kind=kind, progress=progress)
     out = index_dir(db, table, vector, root)
     out.mkdir(parents=True, exist_ok=True)
+    faults.point("index.during")
     with atomic_path(out / ROWS_FILE) as tmp:
         meta.select("slide_id", "cell_id").write_parquet(tmp)
     index.save(out, meta={"table": table, "vector": vector, "table_version": version, "n": meta.height})
@@ -90,8 +98,8 @@ def open_index(
 ) -> tuple[CellIndex, pl.DataFrame, np.ndarray | None]:
     """The index (built or rebuilt when missing or stale) with the cells' current metadata
     (labels included) and, if asked, their vectors, in index row order."""
-    store = Store(db)
     where = index_dir(db, table, vector, root)
+    store = Store(db)
     current = store.open(table).version
     if (where / ROWS_FILE).exists() and (where / "index.json").exists():
         index, imeta = CellIndex.load(where)
@@ -161,10 +169,11 @@ def similar(
     notify: Callable[[str], None] = lambda msg: None,
 ) -> pl.DataFrame:
     """The k cells most like `cell` ("SLIDE:CELL_ID"), nearest first, with the query as rank 0."""
+    query, k = parse_cell(cell), check_k(k)  # bad arguments fail before any index is built
     index, meta, _ = open_index(
         db, table=table, vector=vector, root=root, with_vectors=False, notify=notify
     )
-    row = _row_of(meta, *parse_cell(cell))
+    row = _row_of(meta, *query)
     groups = meta["slide_id"].to_numpy() if exclude_same_slide else None
     scores, rows = index.search_rows(
         np.array([row]), k, allowed=_allowed(meta, tissues, splits), groups=groups,
@@ -194,6 +203,9 @@ def audit(
     **kwargs,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(review queue of labelled cells sorted by suspicion, per-class flagged shares)."""
+    check_k(k)
+    if not 0 < kwargs.get("min_share", 0.75) <= 1:
+        raise UserError(f"--min-share {kwargs['min_share']} must lie in (0, 1]")
     index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
@@ -219,6 +231,7 @@ def batch_effect(
     notify: Callable[[str], None] = lambda msg: None,
 ) -> pl.DataFrame:
     """How often a cell's nearest neighbours come from its own slide, against chance (+ PNG)."""
+    check_k(k)
     index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
     rates = same_slide_rate(index, vectors, meta["slide_id"].to_numpy(), k=k)
     plot_same_slide_rate(rates, out_png, title=f"Same-slide neighbours ({vector} vectors, k={k})")

@@ -28,9 +28,10 @@ import polars as pl
 import pyarrow as pa
 
 from . import __version__
-from .cells import validate_cells
+from .cells import read_table, validate_cells
 from .errors import SlideError, UserError
 from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
+from .locking import LifeLock
 from .slides import PAD_VALUE, Slide, find_slides, group_by_region
 from .store import DEFAULT_TABLE, Store, vectors_to_arrow
 
@@ -57,6 +58,35 @@ class ExtractConfig:
     mpp: float | None = None
     region_um: float = 512.0
     commit_every: int = 4096
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
+
+    def validate(self) -> ExtractConfig:
+        """Refuse settings that cannot work, before anything is opened or stored."""
+        for name in ("batch_size", "workers", "commit_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
+        for name in ("region_um", "mpp"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, not {value!r}")
+        if self.context_input_px is not None and not 16 <= self.context_input_px <= 4096:
+            raise UserError(f"--context-px must be between 16 and 4096, not {self.context_input_px}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"--table {self.table!r}: use letters, digits, '_' and '-' only")
+        return self
+
+
+#: numeric precision of the backbone forward (part of the vectors' identity)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 @dataclass
@@ -66,6 +96,7 @@ class VectorStep:
     name: str
     crop: CropSpec  # field size in µm and the pixel size delivered to the backbone
     backbone: object  # embedstore.backbones.Backbone
+    precision: str = "fp32"  # fp32, or bf16 (autocast)
 
     def provenance(self) -> dict:
         """Everything known about how these vectors are made (stored with each run)."""
@@ -83,6 +114,7 @@ class VectorStep:
             "field_um": self.crop.size_um,
             "field_px": self.crop.out_px,
             "field_mpp": self.crop.target_mpp,
+            "compute": {"device_type": self.backbone.device.type, "precision": self.precision},
         }
 
     def embed(self, crops: np.ndarray, device) -> np.ndarray:
@@ -91,12 +123,8 @@ class VectorStep:
         images = torch.from_numpy(crops)  # pinned on CUDA (see _BufferRing): async copy
         if device.type == "cuda":
             images = images.to(device, non_blocking=True)
-        with torch.inference_mode():
-            if device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self.backbone(images)
-            else:
-                out = self.backbone(images)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.backbone(images)
         return out.float().cpu().numpy()
 
 
@@ -132,9 +160,10 @@ def build_steps(cfg: ExtractConfig, device) -> list[VectorStep]:
         cfg.context_backbone, weights=cfg.context_weights, pooling=cfg.context_pooling,
         input_px=cfg.context_input_px, device=device,
     )  # fmt: skip
+    precision = resolve_precision(cfg.precision, device)
     return [
-        VectorStep("local", LOCAL_CROP.resized(local.input_px), local),
-        VectorStep("context", CONTEXT_CROP.resized(context.input_px), context),
+        VectorStep("local", LOCAL_CROP.resized(local.input_px), local, precision),
+        VectorStep("context", CONTEXT_CROP.resized(context.input_px), context, precision),
     ]
 
 
@@ -298,8 +327,9 @@ def extract(
     """Run the extraction pass; returns a summary dict. Raises ExtractionFailed at the end
     (after storing every slide that worked) when any slide failed."""
     emit = on_event or (lambda kind, data: None)
+    cfg.validate()
     if not isinstance(cells, pl.DataFrame):
-        cells = pl.read_parquet(cells)
+        cells = read_table(cells)
     cells = validate_cells(cells)
     paths = slide_paths_by_id(slides)
     device = resolve_device(cfg.device)
@@ -308,6 +338,8 @@ def extract(
 
     store = Store(db, create=True)
     store.cells_table(cfg.table, {s.name: s.config()["dim"] for s in steps}, config)
+    for dead in store.reap_runs():
+        emit("warning", {"slide_id": "store", "message": f"run {dead} ended without finishing (killed or crashed); marked interrupted"})
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     run = {
         "run_id": run_id, "table": cfg.table, "status": "running",
@@ -316,8 +348,28 @@ def extract(
         "settings": asdict(cfg), "config": config, "slides": {}, "counts": {},
         "backbones": {s.name: s.provenance() for s in steps},
     }  # fmt: skip
-    store.record_run(run)
+    lock_path = store.run_lock_path(run_id)
+    life = LifeLock(lock_path) if lock_path else None  # held while this run lives
+    try:
+        store.record_run(run)
+        return _run_slides(cells, paths, steps, store, cfg, run, device, emit)
+    except BaseException as exc:
+        if run["status"] == "running":  # crashed or interrupted (Ctrl-C) mid-run
+            run["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            run["reason"] = f"{type(exc).__name__}: {exc}"[:500]
+            run["finished"] = dt.datetime.now(dt.UTC).isoformat()
+            store.record_run(run)
+        raise
+    finally:
+        if life:
+            life.release()
 
+
+def _run_slides(
+    cells: pl.DataFrame, paths: dict[str, Path], steps: list[VectorStep], store: Store,
+    cfg: ExtractConfig, run: dict, device, emit,
+) -> dict:
+    run_id = run["run_id"]
     slide_ids = cells["slide_id"].unique(maintain_order=True).to_list()
     emit("start", {"slides": len(slide_ids), "cells": cells.height, "run_id": run_id})
     results: list[SlideResult] = []
@@ -331,12 +383,7 @@ def extract(
             store.record_run(run)
     store.compact(cfg.table)
     written = sum(r.written for r in results)
-    label_cols = [c for c in ("label", "label_confidence", "split") if c in cells.columns]
-    if label_cols and written:
-        store.set_labels(
-            cells.select(["slide_id", "cell_id", *label_cols]), source="cells table",
-            table=cfg.table, replace=False,
-        )  # fmt: skip
+    _attach_table_labels(store, cells, cfg.table)
 
     failed = [r for r in results if r.status == "failed"]
     run["counts"] = {
@@ -360,6 +407,20 @@ def extract(
             + "\n  ".join(f"{r.slide_id}: {r.reason}" for r in failed)
         )
     return summary
+
+
+def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
+    """Labels/splits of the cells table fill in stored cells that have no label row yet
+    (labels set with `embed labels` are never overwritten by a later extraction)."""
+    cols = [c for c in ("label", "label_confidence", "split") if c in cells.columns]
+    if not cols:
+        return
+    frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table), on=["slide_id", "cell_id"], how="semi")
+    labelled = store.labels()
+    if labelled is not None:
+        frame = frame.join(labelled.select("slide_id", "cell_id"), on=["slide_id", "cell_id"], how="anti")
+    if frame.height:
+        store.set_labels(frame, source="cells table", table=table, replace=False)
 
 
 def _extract_slide(
@@ -404,15 +465,21 @@ def _extract_slide(
                 pending.append(_rows(todo, idx, run_id, vectors, outside))
                 n_pending += len(idx)
                 if n_pending >= cfg.commit_every:
-                    store.append(cfg.table, pa.concat_tables(pending))
-                    result.written += n_pending
+                    _commit(store, cfg.table, pending, result)
                     pending, n_pending = [], 0
                 emit("progress", {"slide_id": sid, "n": len(idx)})
             if pending:
-                store.append(cfg.table, pa.concat_tables(pending))
-                result.written += n_pending
+                _commit(store, cfg.table, pending, result)
         except SlideError as exc:
             result.status, result.reason = "failed", str(exc)
             emit("slide_failed", {"slide_id": sid, "reason": str(exc)})
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _commit(store: Store, table: str, pending: list[pa.Table], result: SlideResult) -> None:
+    """One commit of the pending rows; keys another writer stored meanwhile are skipped."""
+    rows = pa.concat_tables(pending)
+    written = store.append_new(table, rows)
+    result.written += written
+    result.already += rows.num_rows - written

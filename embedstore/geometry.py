@@ -146,9 +146,11 @@ class ReadPlan:
         half = self.size_um / self.slide_mpp / 2
         x_px = np.asarray(x_px, dtype=np.float64)
         y_px = np.asarray(y_px, dtype=np.float64)
-        ix = np.clip(np.minimum(x_px + half, width_px) - np.maximum(x_px - half, 0), 0, None)
-        iy = np.clip(np.minimum(y_px + half, height_px) - np.maximum(y_px - half, 0), 0, None)
-        return 1.0 - (ix * iy) / (2 * half) ** 2
+        # the lengths cut off on each side (0 when inside: exact, no rounding of x + h - (x - h))
+        cut_x = np.clip(half - x_px, 0, 2 * half) + np.clip(x_px + half - width_px, 0, 2 * half)
+        cut_y = np.clip(half - y_px, 0, 2 * half) + np.clip(y_px + half - height_px, 0, 2 * half)
+        inside = np.clip(1.0 - cut_x / (2 * half), 0, 1) * np.clip(1.0 - cut_y / (2 * half), 0, 1)
+        return 1.0 - inside
 
     def to_dict(self) -> dict:
         return asdict(self)

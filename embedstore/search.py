@@ -163,7 +163,7 @@ def _chunks(x: np.ndarray, metric: str, what: str, rows: int = CHUNK_ROWS
         yield s, _prepare(x[s:s + rows], metric, what, s)
 
 
-def _check_k(k: Any) -> int:
+def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
         raise UserError(f"k={k!r} is not a positive integer: ask for at least 1 neighbour.")
     return int(k)
@@ -253,7 +253,7 @@ def exact_knn(data: np.ndarray, queries: np.ndarray, k: int, *, metric: str = "c
     row. Scores follow the module's conventions (cosine similarity or squared L2).
     """
     _check_choice(metric, METRICS, "metric")
-    k = _check_k(k)
+    k = check_k(k)
     data = _as_matrix(data, "data")
     q = _prepare(_as_matrix(queries, "queries", data.shape[1], allow_1d=True), metric, "queries")
     extra = 0 if query_ids is None else 1
@@ -382,7 +382,7 @@ class CellIndex:
         """
         q = _prepare(_as_matrix(queries, "queries", self.dim, allow_1d=True), self.metric,
                      "queries")
-        k = _check_k(k)
+        k = check_k(k)
         n, nq = self.ntotal, q.shape[0]
         mask = _check_mask(allowed, n)
         codes = _group_codes(groups, exclude_groups, n, nq)

@@ -13,11 +13,14 @@ Tables in a store (a directory, or any URI LanceDB accepts):
 - `predictions`: written by `heads predict`.
 
 Every write is one Lance commit (atomic): a killed writer leaves no partial rows, and a
-rerun skips the keys already present, so each cell is stored exactly once.
+rerun skips the keys already present, so each cell is stored exactly once. Writers hold the
+store's write lock (`embedstore.locking`) around "which keys are stored?" and the commit, so
+concurrent writers (two extractions, an extraction and `embed labels`) never store a key twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from . import faults, locking
 from .errors import UserError
 
 CONFIG_KEY = b"nuclass.vector_config"
@@ -51,6 +56,11 @@ VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "fullzip"}
 LOAD_BATCH_ROWS = 65536
 #: threads copying record batches into the output arrays
 LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: in a local store directory: the writers' lock and the live runs' lock files
+WRITE_LOCK = ".nuclass-write.lock"
+RUN_LOCKS = ".nuclass-runs"
+#: rows per delete commit when removing duplicate rows
+DELETE_CHUNK = 10_000
 
 
 class StoreError(UserError):
@@ -141,16 +151,42 @@ class Store:
         import lancedb
 
         self.uri = str(uri)
-        is_local = "://" not in self.uri
-        if is_local and not create and not Path(self.uri).is_dir():
-            raise StoreError(f"{self.uri}: no store here; create one with `embed extract ... --db {self.uri}`")
+        self.local = "://" not in self.uri
+        if self.local and not create:
+            root = Path(self.uri)
+            if not root.is_dir():
+                raise StoreError(f"{self.uri}: no store here; create one with `embed extract ... --db {self.uri}`")
+            if not any(p.suffix == ".lance" for p in root.iterdir()):
+                raise StoreError(
+                    f"{self.uri}: not a store (it holds no Lance tables); give the directory "
+                    "that `embed extract --db` created"
+                )
         self.db = lancedb.connect(self.uri)
+        self._seen: dict[str, int] = {}  # table -> the version this Store last read keys at or wrote
+
+    # -- locking ------------------------------------------------------------------------------
+    def writing(self):
+        """The store's write lock (re-entrant; a no-op for object-store URIs, see `locking`)."""
+        if not self.local:
+            return contextlib.nullcontext()
+        return locking.exclusive(Path(self.uri) / WRITE_LOCK)
+
+    def run_lock_path(self, run_id: str) -> Path | None:
+        return Path(self.uri) / RUN_LOCKS / f"{run_id}.lock" if self.local else None
 
     # -- tables -------------------------------------------------------------------------------
     def table_names(self) -> list[str]:
+        """Tables with at least one commit (a table whose creation was killed has none: it
+        reads as absent, and creating it again writes over the leftover files)."""
         names = self.db.list_tables()
-        names = getattr(names, "tables", names)
-        return sorted(names)
+        return sorted(n for n in getattr(names, "tables", names) if self._committed(n))
+
+    def _committed(self, name: str) -> bool:
+        try:
+            self.db.open_table(name)
+        except ValueError:  # lancedb: "Table 'x' was not found" (no manifest yet)
+            return False
+        return True
 
     def has(self, name: str) -> bool:
         return name in self.table_names()
@@ -197,16 +233,65 @@ class Store:
 
     # -- keys, writing ------------------------------------------------------------------------
     def stored_keys(self, name: str, slide_id: str | None = None) -> set[str]:
+        """Cell ids stored in table `name` (of one slide); removes duplicate rows on the way."""
         if not self.has(name):
             return set()
-        ds = self.open(name).to_lance()
-        flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
-        tb = ds.to_table(columns=["cell_id"], filter=flt)
+        with self.writing():
+            self.remove_duplicates(name, slide_id)
+            ds = self.open(name).to_lance()
+            flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
+            tb = ds.to_table(columns=["cell_id"], filter=flt)
+            self._seen[name] = ds.version
         return set(tb.column("cell_id").to_pylist())
 
     def append(self, name: str, rows: pa.Table) -> None:
-        """One atomic commit of rows (callers never pass keys already stored)."""
-        self.open(name).add(rows)
+        """One atomic commit of rows, as given (see `append_new` for keyed writes)."""
+        with self.writing():
+            self.open(name).add(rows)
+
+    def append_new(self, name: str, rows: pa.Table) -> int:
+        """Append the rows whose (slide_id, cell_id) is not stored yet, in one commit.
+
+        Under the write lock: when another writer has committed since this Store last read
+        keys or wrote (the table's version moved), the keys it stored are dropped first.
+        Returns the number of rows written.
+        """
+        with self.writing():
+            table = self.open(name)
+            if self._seen.get(name) != table.version:
+                slides = pc.unique(rows.column("slide_id")).to_pylist()
+                stored = pl.from_arrow(table.to_lance().to_table(columns=["slide_id", "cell_id"], filter=sql_in("slide_id", slides)))
+                new = pl.from_arrow(rows.select(["slide_id", "cell_id"])).with_row_index("i")
+                keep = new.join(stored, on=["slide_id", "cell_id"], how="anti")["i"].to_numpy()
+                if len(keep) < rows.num_rows:
+                    rows = rows.take(pa.array(np.sort(keep)))
+            if rows.num_rows:
+                faults.point("commit.during")
+                table.add(rows)
+                faults.point("commit.after")
+            self._seen[name] = table.version
+        return rows.num_rows
+
+    def duplicate_rows(self, name: str, slide_id: str | None = None) -> np.ndarray:
+        """Row ids of the extra copies of keys stored more than once (the first copy is kept)."""
+        ds = self.open(name).to_lance()
+        flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
+        keys = pl.from_arrow(ds.to_table(columns=["slide_id", "cell_id"], filter=flt, with_row_id=True))
+        extra = keys.sort("_rowid").filter(~pl.struct("slide_id", "cell_id").is_first_distinct())
+        return extra["_rowid"].to_numpy()
+
+    def remove_duplicates(self, name: str, slide_id: str | None = None) -> int:
+        """Delete extra copies of keys stored more than once (left by concurrent writers of
+        versions before the write lock); each delete commit keeps one copy of every key."""
+        with self.writing():
+            extra = self.duplicate_rows(name, slide_id)
+            table = self.open(name)
+            for start in range(0, len(extra), DELETE_CHUNK):
+                ids = ", ".join(str(int(i)) for i in extra[start : start + DELETE_CHUNK])
+                table.delete(f"_rowid IN ({ids})")
+        if len(extra):
+            warnings.warn(f"table {name!r}: removed {len(extra)} duplicate rows (one copy of each cell kept)", stacklevel=2)
+        return len(extra)
 
     def compact(self, name: str) -> None:
         """Merge the many small fragments of a long run and drop the superseded versions'
@@ -215,61 +300,136 @@ class Store:
         Run by the single writer at the end of an extraction; a reader holding an older
         version open at that moment would have to reopen it.
         """
-        with warnings.catch_warnings():  # the "no concurrent readers" warning: understood
+        with self.writing(), warnings.catch_warnings():  # "no concurrent readers": understood
             warnings.simplefilter("ignore", UserWarning)
+            faults.point("compact.during")
             self.open(name).optimize(cleanup_older_than=dt.timedelta(0))
 
     # -- runs ---------------------------------------------------------------------------------
     def record_run(self, run: dict) -> None:
         """Insert or update one run's provenance row (keyed by run_id).
 
-        Scalars are stored as given; dicts/lists (config, slides, counts) as JSON text.
+        Scalars are stored as given; dicts/lists (config, slides, counts) as JSON text. Fields
+        that older runs lack become new (null) columns.
         """
-        row = pa.table({
-            k: pa.array([json.dumps(v, sort_keys=True) if not isinstance(v, str) else v], pa.string())
-            for k, v in sorted(run.items())
-        })  # fmt: skip
-        if not self.has("runs"):
-            self.db.create_table("runs", data=row)
-            return
-        table = self.db.open_table("runs")
-        table.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(row)
+        values = {k: v if isinstance(v, str) or v is None else json.dumps(v, sort_keys=True) for k, v in run.items()}
+        with self.writing():
+            if not self.has("runs"):
+                self.db.create_table("runs", data=pa.table({k: pa.array([values[k]], pa.string()) for k in sorted(values)}))
+                return
+            table = self.db.open_table("runs")
+            missing = [k for k in sorted(values) if k not in table.schema.names]
+            if missing:
+                table.add_columns({k: "CAST(NULL AS STRING)" for k in missing})
+            names = table.schema.names
+            row = pa.table({k: pa.array([values.get(k)], pa.string()) for k in names})
+            faults.point("run.during")
+            table.merge_insert("run_id").when_matched_update_all().when_not_matched_insert_all().execute(row)
 
     def runs(self) -> pl.DataFrame:
+        """The runs table; a run still marked `running` whose process is gone reads `interrupted`."""
         if not self.has("runs"):
             return pl.DataFrame()
-        return pl.from_arrow(self.db.open_table("runs").to_arrow())
+        runs = pl.from_arrow(self.db.open_table("runs").to_arrow())
+        dead = [r for r, s in zip(runs["run_id"], runs["status"], strict=True) if s == "running" and not self.run_alive(r)]
+        return runs.with_columns(
+            status=pl.when(pl.col("run_id").is_in(dead)).then(pl.lit("interrupted")).otherwise(pl.col("status"))
+        )
+
+    def run_alive(self, run_id: str) -> bool:
+        """Whether the process of a `running` run still lives (unknowable remotely: assumed)."""
+        path = self.run_lock_path(run_id)
+        return path is None or locking.LifeLock.is_alive(path)
+
+    def reap_runs(self) -> list[str]:
+        """Mark runs whose process died (killed, crashed) as `interrupted`; returns their ids."""
+        with self.writing():
+            runs = self.runs()
+            if not runs.height:
+                return []
+            stored = pl.from_arrow(self.db.open_table("runs").to_arrow())
+            dead = stored.filter((pl.col("status") == "running") & (runs["status"] == "interrupted"))
+            for row in dead.iter_rows(named=True):
+                self.record_run({**row, "status": "interrupted",
+                                 "reason": "the process ended without finishing (killed or crashed); rerun the same command to resume"})  # fmt: skip
+        return dead["run_id"].to_list()
 
     # -- labels -------------------------------------------------------------------------------
     def set_labels(self, frame: pl.DataFrame, *, source: str, table: str = DEFAULT_TABLE, replace: bool = True) -> dict:
         """Attach labels/splits to stored cells (replacing all, or merging by key).
 
         Returns counts: matched, unknown (label rows with no stored cell: dropped, with examples).
+        Refuses (changing nothing) a table none of whose rows is a stored cell. Empty or blank
+        labels and splits mean "none" (null). With `replace`, `unlabelled` counts the cells
+        that had a label before and have none now; the labels they had stay readable as
+        `previous_version` of the labels table (`restore_labels`).
         """
+        from .cells import SPLITS, clean_text_columns
+
         for col in ("slide_id", "cell_id"):
             if col not in frame.columns:
                 raise StoreError(f"label table lacks {col!r}; columns are {frame.columns}")
         if not any(c in frame.columns for c in LABEL_COLUMNS):
             raise StoreError(f"label table has none of {LABEL_COLUMNS}; columns are {frame.columns}")
-        keys = self.keys_frame(table)
-        frame = frame.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8))
+        frame = clean_text_columns(frame.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
+        if "label_confidence" in frame.columns and not frame.schema["label_confidence"].is_numeric():
+            raise StoreError(f"label_confidence must be numeric, not {frame.schema['label_confidence']}")
+        if "split" in frame.columns:
+            wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
+            if wrong:
+                raise StoreError(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
         dup = frame.select(pl.struct("slide_id", "cell_id").is_duplicated()).to_series()
         if dup.any():
             ex = frame.filter(dup).head(3).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
             raise StoreError(f"label table has {int(dup.sum())} rows with repeated ids, e.g. {ex}")
-        known = frame.join(keys, on=["slide_id", "cell_id"], how="semi")
-        unknown = frame.join(keys, on=["slide_id", "cell_id"], how="anti")
         cols = {"slide_id": pl.Utf8, "cell_id": pl.Utf8, "label": pl.Utf8, "label_confidence": pl.Float64, "split": pl.Utf8}
-        known = known.select(
-            [pl.col(c).cast(t) if c in known.columns else pl.lit(None, dtype=t).alias(c) for c, t in cols.items()]
-        ).with_columns(source=pl.lit(source))
-        arrow = known.to_arrow()
-        if replace or not self.has("labels"):
-            self.db.create_table("labels", data=arrow, mode="overwrite")
-        else:
-            self.db.open_table("labels").merge_insert(["slide_id", "cell_id"]).when_matched_update_all().when_not_matched_insert_all().execute(arrow)
-        ex = unknown.head(5).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
-        return {"matched": known.height, "unknown": unknown.height, "unknown_examples": ex}
+        with self.writing():
+            keys = self.keys_frame(table)
+            known = frame.join(keys, on=["slide_id", "cell_id"], how="semi")
+            unknown = frame.join(keys, on=["slide_id", "cell_id"], how="anti")
+            ex = unknown.head(5).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
+            if known.height == 0:
+                stored = keys.head(3).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
+                raise StoreError(
+                    f"none of the {frame.height} label rows matches a stored cell of table {table!r} "
+                    f"(e.g. {ex}; stored cells look like {stored}); nothing was changed. Check the "
+                    "slide and cell id columns (--slide-id, --cell-id-col)"
+                )
+            known = known.select(
+                [pl.col(c).cast(t) if c in known.columns else pl.lit(None, dtype=t).alias(c) for c, t in cols.items()]
+            ).with_columns(source=pl.lit(source))
+            absent = [c for c in LABEL_COLUMNS if c not in frame.columns]
+            if not replace and absent and self.has("labels"):  # a merge keeps what it does not give
+                old = pl.from_arrow(self.db.open_table("labels").to_lance().to_table(columns=["slide_id", "cell_id", *absent]))
+                known = known.drop(absent).join(old, on=["slide_id", "cell_id"], how="left").select(*cols, "source")
+            arrow = known.to_arrow()
+            faults.point("labels.during")
+            counts = {"matched": known.height, "unknown": unknown.height, "unknown_examples": ex, "unlabelled": 0}
+            if not self.has("labels"):
+                self.db.create_table("labels", data=arrow)
+            elif replace:
+                old = self.db.open_table("labels")
+                counts["previous_version"] = old.version
+                had = pl.from_arrow(old.to_lance().to_table(columns=["slide_id", "cell_id"], filter="label IS NOT NULL"))
+                now = known.filter(pl.col("label").is_not_null()).select("slide_id", "cell_id")
+                counts["unlabelled"] = had.join(now, on=["slide_id", "cell_id"], how="anti").height
+                self.db.create_table("labels", data=arrow, mode="overwrite")
+            else:
+                self.db.open_table("labels").merge_insert(["slide_id", "cell_id"]).when_matched_update_all().when_not_matched_insert_all().execute(arrow)
+        return counts
+
+    def restore_labels(self, version: int) -> int:
+        """Make an earlier version of the labels table the current one (a new commit: the
+        versions in between stay readable). Returns the number of label rows now current."""
+        if not self.has("labels"):
+            raise StoreError(f"{self.uri}: no labels table to restore")
+        with self.writing():
+            table = self.db.open_table("labels")
+            versions = sorted(v["version"] for v in table.list_versions())
+            if version not in versions:
+                raise StoreError(f"labels table has no version {version}; versions: {versions}")
+            table.restore(version)
+            return self.db.open_table("labels").count_rows()
 
     def labels(self) -> pl.DataFrame | None:
         if not self.has("labels"):
@@ -290,16 +450,18 @@ class Store:
         arrow = arrow.cast(pa.schema([
             f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in arrow.schema
         ]))  # fmt: skip
-        if not self.has("predictions"):
-            self.db.create_table("predictions", data=arrow)
-            return
-        table = self.db.open_table("predictions")
-        (
-            table.merge_insert(["run", "slide_id", "cell_id"])
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute(arrow)
-        )
+        with self.writing():
+            faults.point("predictions.during")
+            if not self.has("predictions"):
+                self.db.create_table("predictions", data=arrow)
+                return
+            table = self.db.open_table("predictions")
+            (
+                table.merge_insert(["run", "slide_id", "cell_id"])
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(arrow)
+            )
 
     def predictions(self, run: str | None = None) -> pl.DataFrame:
         if not self.has("predictions"):
@@ -386,10 +548,12 @@ class Store:
         for name in self.vector_tables():
             table = self.open(name)
             keys = self.keys_frame(name)
-            per_slide = keys.group_by("slide_id").len().sort("slide_id")
+            per_slide = keys.unique().group_by("slide_id").len().sort("slide_id")
             cfg = self.config(name)
+            unique = keys.unique().height
             out["tables"][name] = {
-                "cells": keys.height,
+                "cells": unique,
+                "duplicate_rows": keys.height - unique,  # 0 unless written by unlocked writers
                 "slides": dict(zip(per_slide["slide_id"], per_slide["len"], strict=True)),
                 "version": table.version,
                 "vectors": {k: v.get("dim") for k, v in cfg.get("vectors", {}).items()},

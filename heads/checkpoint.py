@@ -113,8 +113,10 @@ def read_info(run_dir: str | Path, stage: str) -> dict[str, Any]:
         )
     try:
         info = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{json_path} is not valid JSON ({e}); retrain stage `{stage}`") from e
+    if not isinstance(info, dict):
+        info = {"format": type(info).__name__}
     if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{json_path} is not a {FORMAT} v{FORMAT_VERSION} checkpoint "
@@ -137,7 +139,13 @@ def load_stage(
     if data is not None:
         check_compatible(info, data, where=str(stage_paths(run_dir, stage)[1]))
     weights_path = stage_paths(run_dir, stage)[0]
-    tensors = load_file(str(weights_path), device="cpu")
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
+        raise UserError(
+            f"{weights_path} cannot be read: it is truncated or corrupt ({e}); retrain stage "
+            f"`{stage}` with `heads train --stage {stage} --out {Path(run_dir)}`"
+        ) from e
     modules: dict[str, nn.Module] = {}
     for name in STAGE_MODULES[stage]:
         spec = info["modules"][name]

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from embedstore.errors import UserError
-from embedstore.fileio import atomic_path
+from embedstore.fileio import atomic_path, ensure_dir
 from embedstore.store import DEFAULT_TABLE, Store
 
 from . import checkpoint as ckpt
@@ -34,7 +34,7 @@ from .metrics import (
 )
 from .plots import complementarity_chart, confusion_heatmap, reliability_diagram
 from .splits import Split, make_split
-from .train import TrainConfig, predict_all, train_stage
+from .train import STAGE_CHOICES, TrainConfig, predict_all, train_stage
 
 Log = Callable[[str], None]
 SPLIT_FILE = "split.parquet"
@@ -57,11 +57,16 @@ def load_cell_data(
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
-        from embedstore.cells import read_table
+        from embedstore.cells import clean_text_columns, read_table
 
-        lab = read_table(labels).with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8))
-        if "label" not in lab.columns:
-            raise UserError(f"{labels}: no `label` column; columns are {lab.columns}")
+        lab = read_table(labels)
+        missing = [c for c in ("slide_id", "cell_id", "label") if c not in lab.columns]
+        if missing:
+            raise UserError(f"{labels}: no {', '.join(missing)} column; columns are {lab.columns}")
+        lab = clean_text_columns(lab.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
+        n_dup = lab.select(pl.struct("slide_id", "cell_id").is_duplicated().sum()).item()
+        if n_dup:
+            raise UserError(f"{labels}: {n_dup} rows repeat a (slide_id, cell_id); give each cell one label")
         keep = [c for c in ("label", "label_confidence", "split") if c in lab.columns]
         meta = meta.drop([c for c in keep if c in meta.columns]).join(
             lab.select("slide_id", "cell_id", *keep), on=["slide_id", "cell_id"], how="left", maintain_order="left"
@@ -102,6 +107,13 @@ def load_split(run_dir: Path, data: CellData) -> Split:
         .fill_null("")
         .to_numpy()
     )
+    if saved.height and not (names != "").any():
+        ex = saved.head(2).select(pl.col("slide_id") + ":" + pl.col("cell_id")).to_series().to_list()
+        raise UserError(
+            f"none of the {saved.height} cells this run was trained and validated on (e.g. {ex}) "
+            "are labelled cells of this store: evaluate on the run's own store, or score another "
+            "store as a held-out cohort with --cohort NAME"
+        )
     parts = {p: np.flatnonzero(names == p).astype(np.int64) for p in ("train", "val", "test", "holdout")}
     return Split(**parts, source="saved")
 
@@ -122,7 +134,9 @@ def train(
 
     With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
     """
-    run_dir = Path(run_dir)
+    if stage not in STAGE_CHOICES:
+        raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
+    run_dir = ensure_dir(run_dir, "the run")
     data = load_cell_data(db, table=table, labels=labels, labelled_only=True)
     log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
         f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
@@ -160,6 +174,9 @@ def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log:
     return new
 
 
+EVAL_ON = ("val", "test", "holdout", "all")
+
+
 def _eval_rows(run_dir: Path, data: CellData, split: Split, on: str) -> np.ndarray:
     if on == "all":
         return np.concatenate([split.train, split.val, split.test, split.holdout])
@@ -193,10 +210,11 @@ def evaluate_run(
     the complementarity table/chart into RUN_DIR (or RUN_DIR/cohort-NAME).
     """
     run_dir = Path(run_dir)
+    if on not in EVAL_ON:
+        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
     info = ckpt.read_info(run_dir, "local")
     classes, tissues = info["classes"], info["tissues"]
-    out_dir = run_dir / (f"cohort-{cohort}" if cohort else "")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(run_dir / (f"cohort-{cohort}" if cohort else ""), "the evaluation outputs")
 
     if cohort:
         data = load_cell_data(db, table=table, labels=labels, labelled_only=True, tissue_vocab=tissues)
@@ -212,6 +230,7 @@ def evaluate_run(
         split = None
     else:
         data = load_cell_data(db, table=table, labels=labels, labelled_only=True, classes=classes, tissue_vocab=tissues)
+        ckpt.check_compatible(info, data, where=str(run_dir / "local.json"))
         split = load_split(run_dir, data)
         rows = _eval_rows(run_dir, data, split, on)
         rows = rows[data.label.numpy()[rows] >= 0]
@@ -304,12 +323,12 @@ def predict(
     row per run and cell, replaced on rerun) plus Parquet and QuPath GeoJSON (one per slide)."""
     run_dir = Path(run_dir)
     info = ckpt.read_info(run_dir, "local")
+    out_dir = ensure_dir(Path(out_dir) if out_dir else run_dir / "predictions", "the predictions")
     data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
     probs = predict_all(data, run_dir, device=device)
     frame = predictions_frame(
         data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
     ).with_columns(run=pl.lit(run_dir.resolve().name))
-    out_dir = Path(out_dir) if out_dir else run_dir / "predictions"
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         write_parquet(frame, tmp)
     write_geojson(frame, out_dir / "geojson")

@@ -83,7 +83,13 @@ def test_audit_finds_planted_flips(tmp_path):
     flagged = {k for k, f in zip(keys, queue["flagged"], strict=True) if f}
     tp = len(flagged & flipped)
     assert tp / len(flipped) >= 0.8 and tp / max(len(flagged), 1) >= 0.8, (tp, len(flipped), len(flagged))
-    assert set(keys[: len(flipped)]) & flipped  # most suspicious first
+    # most suspicious first: the top len(flipped) of the queue are (nearly) all planted flips.
+    # Measured precision 1.0 for seeds 0-5 (16-26 flips among 480 cells); a queue in store
+    # order would reach ~0.05.
+    n = len(flipped)
+    precision = len(set(keys[:n]) & flipped) / n
+    assert precision >= 0.9, (precision, n)
+    assert flipped <= set(keys[: 2 * n])  # and none is buried below the first 2n
     assert {"label", "suggested", "agreement", "suspicion", "flagged"} <= set(queue.columns)
     assert summary["n_flagged"].sum() == len(flagged)
 
@@ -95,7 +101,7 @@ def test_audit_cli_writes_queue_geojson_and_batch_effect(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     q = pl.read_parquet(out)
-    assert q["suspicion"].is_sorted(descending=True, nulls_last=True) or q.height
+    assert q.height == 240 and q["suspicion"].is_sorted(descending=True, nulls_last=True)
     assert (tmp_path / "review" / "queue.csv").exists()
     assert list((tmp_path / "review" / "queue_geojson").glob("*.geojson"))
     assert (tmp_path / "review" / "queue_batch_effect.png").stat().st_size > 1000

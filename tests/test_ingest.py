@@ -204,4 +204,4 @@ def test_cli_cells_writes_and_fails_cleanly(synth_small, tmp_path):
         [sys.executable, "-m", "cli.embed", "cells", str(tmp_path / "nope.csv"), "--out", str(out), "--mpp", "0.25"],
         capture_output=True, text=True,
     )
-    assert bad.returncode != 0 and "no such cell table" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "no such table" in bad.stderr and "Traceback" not in bad.stderr
