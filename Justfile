@@ -36,3 +36,7 @@ bench-heads *args:
 # search: 1M clustered 1536-d vectors, latency/recall/audit (JSON)
 bench-search *args:
     python bench/search.py {{args}}
+
+# kill -9 the writing commands at random moments and inside commits; rows lost/duplicated (JSON)
+bench-faults *args:
+    python bench/faults.py {{args}}

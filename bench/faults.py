@@ -59,6 +59,21 @@ def cli(prog: str, *args, kill: tuple | None = None, timeout: float = 600) -> di
     return {"returncode": proc.returncode, "killed": proc.returncode == -9, "stderr": err[-2000:]}
 
 
+def tally(out: dict, kill: tuple, result: dict) -> bool:
+    """Count a kill that happened, by where it was aimed (a failpoint, or a random moment)."""
+    if not result["killed"]:
+        return False
+    where = kill[1].split(":")[0] if kill[0] == "point" else "random moment"
+    out["kills"] += 1
+    out["kills_in_commit"] += where.endswith(".during")
+    out["kills_at"][where] = out["kills_at"].get(where, 0) + 1
+    return True
+
+
+def new_tally() -> dict:
+    return {"kills": 0, "kills_in_commit": 0, "kills_at": {}, "rows_lost": 0, "rows_duplicated": 0}
+
+
 def keys_of(db: Path, table: str, columns=("slide_id", "cell_id")) -> pl.DataFrame:
     store = Store(db)
     if not store.has(table):
@@ -133,15 +148,13 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def trial_extract(c: Cohort, db: Path, kills: list[tuple]) -> dict:
-    out = {"kills": 0, "kills_in_commit": 0, "rows_lost": 0, "rows_duplicated": 0}
+    out = new_tally()
     args = ("embed", "extract", c.slides, "--cells", c.cells, "--db", db, *BACKBONES)
     for kill in kills:
         r = cli(*args, kill=kill)
-        if not r["killed"]:
+        if not tally(out, kill, r):
             assert r["returncode"] == 0, r["stderr"]
             continue
-        out["kills"] += 1
-        out["kills_in_commit"] += kill[0] == "point" and kill[1].startswith("commit.during")
         dup = damage(keys_of(db, "cells"), keys_of(db, "cells"), ["slide_id", "cell_id"])["rows_duplicated"]
         out["rows_duplicated"] += dup  # no duplicate may appear even between kill and rerun
     r = cli(*args)
@@ -161,17 +174,12 @@ def trial_extract(c: Cohort, db: Path, kills: list[tuple]) -> dict:
 
 
 def trial_labels(c: Cohort, db: Path, kills: list[tuple]) -> dict:
-    out = {"kills": 0, "kills_in_commit": 0, "rows_lost": 0, "rows_duplicated": 0}
+    out = {**new_tally(), "torn": 0}
     args = ("embed", "labels", c.labels_file, "--db", db)
     for kill in kills:
-        r = cli(*args, kill=kill)
-        out["kills"] += r["killed"]
-        out["kills_in_commit"] += r["killed"] and kill[0] == "point"
+        tally(out, kill, cli(*args, kill=kill))
         labels = Store(db).labels()  # the old labels or the new ones, whole, never a mix
-        if labels is not None and labels.height:
-            old = labels.sort("slide_id", "cell_id")["source"].n_unique() == 1
-            out.setdefault("torn", 0)
-            out["torn"] += not old
+        out["torn"] += not (labels.height == c.expected.height and labels["source"].n_unique() == 1)
     r = cli(*args)
     assert r["returncode"] == 0, r["stderr"]
     labels = Store(db).labels()
@@ -182,12 +190,10 @@ def trial_labels(c: Cohort, db: Path, kills: list[tuple]) -> dict:
 
 
 def trial_predict(c: Cohort, db: Path, kills: list[tuple]) -> dict:
-    out = {"kills": 0, "kills_in_commit": 0, "rows_lost": 0, "rows_duplicated": 0}
+    out = new_tally()
     args = ("heads", "predict", "--run", c.run, "--db", db, "--out", db.parent / f"{db.name}_pred")
     for kill in kills:
-        r = cli(*args, kill=kill)
-        out["kills"] += r["killed"]
-        out["kills_in_commit"] += r["killed"] and kill[0] == "point"
+        tally(out, kill, cli(*args, kill=kill))
         found = keys_of(db, "predictions", ("run", "slide_id", "cell_id"))
         out["rows_duplicated"] += found.height - found.unique().height
     r = cli(*args)
@@ -196,7 +202,7 @@ def trial_predict(c: Cohort, db: Path, kills: list[tuple]) -> dict:
     out["rows_lost"] += d["rows_lost"]
     out["rows_duplicated"] += d["rows_duplicated"]
     pq = pl.read_parquet(db.parent / f"{db.name}_pred" / "predictions.parquet")
-    out["parquet_rows"] = pq.height
+    out["parquet_complete"] = pq.height == c.expected.height
     out["max_abs_proba_diff"] = float(np.abs(c.predictions(db) - c.ref_proba).max())
     return out
 
@@ -204,18 +210,16 @@ def trial_predict(c: Cohort, db: Path, kills: list[tuple]) -> dict:
 def trial_index(c: Cohort, db: Path, kills: list[tuple]) -> dict:
     from embedstore import explore
 
-    out = {"kills": 0, "kills_in_commit": 0, "rows_lost": 0, "rows_duplicated": 0}
+    out = new_tally()
     args = ("embed", "index", "--db", db, "--vector", "local")
     for kill in kills:
-        r = cli(*args, kill=kill)
-        out["kills"] += r["killed"]
-        out["kills_in_commit"] += r["killed"] and kill[0] == "point"
+        tally(out, kill, cli(*args, kill=kill))
     r = cli(*args)
     assert r["returncode"] == 0, r["stderr"]
     index, meta, _ = explore.open_index(db, vector="local", rebuild=False, with_vectors=False)
     rows = pl.read_parquet(explore.index_dir(db, "cells", "local") / explore.ROWS_FILE)
     out.update(damage(rows, c.expected, ["slide_id", "cell_id"]))
-    out["index_rows"] = int(index.ntotal)
+    out["index_complete"] = int(index.ntotal) == c.expected.height
     out["same_neighbours"] = explore.similar(db, c.first_cell(), k=10)["cell_id"].to_list() == c.ref_similar
     return out
 
@@ -258,7 +262,9 @@ def campaign(work: Path, *, kills: int | dict[str, int] = 6, n_cells: int = 160,
                 db = c.copy_ref(db.name)
             result = TRIALS[command](c, db, trial_kills)
             for k, v in result.items():
-                if isinstance(v, bool):
+                if isinstance(v, dict):
+                    totals[k] = {w: totals.get(k, {}).get(w, 0) + v.get(w, 0) for w in {*totals.get(k, {}), *v}}
+                elif isinstance(v, bool):
                     totals[k] = totals.get(k, True) and v
                 elif k.startswith("max_"):
                     totals[k] = max(totals.get(k, 0.0), v)

@@ -147,6 +147,7 @@ def extract(
     workers: Annotated[int, typer.Option(help="reader threads")] = 2,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel for all slides (overrides metadata)")] = None,
     commit_every: Annotated[int, typer.Option(help="cells per store commit")] = 4096,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: part of the vectors' identity")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Embed every cell's nucleus crop and context field into the store (resumable)."""
@@ -158,6 +159,7 @@ def extract(
         local_weights=local_weights, context_weights=context_weights,
         context_pooling=context_pooling, context_input_px=context_px, device=device,
         batch_size=batch_size, workers=workers, table=table, mpp=mpp, commit_every=commit_every,
+        precision=precision,
     )  # fmt: skip
     with ExtractProgress(quiet) as events:
         summary = run_extract(slides, cells, db, cfg, on_event=events)

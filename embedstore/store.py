@@ -233,16 +233,24 @@ class Store:
 
     # -- keys, writing ------------------------------------------------------------------------
     def stored_keys(self, name: str, slide_id: str | None = None) -> set[str]:
-        """Cell ids stored in table `name` (of one slide); removes duplicate rows on the way."""
+        """Cell ids stored in table `name` (of one slide).
+
+        Extra copies of a key (left by concurrent writers before the write lock existed) are
+        deleted on the way, the first copy kept: a rerun of the extraction repairs the store.
+        """
         if not self.has(name):
             return set()
         with self.writing():
-            self.remove_duplicates(name, slide_id)
-            ds = self.open(name).to_lance()
             flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
-            tb = ds.to_table(columns=["cell_id"], filter=flt)
-            self._seen[name] = ds.version
-        return set(tb.column("cell_id").to_pylist())
+            keys = pl.from_arrow(self.open(name).to_lance().to_table(columns=["slide_id", "cell_id"], filter=flt, with_row_id=True))
+            extra = keys.sort("_rowid").filter(~pl.struct("slide_id", "cell_id").is_first_distinct())["_rowid"]
+            table = self.open(name)
+            for start in range(0, extra.len(), DELETE_CHUNK):
+                table.delete(f"_rowid IN ({', '.join(map(str, extra[start : start + DELETE_CHUNK]))})")
+            self._seen[name] = table.version
+        if extra.len():
+            warnings.warn(f"table {name!r}: removed {extra.len()} duplicate rows (one copy of each cell kept)", stacklevel=2)
+        return set(keys["cell_id"])
 
     def append(self, name: str, rows: pa.Table) -> None:
         """One atomic commit of rows, as given (see `append_new` for keyed writes)."""
@@ -271,27 +279,6 @@ class Store:
                 faults.point("commit.after")
             self._seen[name] = table.version
         return rows.num_rows
-
-    def duplicate_rows(self, name: str, slide_id: str | None = None) -> np.ndarray:
-        """Row ids of the extra copies of keys stored more than once (the first copy is kept)."""
-        ds = self.open(name).to_lance()
-        flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
-        keys = pl.from_arrow(ds.to_table(columns=["slide_id", "cell_id"], filter=flt, with_row_id=True))
-        extra = keys.sort("_rowid").filter(~pl.struct("slide_id", "cell_id").is_first_distinct())
-        return extra["_rowid"].to_numpy()
-
-    def remove_duplicates(self, name: str, slide_id: str | None = None) -> int:
-        """Delete extra copies of keys stored more than once (left by concurrent writers of
-        versions before the write lock); each delete commit keeps one copy of every key."""
-        with self.writing():
-            extra = self.duplicate_rows(name, slide_id)
-            table = self.open(name)
-            for start in range(0, len(extra), DELETE_CHUNK):
-                ids = ", ".join(str(int(i)) for i in extra[start : start + DELETE_CHUNK])
-                table.delete(f"_rowid IN ({ids})")
-        if len(extra):
-            warnings.warn(f"table {name!r}: removed {len(extra)} duplicate rows (one copy of each cell kept)", stacklevel=2)
-        return len(extra)
 
     def compact(self, name: str) -> None:
         """Merge the many small fragments of a long run and drop the superseded versions'
@@ -331,24 +318,24 @@ class Store:
         if not self.has("runs"):
             return pl.DataFrame()
         runs = pl.from_arrow(self.db.open_table("runs").to_arrow())
-        dead = [r for r, s in zip(runs["run_id"], runs["status"], strict=True) if s == "running" and not self.run_alive(r)]
+        dead = self._dead(runs)
         return runs.with_columns(
             status=pl.when(pl.col("run_id").is_in(dead)).then(pl.lit("interrupted")).otherwise(pl.col("status"))
         )
 
-    def run_alive(self, run_id: str) -> bool:
-        """Whether the process of a `running` run still lives (unknowable remotely: assumed)."""
-        path = self.run_lock_path(run_id)
-        return path is None or locking.LifeLock.is_alive(path)
+    def _dead(self, runs: pl.DataFrame) -> list[str]:
+        """Runs marked `running` whose process no longer holds the run's life lock (a remote
+        store has no such locks: its runs are taken to be alive)."""
+        running = runs.filter(pl.col("status") == "running")["run_id"].to_list()
+        return [r for r in running if (p := self.run_lock_path(r)) is not None and not locking.LifeLock.is_alive(p)]
 
     def reap_runs(self) -> list[str]:
         """Mark runs whose process died (killed, crashed) as `interrupted`; returns their ids."""
+        if not self.has("runs"):
+            return []
         with self.writing():
-            runs = self.runs()
-            if not runs.height:
-                return []
-            stored = pl.from_arrow(self.db.open_table("runs").to_arrow())
-            dead = stored.filter((pl.col("status") == "running") & (runs["status"] == "interrupted"))
+            runs = pl.from_arrow(self.db.open_table("runs").to_arrow())
+            dead = runs.filter(pl.col("run_id").is_in(self._dead(runs)))
             for row in dead.iter_rows(named=True):
                 self.record_run({**row, "status": "interrupted",
                                  "reason": "the process ended without finishing (killed or crashed); rerun the same command to resume"})  # fmt: skip

@@ -153,6 +153,7 @@ CASES = [
     ("extract: workers 0", lambda w: _extract(w, w.cells, "--workers", "0"), "--workers must be"),
     ("extract: negative mpp", lambda w: _extract(w, w.cells, "--mpp", "-0.25"), "--mpp must be a positive number"),
     ("extract: tiny context px", lambda w: _extract(w, w.cells, "--context-px", "0"), "--context-px must be between"),
+    ("extract: bad precision", lambda w: _extract(w, w.cells, "--precision", "fp8"), "--precision must be one of auto, fp32, bf16"),
     ("extract: table name", lambda w: _extract(w, w.cells, "--table", "a/b"), "letters, digits"),
     ("extract: unknown backbone", lambda w: ["embed", "extract", w.slides, "--cells", w.cells, "--db", w.db, "--local-backbone", "uni3"], "[Uu]nknown backbone 'uni3'"),
     ("extract: junk weights", lambda w: _extract(w, w.cells, "--local-weights", w.file("junk.safetensors", "not weights")), "[Cc]annot read.*junk.safetensors"),

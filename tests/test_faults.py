@@ -22,10 +22,10 @@ def test_kills_lose_and_duplicate_nothing(tmp_path):
     report = _faults().campaign(tmp_path, kills=kills, n_cells=64, seed=1)
     for command in ("extract", "labels", "predict", "index"):
         r = report[command]
-        assert r["kills"] >= 1 and r["kills_in_commit"] >= 1, (command, r)
+        assert r["kills_in_commit"] >= 1, (command, r)  # a kill fired inside a commit
         assert r["rows_lost"] == 0 and r["rows_duplicated"] == 0, (command, r)
     assert report["extract"]["min_vector_cosine"] >= 0.9999
     assert report["extract"]["runs_left_running"] == 0 and report["extract"]["labels_missing"] == 0
     assert report["labels"]["wrong_values"] == 0 and report["labels"]["torn"] == 0
-    assert report["predict"]["max_abs_proba_diff"] == 0 and report["predict"]["parquet_rows"] == 64
-    assert report["index"]["index_rows"] == 64 and report["index"]["same_neighbours"]
+    assert report["predict"]["max_abs_proba_diff"] == 0 and report["predict"]["parquet_complete"]
+    assert report["index"]["index_complete"] and report["index"]["same_neighbours"]

@@ -202,3 +202,26 @@ def test_run_dir_that_does_not_exist(small_store, tmp_path, command):
     run = tmp_path / "no-such-run"
     usage_error(cli(command, "--run", run, "--db", small_store), str(run), "checkpoint", "train")
     assert not run.exists()  # nothing written for a run that is not there
+
+
+def test_eval_when_a_class_has_no_validation_cells(trained):
+    """The complementarity table printed None shares as numbers and crashed (TypeError)."""
+    db, run = trained
+    store = Store(db)
+    saved = store.labels()
+    val = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "val")
+    gone = saved.join(val, on=["slide_id", "cell_id"], how="semi")["label"].value_counts().sort("count")["label"][0]
+    # the class keeps its training cells, but none of its validation cells is labelled any more
+    in_val = saved.join(val.select("slide_id", "cell_id", v=pl.lit(True)), on=["slide_id", "cell_id"], how="left")["v"].fill_null(False)
+    relabel = saved.with_columns(label=pl.when((pl.col("label") == gone) & in_val).then(None).otherwise(pl.col("label")))
+    try:
+        store.set_labels(relabel.drop("source"), source="no val")
+        proc = cli("eval", "--run", run, "--db", db, "--baselines", "none")
+    finally:
+        store.set_labels(saved.drop("source"), source="cells table")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    comp = proc.stderr[proc.stderr.index("complementarity"):]
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in comp.splitlines() if ln.count("│") >= 5]
+    row = next(c for c in cells if c[0] == gone)
+    assert row[1:] == ["0", "-", "-"], row  # no cells: shares shown as "-", not numbers
+    assert gone not in json.loads((run / "metrics.json").read_text())["info"]["classes_present"]

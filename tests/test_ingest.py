@@ -205,3 +205,14 @@ def test_cli_cells_writes_and_fails_cleanly(synth_small, tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode != 0 and "no such table" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_tables_with_other_delimiters_are_read(tmp_path, sep):
+    path = tmp_path / "cells.csv"
+    path.write_text(sep.join(["slide_id", "cell_id", "x_um", "y_um", "tissue"]) + "\n"
+                    + sep.join(["s", "1", "10.5", "20.25", "lung"]) + "\n")  # fmt: skip
+    frame, _ = ingest_table(path, mpp=0.25)
+    assert frame.row(0, named=True) == {
+        "slide_id": "s", "cell_id": "1", "x_px": 42.0, "y_px": 81.0, "x_um": 10.5, "y_um": 20.25, "tissue": "lung"
+    }  # fmt: skip
