@@ -178,8 +178,11 @@ class Store:
     def table_names(self) -> list[str]:
         """Tables with at least one commit (a table whose creation was killed has none: it
         reads as absent, and creating it again writes over the leftover files)."""
+        return sorted(n for n in self._listed() if self._committed(n))
+
+    def _listed(self) -> list[str]:
         names = self.db.list_tables()
-        return sorted(n for n in getattr(names, "tables", names) if self._committed(n))
+        return list(getattr(names, "tables", names))
 
     def _committed(self, name: str) -> bool:
         try:
@@ -189,7 +192,7 @@ class Store:
         return True
 
     def has(self, name: str) -> bool:
-        return name in self.table_names()
+        return name in self._listed() and self._committed(name)
 
     def open(self, name: str = DEFAULT_TABLE):
         if not self.has(name):
@@ -339,6 +342,7 @@ class Store:
             for row in dead.iter_rows(named=True):
                 self.record_run({**row, "status": "interrupted",
                                  "reason": "the process ended without finishing (killed or crashed); rerun the same command to resume"})  # fmt: skip
+                self.run_lock_path(row["run_id"]).unlink(missing_ok=True)
         return dead["run_id"].to_list()
 
     # -- labels -------------------------------------------------------------------------------
