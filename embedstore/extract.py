@@ -415,12 +415,13 @@ def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
     cols = [c for c in ("label", "label_confidence", "split") if c in cells.columns]
     if not cols:
         return
-    frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table), on=["slide_id", "cell_id"], how="semi")
-    labelled = store.labels()
-    if labelled is not None:
-        frame = frame.join(labelled.select("slide_id", "cell_id"), on=["slide_id", "cell_id"], how="anti")
-    if frame.height:
-        store.set_labels(frame, source="cells table", table=table, replace=False)
+    with store.writing():  # another writer's labels (or compaction) cannot slip in between
+        frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table), on=["slide_id", "cell_id"], how="semi")
+        labelled = store.labels()
+        if labelled is not None:
+            frame = frame.join(labelled.select("slide_id", "cell_id"), on=["slide_id", "cell_id"], how="anti")
+        if frame.height:
+            store.set_labels(frame, source="cells table", table=table, replace=False)
 
 
 def _extract_slide(

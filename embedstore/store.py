@@ -162,7 +162,10 @@ class Store:
                     "that `embed extract --db` created"
                 )
         self.db = lancedb.connect(self.uri)
-        self._seen: dict[str, int] = {}  # table -> the version this Store last read keys at or wrote
+        # per table: the version this Store last read keys at or wrote, and the slides whose
+        # stored keys its caller knows (and excludes) as of that version (see `append_new`)
+        self._seen: dict[str, int] = {}
+        self._covered: dict[str, set[str]] = {}
 
     # -- locking ------------------------------------------------------------------------------
     def writing(self):
@@ -215,15 +218,16 @@ class Store:
 
     def cells_table(self, name: str, dims: dict[str, int], config: dict):
         """Open the vector table `name`, creating it for `config`; refuse another config."""
-        stored = self.config_or_none(name)
-        if stored is None:
-            if self.has(name):
-                raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
-            return self.db.create_table(
-                name,
-                schema=cells_schema(dims, config),
-                storage_options={"new_table_data_storage_version": STORAGE_VERSION},
-            )
+        with self.writing():  # two writers starting at once: one creates, the other checks
+            stored = self.config_or_none(name)
+            if stored is None:
+                if self.has(name):
+                    raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
+                return self.db.create_table(
+                    name,
+                    schema=cells_schema(dims, config),
+                    storage_options={"new_table_data_storage_version": STORAGE_VERSION},
+                )
         diff = config_diff(stored, config)
         if diff:
             raise StoreError(
@@ -241,15 +245,19 @@ class Store:
         Extra copies of a key (left by concurrent writers before the write lock existed) are
         deleted on the way, the first copy kept: a rerun of the extraction repairs the store.
         """
-        if not self.has(name):
-            return set()
-        with self.writing():
+        with self.writing():  # no compaction (and cleanup of old files) while reading
+            if not self.has(name):
+                return set()
             flt = f"slide_id = {_sql_str(slide_id)}" if slide_id is not None else None
             keys = pl.from_arrow(self.open(name).to_lance().to_table(columns=["slide_id", "cell_id"], filter=flt, with_row_id=True))
             extra = keys.sort("_rowid").filter(~pl.struct("slide_id", "cell_id").is_first_distinct())["_rowid"]
             table = self.open(name)
             for start in range(0, extra.len(), DELETE_CHUNK):
                 table.delete(f"_rowid IN ({', '.join(map(str, extra[start : start + DELETE_CHUNK]))})")
+            if self._seen.get(name) != table.version or slide_id is None:
+                self._covered[name] = set()  # what the caller knew of other slides is stale
+            if slide_id is not None:
+                self._covered[name].add(slide_id)
             self._seen[name] = table.version
         if extra.len():
             warnings.warn(f"table {name!r}: removed {extra.len()} duplicate rows (one copy of each cell kept)", stacklevel=2)
@@ -263,15 +271,20 @@ class Store:
     def append_new(self, name: str, rows: pa.Table) -> int:
         """Append the rows whose (slide_id, cell_id) is not stored yet, in one commit.
 
-        Under the write lock: when another writer has committed since this Store last read
-        keys or wrote (the table's version moved), the keys it stored are dropped first.
+        Under the write lock, the stored keys are checked (and the rows already stored
+        dropped) unless nobody else has committed since this Store read the stored keys of
+        the rows' slides with `stored_keys` (which its caller excluded) or last wrote. Once
+        another writer has committed, every commit is checked until `stored_keys` is called
+        again: the other writer may have stored keys that later rows carry too.
         Returns the number of rows written.
         """
         with self.writing():
             table = self.open(name)
+            slides = set(pc.unique(rows.column("slide_id")).to_pylist())
             if self._seen.get(name) != table.version:
-                slides = pc.unique(rows.column("slide_id")).to_pylist()
-                stored = pl.from_arrow(table.to_lance().to_table(columns=["slide_id", "cell_id"], filter=sql_in("slide_id", slides)))
+                self._covered[name] = set()
+            if not slides <= self._covered.get(name, set()):
+                stored = pl.from_arrow(table.to_lance().to_table(columns=["slide_id", "cell_id"], filter=sql_in("slide_id", sorted(slides))))
                 new = pl.from_arrow(rows.select(["slide_id", "cell_id"])).with_row_index("i")
                 keep = new.join(stored, on=["slide_id", "cell_id"], how="anti")["i"].to_numpy()
                 if len(keep) < rows.num_rows:
