@@ -1,6 +1,6 @@
 """Fault injection: kill -9 the writing commands at random moments, rerun, count the damage.
 
-    python bench/faults.py [--kills 6] [--cells 160] [--seed 0] [--keep DIR]
+    python bench/faults.py [--kills 6] [--cells 160] [--seed 0] [--concurrent 3] [--keep DIR]
 
 Commands: `embed extract`, `embed labels`, `heads predict`, `embed index`, each run as a
 subprocess on a small synthetic cohort. Every trial kills the command one or more times with
@@ -11,7 +11,9 @@ every kill the store must hold no duplicate key; after the rerun that follows, e
 row must be there exactly once and hold the same values as an uninterrupted run (vectors to
 fp16 precision: cosine >= 0.9999, labels and predictions exactly, the index answering the same neighbours).
 Prints JSON: per command the kills made (and how many landed in a commit), rows lost, rows
-duplicated, the largest vector difference; the last two counts must be 0.
+duplicated, the largest vector difference; the last two counts must be 0. Then rounds of two
+extractions into one store at once (the same cells; different slides): rows lost and
+duplicated, processes failed (all must be 0).
 """
 
 from __future__ import annotations
@@ -244,10 +246,38 @@ def plans(command: str, n: int, c: Cohort, rng: random.Random) -> list[list[tupl
     return [kills[i : i + 2] for i in range(0, len(kills), 2)]
 
 
+def concurrent(c: Cohort, n: int) -> dict:
+    """`n` times: two `embed extract` of the same cells into one new store at once, then two
+    of different slides. Rows and unique keys must both equal the cells given."""
+    cells = pl.read_parquet(c.cells)
+    per_slide = []
+    for sid in sorted(cells["slide_id"].unique()):
+        per_slide.append(c.work / f"cells_{sid}.parquet")
+        cells.filter(pl.col("slide_id") == sid).write_parquet(per_slide[-1])
+    out = {"runs": 0, "failed_processes": 0, "rows_lost": 0, "rows_duplicated": 0, "cells_skipped_as_stored_by_the_other": 0}
+    for i in range(n):
+        for mode, inputs in (("same", [c.cells, c.cells]), ("different", per_slide[:2])):
+            db = c.work / f"concurrent_{mode}_{i}"
+            procs = [subprocess.Popen([sys.executable, "-m", "cli.embed", "extract", str(c.slides), "--cells", str(cf),
+                                       "--db", str(db), *BACKBONES], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL) for cf in inputs]  # fmt: skip
+            out["failed_processes"] += sum(p.wait(600) != 0 for p in procs)
+            out["runs"] += 1
+            want = pl.concat([pl.read_parquet(cf) for cf in dict.fromkeys(inputs)]).select("slide_id", "cell_id")
+            d = damage(keys_of(db, "cells"), want, ["slide_id", "cell_id"])
+            out["rows_lost"] += d["rows_lost"]
+            out["rows_duplicated"] += d["rows_duplicated"]
+            if mode == "same":
+                counts = [json.loads(x) for x in Store(db).runs()["counts"]]
+                out["cells_skipped_as_stored_by_the_other"] += sum(x.get("already_stored", 0) for x in counts)
+    return out
+
+
 TRIALS = {"extract": trial_extract, "labels": trial_labels, "predict": trial_predict, "index": trial_index}
 
 
-def campaign(work: Path, *, kills: int | dict[str, int] = 6, n_cells: int = 160, seed: int = 0) -> dict:
+def campaign(work: Path, *, kills: int | dict[str, int] = 6, n_cells: int = 160, seed: int = 0,
+             concurrent_runs: int = 0) -> dict:  # fmt: skip
     """Kill each command `kills` times (or `kills[command]` times, for the commands named)."""
     kills = kills if isinstance(kills, dict) else dict.fromkeys(TRIALS, kills)
     commands = list(kills)
@@ -274,6 +304,8 @@ def campaign(work: Path, *, kills: int | dict[str, int] = 6, n_cells: int = 160,
                     totals[k] = totals.get(k, 0) + v
         report[command] = totals
     report["total"] = {k: sum(report[c].get(k, 0) for c in commands) for k in ("kills", "kills_in_commit", "rows_lost", "rows_duplicated")}
+    if concurrent_runs:
+        report["concurrent_writers"] = concurrent(c, concurrent_runs)
     return report
 
 
@@ -282,13 +314,14 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=6, help="kills per command")
     ap.add_argument("--cells", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--concurrent", type=int, default=3, help="rounds of two extractions at once (same cells, other slides)")
     ap.add_argument("--keep", type=Path, help="work here and keep the files")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="nuclass-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     try:
-        report = campaign(work, kills=args.kills, n_cells=args.cells, seed=args.seed)
+        report = campaign(work, kills=args.kills, n_cells=args.cells, seed=args.seed, concurrent_runs=args.concurrent)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
