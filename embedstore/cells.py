@@ -273,13 +273,7 @@ def normalise(
     report.add("centroid outside the slide", outside.select(key).to_series().to_list())
     frame = frame.filter(inside)
 
-    if "split" in frame.columns:
-        wrong = frame.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(SPLITS))
-        if wrong.height:
-            raise CellsError(
-                f"split column has values other than {', '.join(SPLITS)}: "
-                f"{sorted(set(wrong['split'].to_list()))[:5]}"
-            )
+    check_splits(frame)
     if on_bad == "error" and report.dropped:
         raise CellsError("bad cells (rerun without --strict to drop them):\n  " + "\n  ".join(report.lines()[1:]))
     if frame.height == 0:
@@ -311,18 +305,29 @@ def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
             raise CellsError(f"{frame[col].null_count()} cells have no {col}; give every cell one")
     frame = frame.with_columns(pl.col("slide_id", "cell_id", "tissue").cast(pl.Utf8))
     frame = clean_text_columns(frame, ["label", "split"]).with_columns(pl.col("tissue").fill_null("unknown"))
-    if "split" in frame.columns:
-        wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
-        if wrong:
-            raise CellsError(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
+    check_splits(frame)
     bad = frame.filter(~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite()).fill_null(True))
     if bad.height:
         raise CellsError(f"{bad.height} cells have NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}")
+    check_unique_keys(frame, "cell table")
+    return frame
+
+
+def check_splits(frame: pl.DataFrame, error: type[Exception] = CellsError) -> None:
+    """Refuse split values other than train/val/test (null means none)."""
+    if "split" in frame.columns:
+        wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
+        if wrong:
+            raise error(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
+
+
+def check_unique_keys(frame: pl.DataFrame, what: str, error: type[Exception] = CellsError) -> None:
+    """Refuse a table in which a (slide_id, cell_id) repeats."""
     dup = frame.select(pl.struct("slide_id", "cell_id").is_duplicated()).to_series()
     if dup.any():
-        ex = frame.filter(dup).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series()
-        raise CellsError(f"{int(dup.sum())} rows share a (slide_id, cell_id), e.g. {ex[:3].to_list()}")
-    return frame
+        keys = frame.filter(dup).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().unique(maintain_order=True)
+        raise error(f"{keys.len()} cells appear more than once in the {what} ({int(dup.sum())} rows), "
+                    f"e.g. {keys.head(3).to_list()}; give each cell one row")  # fmt: skip
 
 
 def centroid_arrays(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

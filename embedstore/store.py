@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import faults, locking
+from .cells import check_splits, check_unique_keys, clean_text_columns
 from .errors import UserError
 
 CONFIG_KEY = b"nuclass.vector_config"
@@ -368,8 +369,6 @@ class Store:
         that had a label before and have none now; the labels they had stay readable as
         `previous_version` of the labels table (`restore_labels`).
         """
-        from .cells import SPLITS, clean_text_columns
-
         for col in ("slide_id", "cell_id"):
             if col not in frame.columns:
                 raise StoreError(f"label table lacks {col!r}; columns are {frame.columns}")
@@ -378,14 +377,8 @@ class Store:
         frame = clean_text_columns(frame.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
         if "label_confidence" in frame.columns and not frame.schema["label_confidence"].is_numeric():
             raise StoreError(f"label_confidence must be numeric, not {frame.schema['label_confidence']}")
-        if "split" in frame.columns:
-            wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
-            if wrong:
-                raise StoreError(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
-        dup = frame.select(pl.struct("slide_id", "cell_id").is_duplicated()).to_series()
-        if dup.any():
-            ex = frame.filter(dup).head(3).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
-            raise StoreError(f"label table has {int(dup.sum())} rows with repeated ids, e.g. {ex}")
+        check_splits(frame, StoreError)
+        check_unique_keys(frame, "label table", StoreError)
         cols = {"slide_id": pl.Utf8, "cell_id": pl.Utf8, "label": pl.Utf8, "label_confidence": pl.Float64, "split": pl.Utf8}
         with self.writing():
             keys = self.keys_frame(table)

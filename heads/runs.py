@@ -57,16 +57,14 @@ def load_cell_data(
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
-        from embedstore.cells import clean_text_columns, read_table
+        from embedstore.cells import check_unique_keys, clean_text_columns, read_table
 
         lab = read_table(labels)
         missing = [c for c in ("slide_id", "cell_id", "label") if c not in lab.columns]
         if missing:
             raise UserError(f"{labels}: no {', '.join(missing)} column; columns are {lab.columns}")
         lab = clean_text_columns(lab.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
-        n_dup = lab.select(pl.struct("slide_id", "cell_id").is_duplicated().sum()).item()
-        if n_dup:
-            raise UserError(f"{labels}: {n_dup} rows repeat a (slide_id, cell_id); give each cell one label")
+        check_unique_keys(lab, f"label table {labels}", UserError)
         keep = [c for c in ("label", "label_confidence", "split") if c in lab.columns]
         meta = meta.drop([c for c in keep if c in meta.columns]).join(
             lab.select("slide_id", "cell_id", *keep), on=["slide_id", "cell_id"], how="left", maintain_order="left"
