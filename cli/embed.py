@@ -391,6 +391,7 @@ def audit(
     vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     other_slides_only: Annotated[bool, typer.Option(help="vote only with neighbours from other slides")] = False,
+    exclude_near_um: Annotated[float | None, typer.Option(help="same-slide neighbours closer than this (µm) do not vote; default 128 (the context radius) for context vectors, 0 for local")] = None,
     min_share: Annotated[float, typer.Option(help="flag when this share of voters agree on another class")] = 0.75,
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
 ) -> None:
@@ -402,7 +403,7 @@ def audit(
     from embedstore.geojson import write_geojson
 
     queue, summary = explore.audit(
-        db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, root=index_dir,
+        db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, exclude_near_um=exclude_near_um, root=index_dir,
         progress=_search_progress("auditing"), notify=lambda m: console.print(m, markup=False), min_share=min_share,
     )  # fmt: skip
     stem = out.with_suffix("")

@@ -31,7 +31,12 @@ def train(
     stage: Annotated[str, typer.Option(help="local, global, gate or all")] = "all",
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     labels: Annotated[Path | None, typer.Option(help="label table (slide_id, cell_id, label[, split]); default: the store's")] = None,
-    holdout: Annotated[list[str] | None, typer.Option(help="slide or tissue kept out of training (repeatable)")] = None,
+    holdout: Annotated[list[str] | None, typer.Option(help="slide or tissue kept out of training as the test part (repeatable)")] = None,
+    val_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its val stripe")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its test stripe (0 with --holdout)")] = 0.2,
+    guard_um: Annotated[float, typer.Option(help="guard band between parts, µm (default: the context radius)")] = 128.0,
+    stage3_heads: Annotated[str, typer.Option(help="stage 3: joint (gate + both heads) or frozen (gate only, as the authors' code)")] = "joint",
+    alpha_schedule: Annotated[str, typer.Option(help="stage-2 context ramp: step (per optimiser step) or epoch (the authors')")] = "step",
     film: Annotated[bool, typer.Option("--film/--concat", help="FiLM tissue conditioning, or the paper's Concat ablation")] = True,
     epochs: Annotated[int, typer.Option(help="stage-1 epochs (max; early stopping on val macro-F1)")] = 4,
     global_epochs: Annotated[int, typer.Option(help="stage-2 epochs")] = 3,
@@ -45,17 +50,21 @@ def train(
 ) -> None:
     """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
     from heads.runs import train as run_train
+    from heads.splits import SplitConfig
     from heads.train import TrainConfig
 
     cfg = TrainConfig(
         epochs=epochs, global_epochs=global_epochs, gate_epochs=gate_epochs,
         batch_size=batch_size, patience=patience, seed=seed, device=device, film=film,
+        stage3_heads=stage3_heads, alpha_schedule=alpha_schedule,
     )  # fmt: skip
+    split_cfg = SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, guard_um=guard_um, seed=seed)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale, log=_log)
+    run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale,
+              split_config=split_cfg, log=_log)
     console.print(f"[green]trained[/] stage {stage} -> {out}")
 
 
@@ -64,12 +73,14 @@ def eval_(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
     db: Annotated[Path, typer.Option(help="LanceDB store (the training store, or a cohort's)")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
-    on: Annotated[str, typer.Option(help="part of the run's split to score: val, test, holdout, all")] = "val",
+    on: Annotated[str, typer.Option(help="part of the run's split to score: test, val (the cells that chose the model), train, all")] = "test",
     cohort: Annotated[str | None, typer.Option(help="name a held-out cohort: score every labelled cell of --db")] = None,
     synonyms: Annotated[Path | None, typer.Option(help="JSON {raw label: training class or null} for --cohort")] = None,
     labels: Annotated[Path | None, typer.Option(help="label table to use instead of the store's")] = None,
     baselines: Annotated[str, typer.Option(help="comma list of logreg,xgboost,knn, or none")] = "logreg,xgboost,knn",
+    balanced: Annotated[bool, typer.Option(help="class-balanced baselines (as the heads' class-balanced loss)")] = True,
     temperature: Annotated[bool, typer.Option(help="report ECE after temperature scaling (fit on validation)")] = True,
+    coverage: Annotated[float, typer.Option(help="conformal level: target share of cells whose set holds the true class")] = 0.9,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
 ) -> None:
     """Accuracy, macro-F1, per-class F1, ECE, confusion matrices, reliability and baselines."""
@@ -79,10 +90,32 @@ def eval_(
     syn = json.loads(synonyms.read_text()) if synonyms else None
     which = () if baselines.strip().lower() in ("", "none") else tuple(b.strip() for b in baselines.split(","))
     result = evaluate_run(
-        run_dir, db, table=table, on=on, cohort=cohort, synonyms=syn, baselines=which,
-        temperature=temperature, labels=labels, device=device, log=_log,
+        run_dir, db, table=table, on=on, cohort=cohort, synonyms=syn, baselines=which, balanced=balanced,
+        temperature=temperature, conformal_level=coverage, labels=labels, device=device, log=_log,
     )  # fmt: skip
-    console.print(rich_results_table(result["table"], title=f"{run_dir} on {cohort or on}"))
+    title = f"{run_dir} on {result['on']}"
+    if result["selection"]:
+        title += " [bold red](the cells that chose the model: optimistic)[/]"
+    console.print(rich_results_table(result["table"], title=title))
+    console.print("val_macro_f1: the same model on the validation cells that selected it; "
+                  "selection_gap = val_macro_f1 - macro_f1", highlight=False)  # fmt: skip
+    if result["conformal"] is not None:
+        from rich.table import Table
+
+        conf = result["conformal"]
+        t = Table("class", "n", "coverage", "mean size", "coverage (per-class cal.)", "mean size (per-class cal.)",
+                  title=f"conformal sets ({conf['path']} path, APS) at {conf['level']:.0%}")
+        m, cc = conf["marginal"], conf["class_conditional"]
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        t.add_row("all", str(m["n"]), fmt(m["coverage"]), fmt(m["mean_size"]), fmt(cc["coverage"]), fmt(cc["mean_size"]), style="bold")
+        for name, r in m["per_class"].items():
+            r2 = cc["per_class"][name]
+            t.add_row(name, str(r["n"]), fmt(r["coverage"]), fmt(r["mean_size"]), fmt(r2["coverage"]), fmt(r2["mean_size"]))
+        console.print(t)
+        console.print(f"empty sets: {m['empty_share']:.1%} (marginal), {cc['empty_share']:.1%} (per-class)", highlight=False)
     if result["complementarity"] is not None:
         from rich.table import Table
 
@@ -102,11 +135,14 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="folder for predictions.parquet and geojson/ (default RUN/predictions)")] = None,
     slide: Annotated[list[str] | None, typer.Option(help="only these slides (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    coverage: Annotated[float, typer.Option(help="conformal level of each cell's set of plausible classes")] = 0.9,
+    class_conditional: Annotated[bool, typer.Option(help="calibrate the sets per class (coverage per class)")] = False,
 ) -> None:
     """Per-cell class, probabilities, gate value and confidence -> store, Parquet, QuPath GeoJSON."""
     from heads.runs import predict as run_predict
 
-    run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device, log=_log)
+    run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
+                conformal_level=coverage, class_conditional=class_conditional, log=_log)
 
 
 main = run(app)

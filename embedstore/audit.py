@@ -60,11 +60,25 @@ def _vote_counts(nbr_labels: np.ndarray, valid: np.ndarray, n_classes: int) -> n
                        minlength=nq * n_classes).reshape(nq, n_classes)
 
 
+def _drop_near(nbr: np.ndarray, r: np.ndarray, gcodes: np.ndarray, xy: np.ndarray,
+               radius: float, k: int) -> np.ndarray:
+    """The first k neighbours per query that are not same-group cells within `radius` (-1 pads)."""
+    ok = nbr >= 0
+    safe = nbr.clip(0)
+    d = np.hypot(*(xy[safe] - xy[r][:, None, :]).transpose(2, 0, 1))
+    ok &= ~((gcodes[safe] == gcodes[r][:, None]) & (d < radius))
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # admissible first, search order kept
+    kept = np.take_along_axis(nbr, order, axis=1)
+    return np.where(np.take_along_axis(ok, order, axis=1), kept, -1)
+
+
 def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
                 classes: Sequence[str], k: int = 20, groups: np.ndarray | None = None,
                 other_groups_only: bool = False, batch_size: int = 4096,
                 progress: Progress | None = None, *, min_votes: int = 5,
-                min_share: float = 0.75, prior_weight: float = 1.0) -> pl.DataFrame:
+                min_share: float = 0.75, prior_weight: float = 1.0,
+                xy_um: np.ndarray | None = None, exclude_radius_um: float = 0.0,
+                overfetch: int = 8) -> pl.DataFrame:
     """Score each labelled cell by how well its label agrees with its k nearest neighbours.
 
     ``vectors`` are the indexed rows (row i of the index); ``labels`` an int code per row into
@@ -90,8 +104,15 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
     if lab.min(initial=0) < -1 or lab.max(initial=-1) >= n_classes:
         raise UserError(f"labels hold codes outside [-1, {n_classes - 1}] for {n_classes} "
                         "classes: pass the class list the codes were made with.")
-    if other_groups_only and groups is None:
-        raise UserError("other_groups_only needs groups (one slide code per row).")
+    if (other_groups_only or exclude_radius_um > 0) and groups is None:
+        raise UserError("other_groups_only (or exclude_radius_um) needs groups (one slide code per row).")
+    if exclude_radius_um < 0:
+        raise UserError(f"exclude_radius_um={exclude_radius_um} must be >= 0 µm.")
+    near = exclude_radius_um > 0 and not other_groups_only  # other slides only: nothing is near
+    if near:
+        xy = np.asarray(xy_um, dtype=np.float64) if xy_um is not None else None
+        if xy is None or xy.shape != (n, 2) or not np.isfinite(xy).all():
+            raise UserError(f"exclude_radius_um needs finite (x, y) µm for all {n} rows.")
     batch_size = _check_batch(batch_size)
     if not 0 < min_share <= 1:
         raise UserError(f"min_share={min_share} must lie in (0, 1].")
@@ -99,7 +120,7 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
     rows = np.flatnonzero(lab >= 0)
     freq = np.bincount(lab[rows], minlength=n_classes) / max(rows.size, 1)
     gcodes = None
-    if other_groups_only:
+    if other_groups_only or near:
         g = np.asarray(groups)
         if g.shape != (n,):
             raise UserError(f"groups must have one entry per row ({n}), got shape {g.shape}.")
@@ -116,9 +137,11 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
     for s in range(0, nq, batch_size):
         r = rows[s:s + batch_size]
         kw: dict[str, Any] = {}
-        if gcodes is not None:
+        if other_groups_only:
             kw = {"groups": gcodes, "exclude_groups": gcodes[r]}
-        _, nbr = index.search(x[r], k, query_ids=r, **kw)
+        _, nbr = index.search(x[r], min(k * overfetch, n) if near else k, query_ids=r, **kw)
+        if near:
+            nbr = _drop_near(nbr, r, gcodes, xy, exclude_radius_um, k)
         nl = np.where(nbr >= 0, lab[nbr.clip(0)], -1)
         valid = nl >= 0
         counts = _vote_counts(nl, valid, n_classes)

@@ -19,6 +19,7 @@ from . import faults
 from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from .errors import UserError
 from .fileio import atomic_path
+from .geometry import CONTEXT_CROP
 from .search import CellIndex, check_k, is_stale
 from .store import DEFAULT_TABLE, Store, StoreError
 
@@ -197,12 +198,17 @@ def audit(
     table: str = DEFAULT_TABLE,
     vector: str = "local",
     other_slides_only: bool = False,
+    exclude_near_um: float | None = None,
     root: str | Path | None = None,
     progress: Progress | None = None,
     notify: Callable[[str], None] = lambda msg: None,
     **kwargs,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(review queue of labelled cells sorted by suspicion, per-class flagged shares)."""
+    """(review queue of labelled cells sorted by suspicion, per-class flagged shares).
+
+    `exclude_near_um`: same-slide neighbours closer than this do not vote; default the context
+    radius (128 µm) for context vectors (they share most of their field), 0 for local ones.
+    """
     check_k(k)
     if not 0 < kwargs.get("min_share", 0.75) <= 1:
         raise UserError(f"--min-share {kwargs['min_share']} must lie in (0, 1]")
@@ -211,9 +217,13 @@ def audit(
         raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
     classes = sorted(meta["label"].drop_nulls().unique().to_list())
     codes = meta["label"].replace_strict({c: i for i, c in enumerate(classes)}, default=-1, return_dtype=pl.Int64).to_numpy()
+    if exclude_near_um is None:
+        exclude_near_um = CONTEXT_CROP.size_um / 2 if vector != "local" else 0.0
+    xy = meta.select("x_um", "y_um").to_numpy() if exclude_near_um > 0 else None
     result = label_audit(
         index, vectors, codes, classes, k=k, groups=meta["slide_id"].to_numpy(),
-        other_groups_only=other_slides_only, progress=progress, **kwargs,
+        other_groups_only=other_slides_only, progress=progress, xy_um=xy,
+        exclude_radius_um=exclude_near_um, **kwargs,
     )  # fmt: skip
     cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue") if c in meta.columns]
     queue = pl.concat([meta[result["row"].to_numpy()].select(cols), result.drop("row", "label", "suggested").rename({"label_name": "label", "suggested_name": "suggested"})], how="horizontal")

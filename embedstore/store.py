@@ -45,7 +45,8 @@ META_COLUMNS = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue",
 LABEL_COLUMNS = ["label", "label_confidence", "split"]
 PREDICTION_COLUMNS = [
     "run", "slide_id", "cell_id", "pred_class", "pred_confidence", "pred_source", "local_class",
-    "local_confidence", "global_class", "global_confidence", "gate",
+    "local_confidence", "global_class", "global_confidence", "gate", "safety_class",
+    "conformal_set", "set_size",
 ]  # fmt: skip
 VECTOR_KINDS = ("local", "context")
 #: Lance file format of vector tables, chosen by bench/store.py: reading 1M x 2560 float16
@@ -453,6 +454,13 @@ class Store:
                 self.db.create_table("predictions", data=arrow)
                 return
             table = self.db.open_table("predictions")
+            missing = {f.name: f.type for f in arrow.schema if f.name not in table.schema.names}
+            if missing:  # a table made before these columns existed
+                sql = {pa.string(): "STRING", pa.int32(): "INT", pa.float32(): "FLOAT"}
+                table.add_columns({k: f"CAST(NULL AS {sql.get(t, 'STRING')})" for k, t in missing.items()})
+            absent = [f for f in table.schema if f.name not in arrow.schema.names]
+            for f in absent:  # e.g. a run without a gate into a table that has the columns
+                arrow = arrow.append_column(f, pa.nulls(arrow.num_rows, f.type))
             (
                 table.merge_insert(["run", "slide_id", "cell_id"])
                 .when_matched_update_all()

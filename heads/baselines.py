@@ -25,7 +25,7 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 from xgboost import XGBClassifier
 
 from embedstore.errors import UserError
-from heads.metrics import encode_labels, evaluate
+from heads.metrics import encode_labels, evaluate, macro_f1
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,16 @@ class XGBoostBaseline:
                 valid[rng.choice(idx, size=k, replace=False)] = True
         return valid
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> XGBoostBaseline:
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        X_val: np.ndarray | None = None,
+        y_val: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+    ) -> XGBoostBaseline:
+        """Fit; with (X_val, y_val) early stopping watches those cells (the heads' validation
+        cells) instead of a `valid_fraction` slice of the training rows."""
         self._validate_params()
         X, y = _check_xy(X, y)
         self.encoder_ = LabelEncoder().fit(y)
@@ -203,8 +212,17 @@ class XGBoostBaseline:
             )
             self.pca_.fit(X[rows])
             X = self.pca_.transform(X)
-        valid = self._valid_split(yi) if self.valid_fraction > 0 else np.zeros(len(yi), bool)
-        use_es = bool(valid.any())
+        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        if X_val is not None and y_val is not None:
+            known = np.isin(y_val, self.encoder_.classes_)  # classes unseen in training: no loss
+            Xv, _ = _check_xy(X_val)
+            Xv = Xv[known] if self.pca_ is None else self.pca_.transform(Xv[known])
+            valid = np.zeros(len(yi), bool)
+            eval_set = [(Xv, self.encoder_.transform(np.asarray(y_val)[known]))] if known.any() else None
+        else:
+            valid = self._valid_split(yi) if self.valid_fraction > 0 else np.zeros(len(yi), bool)
+            eval_set = [(X[valid], yi[valid])] if valid.any() else None
+        use_es = eval_set is not None
         self.model_ = XGBClassifier(
             n_estimators=self.n_estimators,
             learning_rate=self.learning_rate,
@@ -218,8 +236,8 @@ class XGBoostBaseline:
             n_jobs=self.n_jobs,
             random_state=self.random_state,
         )
-        eval_set = [(X[valid], yi[valid])] if use_es else None
-        self.model_.fit(X[~valid], yi[~valid], eval_set=eval_set, verbose=False)
+        self.model_.fit(X[~valid], yi[~valid], eval_set=eval_set, verbose=False,
+                        sample_weight=None if w is None else w[~valid])
         self.classes_ = self.encoder_.classes_
         self.best_iteration_ = getattr(self.model_, "best_iteration", self.n_estimators - 1)
         return self
@@ -251,10 +269,13 @@ class KNNVote:
     probabilities are the vote shares. With k=1 a training vector returns its own label.
     """
 
-    def __init__(self, k: int = 15, weights: str = "distance", batch_size: int = 8192) -> None:
+    def __init__(
+        self, k: int = 15, weights: str = "distance", batch_size: int = 8192, class_weight: str | None = None
+    ) -> None:
         self.k = k
         self.weights = weights
         self.batch_size = batch_size
+        self.class_weight = class_weight  # "balanced": each vote divided by its class's frequency
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> KNNVote:
         _positive_int("KNNVote k", self.k)
@@ -263,9 +284,14 @@ class KNNVote:
             raise UserError(
                 f"KNNVote weights must be 'uniform' or 'distance', got {self.weights!r}"
             )
+        if self.class_weight not in (None, "balanced"):
+            raise UserError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         X, y = _check_xy(X, y)
         self.encoder_ = LabelEncoder().fit(y)
         self.y_ = self.encoder_.transform(y).astype(np.int64)
+        counts = np.bincount(self.y_, minlength=len(self.encoder_.classes_)).astype(np.float64)
+        self.class_vote_ = (counts.sum() / (len(counts) * counts) if self.class_weight == "balanced"
+                            else np.ones_like(counts))  # fmt: skip
         self.index_ = faiss.IndexFlatIP(X.shape[1])
         self.index_.add(l2_normalize(X))
         self.classes_ = self.encoder_.classes_
@@ -291,6 +317,7 @@ class KNNVote:
             w = np.ones_like(sims, dtype=np.float64)
         else:
             w = 1.0 / (np.maximum(1.0 - sims.astype(np.float64), 0.0) + 1e-6)
+        w = w * self.class_vote_[self.y_[idx]]
         n, c = len(sims), len(self.classes_)
         cell = np.repeat(np.arange(n), sims.shape[1]) * c + self.y_[idx].ravel()
         votes = np.bincount(cell, weights=w.ravel(), minlength=n * c).reshape(n, c)
@@ -351,6 +378,29 @@ def expand_proba(proba: np.ndarray, fitted_classes: np.ndarray, n_classes: int) 
     return out
 
 
+#: hyper-parameters each baseline chooses on the validation cells (first best on ties)
+SELECTION_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "logreg": [{"C": 0.03}, {"C": 0.1}, {"C": 0.3}],
+    "knn": [{"k": 5}, {"k": 15}, {"k": 45}],
+    "xgboost": [{}],  # early stopping on the validation cells chooses the number of trees
+}
+
+
+def balanced_sample_weight(y: np.ndarray) -> np.ndarray:
+    """n / (C n_c) per cell: every class weighs the same in total (sklearn's "balanced")."""
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    return (len(y) / (len(classes) * counts))[inverse]
+
+
+def _fit_one(model: str, kwargs: dict[str, Any], X: np.ndarray, y: np.ndarray,
+             X_val: np.ndarray | None, y_val: np.ndarray | None, balanced: bool) -> Any:
+    if model == "xgboost":
+        est = XGBoostBaseline(**kwargs)
+        return est.fit(X, y, X_val, y_val, sample_weight=balanced_sample_weight(y) if balanced else None)
+    extra = {"class_weight": "balanced"} if balanced else {}
+    return _ESTIMATORS[model](**{**extra, **kwargs}).fit(X, y)
+
+
 def run_baselines(
     features: Mapping[str, np.ndarray | Sequence[np.ndarray]],
     y: Sequence | np.ndarray,
@@ -359,6 +409,8 @@ def run_baselines(
     classes: Sequence[str],
     which: Sequence[str] = BASELINES,
     *,
+    val_mask: np.ndarray | None = None,
+    balanced: bool = False,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     return_proba: bool = False,
 ) -> list[dict[str, Any]]:
@@ -368,10 +420,14 @@ def run_baselines(
         (e.g. {"local": u, "context": c, "both": [u, c]}; for kNN each block is unit-normed
         before concatenation).
     y: labels (class names or indices into `classes`) for all n cells.
-    train_mask / eval_mask: boolean masks or row indices (must not overlap).
-    params: constructor arguments per baseline, e.g. {"knn": {"k": 5}}.
-    Returns result rows {"name": "logreg[local]", "model", "features", "fit_s",
-    "predict_s", **evaluate(...)} (plus "proba" when `return_proba`).
+    train_mask / eval_mask / val_mask: boolean masks or row indices (train must overlap neither).
+    val_mask: the heads' validation cells; the baselines then follow the heads' selection
+        rules there: each picks its hyper-parameters from `SELECTION_GRIDS` by validation
+        macro-F1, and XGBoost early-stops on them. Without it, the defaults are used as is.
+    balanced: class-balanced training (logreg/kNN class weights, XGBoost sample weights).
+    params: fixed constructor arguments per baseline, e.g. {"knn": {"k": 5}} (not searched).
+    Returns result rows {"name": "logreg[local]", "model", "features", "selected", "fit_s",
+    "predict_s", "val_macro_f1", **evaluate(...)} (plus "proba" when `return_proba`).
     """
     unknown = [w for w in which if w not in _ESTIMATORS]
     if unknown:
@@ -389,30 +445,49 @@ def run_baselines(
             raise UserError(f"feature set {name!r} has {_n_rows(name, blocks)} rows for {n} labels")
     tr = _rows_index(train_mask, n, "train_mask")
     ev = _rows_index(eval_mask, n, "eval_mask")
-    if np.intersect1d(tr, ev).size:
-        raise UserError("train and eval rows overlap: baselines must be scored on held-out cells")
+    va = None if val_mask is None else _rows_index(val_mask, n, "val_mask")
+    if np.intersect1d(tr, ev).size or (va is not None and np.intersect1d(tr, va).size):
+        raise UserError("train rows overlap the eval or val rows: baselines must be scored on held-out cells")
 
     rows: list[dict[str, Any]] = []
     for feat, blocks in features.items():
         for model in which:
-            est = _ESTIMATORS[model](**params.get(model, {}))
-            X_tr = _gather(blocks, tr, normalize_blocks=model == "knn")
+            fixed = dict(params.get(model, {}))
+            grid = SELECTION_GRIDS[model] if va is not None else [{}]
+            candidates = [dict(t) for t in dict.fromkeys(
+                tuple(sorted({**c, **fixed}.items())) for c in grid)]  # fmt: skip
+            norm = model == "knn"
+            X_tr = _gather(blocks, tr, normalize_blocks=norm)
+            X_va = None if va is None else _gather(blocks, va, normalize_blocks=norm)
             t0 = time.perf_counter()
-            est.fit(X_tr, yi[tr])
+            best, best_score, best_kwargs = None, -1.0, {}
+            for kwargs in candidates:
+                est = _fit_one(model, kwargs, X_tr, yi[tr], X_va, None if va is None else yi[va], balanced)
+                if X_va is None:
+                    best, best_kwargs, best_score = est, kwargs, None
+                    break
+                score = macro_f1(yi[va], est.classes_[est.predict_proba(X_va).argmax(1)])
+                if score > best_score:
+                    best, best_score, best_kwargs = est, score, kwargs
             fit_s = time.perf_counter() - t0
-            del X_tr
-            X_ev = _gather(blocks, ev, normalize_blocks=model == "knn")
+            del X_tr, X_va
+            X_ev = _gather(blocks, ev, normalize_blocks=norm)
             t0 = time.perf_counter()
-            proba = expand_proba(est.predict_proba(X_ev), est.classes_, len(classes))
+            proba = expand_proba(best.predict_proba(X_ev), best.classes_, len(classes))
             predict_s = time.perf_counter() - t0
             name = f"{model}[{feat}]"
             log.info("%s: fit %.1f s, predict %.1f s", name, fit_s, predict_s)
+            if model == "xgboost":
+                best_kwargs = {**best_kwargs, "trees": int(best.best_iteration_) + 1}
             row: dict[str, Any] = {
                 "name": name,
                 "model": model,
                 "features": feat,
+                "selected": best_kwargs,
+                "balanced": balanced,
                 "fit_s": fit_s,
                 "predict_s": predict_s,
+                "val_macro_f1": best_score,
                 **evaluate(yi[ev], proba, classes),
             }
             if return_proba:

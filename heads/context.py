@@ -12,9 +12,19 @@ ALPHA_START = 0.25
 ALPHA_RAMP_EPOCHS = 2.0
 
 
-def alpha_at(epoch_progress: float) -> float:
-    """Context scale α after `epoch_progress` (fractional) epochs: 0.25 -> 1 over 2 epochs."""
-    frac = min(max(epoch_progress / ALPHA_RAMP_EPOCHS, 0.0), 1.0)
+ALPHA_SCHEDULES = ("step", "epoch")
+
+
+def alpha_at(epoch_progress: float, schedule: str = "step") -> float:
+    """Context scale α after `epoch_progress` (fractional) epochs: 0.25 -> 1 over 2 epochs.
+
+    "step" ramps linearly at every optimiser step (the default: no jump in the input scale);
+    "epoch" steps once per epoch as the authors' code does (0.25, 0.625, 1.0).
+    """
+    if schedule not in ALPHA_SCHEDULES:
+        raise ValueError(f"alpha schedule must be one of {ALPHA_SCHEDULES}, got {schedule!r}")
+    progress = float(int(epoch_progress)) if schedule == "epoch" else epoch_progress
+    frac = min(max(progress / ALPHA_RAMP_EPOCHS, 0.0), 1.0)
     return ALPHA_START + (1.0 - ALPHA_START) * frac
 
 
@@ -36,7 +46,7 @@ class ContextHead(nn.Module):
         *,
         proj: int = 512,
         hidden: int = 1024,
-        gate_hidden: int = 128,
+        gate_hidden: int = 256,
         dropout: float = 0.2,
         context_dropout: float = 0.1,
     ) -> None:
@@ -75,13 +85,15 @@ class ContextHead(nn.Module):
         self.alpha.fill_(value)
 
     def projections(self, u: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """u', c' (c' zeroed for the whole batch with probability `context_dropout` in training)."""
+        """u', c'. In training, with probability `context_dropout` the whole batch's context
+        is zeroed before its LayerNorm, as in the authors' code (c' is then the projection of
+        the LayerNorm bias, a learnt "no context" input)."""
         u_p = self.proj_u(self.norm_u(self.standardize_u(u)))
-        c_p = self.proj_c(self.norm_c(self.standardize_c(c)))
+        c_s = self.standardize_c(c)
         if self.training and self.context_dropout > 0:
             if float(torch.rand(())) < self.context_dropout:
-                c_p = torch.zeros_like(c_p)
-        return u_p, c_p
+                c_s = torch.zeros_like(c_s)
+        return u_p, self.proj_c(self.norm_c(c_s))
 
     def classify(self, u_p: torch.Tensor, c_p: torch.Tensor) -> torch.Tensor:
         x = torch.cat([u_p, self.alpha * c_p], dim=1)

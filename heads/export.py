@@ -118,9 +118,11 @@ _MEASUREMENTS = {
     "gate": "gate",
     "local_confidence": "local confidence",
     "global_confidence": "global confidence",
+    "set_size": "conformal set size",
 }
 #: string columns written as QuPath metadata
-_METADATA = ("slide_id", "cell_id", "pred_source", "local_class", "global_class", "tissue", "label")
+_METADATA = ("slide_id", "cell_id", "pred_source", "local_class", "global_class", "safety_class",
+             "conformal_set", "tissue", "label")
 
 
 def write_geojson(frame: pl.DataFrame, path: str | Path, **kwargs: Any) -> list[Path]:

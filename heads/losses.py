@@ -36,23 +36,15 @@ def cross_entropy(
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross-entropy against the smoothed target (1 - ε) onehot(y) + ε / C.
+    """`torch.nn.functional.cross_entropy(weight=w, label_smoothing=ε)`, as the authors use it.
 
-    With class weights, cell i's loss is multiplied by weight[y_i] and the mean is the weighted
-    mean sum_i w_i l_i / sum_i w_i (the convention of torch's weighted cross-entropy).
-    `reduction="none"` returns the per-cell losses (weighted when `weight` is given).
+    Cell i's loss is (1 - ε) w[y_i] (-log p_i[y_i]) + (ε / C) sum_c w[c] (-log p_i[c]): each
+    class's smoothing term carries that class's weight. "mean" divides by sum_i w[y_i].
     """
-    logp = F.log_softmax(logits, dim=1)
-    nll_y = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
-    loss = (1.0 - smoothing) * nll_y + smoothing * (-logp.mean(dim=1))
-    wy = None if weight is None else weight.to(logits.dtype)[y]
-    if wy is not None:
-        loss = wy * loss
-    if reduction == "none":
-        return loss
-    if reduction != "mean":
+    if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    return loss.sum() / wy.sum() if wy is not None else loss.mean()
+    w = None if weight is None else weight.to(logits.dtype)
+    return F.cross_entropy(logits, y, weight=w, label_smoothing=smoothing, reduction=reduction)
 
 
 def uncertainty_weights(a: torch.Tensor) -> torch.Tensor:
@@ -101,11 +93,11 @@ def mixture_nll(p_mix: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.
     return (w * -torch.log(p_mix.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(EPS))).mean()
 
 
-def auto_pos_weight(t: torch.Tensor, clamp: tuple[float, float] = (0.1, 10.0)) -> torch.Tensor:
-    """BCE pos_weight = (soft) negatives / positives of the batch, clamped."""
-    t = t.detach()
-    pw = (1.0 - t).sum() / t.sum().clamp_min(EPS)
-    return pw.clamp(*clamp)
+def auto_pos_weight(t: torch.Tensor, clamp: tuple[float, float] = (1e-3, 1 - 1e-3)) -> torch.Tensor:
+    """BCE pos_weight = (1 - q) / q, q = the batch's (soft) share of positive targets clamped
+    to [0.001, 0.999], as in the authors' code (so pos_weight spans 0.001..999)."""
+    q = t.detach().mean().clamp(*clamp)
+    return (1.0 - q) / q
 
 
 def gate_bce(

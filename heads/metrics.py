@@ -39,7 +39,12 @@ if TYPE_CHECKING:
 
 #: columns of `results_table`, in display order; optional ones appear when any row has them
 RESULT_COLUMNS = ("name", "n", "accuracy", "macro_f1", "ece")
-OPTIONAL_RESULT_COLUMNS = ("ece_ts", "temperature", "fit_s")
+OPTIONAL_RESULT_COLUMNS = ("ece_ts", "temperature", "val_macro_f1", "selection_gap", "fit_s")
+MACRO_F1_DEFINITION = (
+    "unweighted mean of per-class F1 over the classes present in the scored cells' true labels "
+    "(sklearn f1_score(average='macro', labels=classes present)); classes without cells are "
+    "listed as missing, not scored"
+)
 
 
 def _check_classes(classes: Sequence[str]) -> list[str]:
@@ -93,6 +98,20 @@ def as_predictions(pred: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return encode_labels(p, classes)
 
 
+def macro_f1(y_true: Sequence | np.ndarray, y_pred: Sequence | np.ndarray) -> float:
+    """The project's one macro-F1: the unweighted mean of per-class F1 over the classes present
+    in `y_true`. A class that is predicted but never true adds no term of its own; the cells
+    wrongly put into it still lower the recall, hence the F1, of their true classes.
+
+    Used for early stopping, reports, baselines and benchmarks alike, so that a split lacking a
+    class scores the same everywhere. 0.0 for no cells.
+    """
+    y, p = np.asarray(y_true), np.asarray(y_pred)
+    if y.size == 0:
+        return 0.0
+    return float(f1_score(y, p, labels=np.unique(y), average="macro", zero_division=0))
+
+
 def _none_if_nan(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
@@ -141,7 +160,7 @@ def evaluate(
     return {
         "n": int(len(y)),
         "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y, pred),
         "balanced_accuracy": float(
             recall_score(y, pred, labels=present, average="macro", zero_division=0)
         ),

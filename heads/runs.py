@@ -25,21 +25,25 @@ from .calibration import TemperatureScaler, expected_calibration_error
 from .data import CellData
 from .export import predictions_frame, write_geojson, write_parquet
 from .metrics import (
+    MACRO_F1_DEFINITION,
     apply_synonyms,
     complementarity,
     evaluate,
+    macro_f1,
     restrict_to_present,
     results_table,
     write_metrics_json,
 )
 from .plots import complementarity_chart, confusion_heatmap, reliability_diagram
-from .splits import Split, make_split
+from .posthoc import ConformalSets, apply_safety, fit_safety, load_safety, save_safety, set_coverage
+from .splits import PARTS, Split, SplitConfig, make_split
 from .train import STAGE_CHOICES, TrainConfig, predict_all, train_stage
 
 Log = Callable[[str], None]
 SPLIT_FILE = "split.parquet"
+SPLIT_INFO_FILE = "split.json"
 #: path name in tables -> key of predict_all's output
-PATHS = {"local (FiLM)": "p_local", "global": "p_global", "gate": "p_gate"}
+PATHS = {"local (FiLM)": "p_local", "global": "p_global", "gate": "p_gate", "safety rule": "p_safety"}
 
 
 def load_cell_data(
@@ -87,10 +91,14 @@ def load_cell_data(
 
 
 def save_split(run_dir: Path, data: CellData, split: Split) -> None:
+    """split.parquet (slide_id, cell_id, split incl. "guard") and split.json (settings, counts
+    per slide and class, leak)."""
     names = split.labels(len(data))
     frame = data.meta.select("slide_id", "cell_id").with_columns(split=pl.Series(names.astype(str)))
     with atomic_path(run_dir / SPLIT_FILE) as tmp:
         frame.filter(pl.col("split") != "").write_parquet(tmp)
+    with atomic_path(run_dir / SPLIT_INFO_FILE) as tmp:
+        Path(tmp).write_text(json.dumps({**split.summary(), **split.info}, indent=2) + "\n")
 
 
 def load_split(run_dir: Path, data: CellData) -> Split:
@@ -112,8 +120,11 @@ def load_split(run_dir: Path, data: CellData) -> Split:
             "are labelled cells of this store: evaluate on the run's own store, or score another "
             "store as a held-out cohort with --cohort NAME"
         )
-    parts = {p: np.flatnonzero(names == p).astype(np.int64) for p in ("train", "val", "test", "holdout")}
-    return Split(**parts, source="saved")
+    names = np.where(names == "holdout", "test", names)  # runs made before the test split
+    parts = {p: np.flatnonzero(names == p).astype(np.int64) for p in PARTS}
+    info_path = Path(run_dir) / SPLIT_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return Split(**parts, source=info.get("source", "saved"), info=info)
 
 
 def train(
@@ -126,9 +137,11 @@ def train(
     holdout: Sequence[str] = (),
     labels: str | Path | None = None,
     scale: bool = True,
+    split_config: SplitConfig | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train `stage` on the store's cached vectors; the split is made once and saved.
+    """Train `stage` on the store's cached vectors; the split is made once and saved, and the
+    conformal calibration and safety rule are fitted on its validation cells (`fit_posthoc`).
 
     With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
     """
@@ -139,14 +152,41 @@ def train(
     log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
         f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
     if stage in ("local", "all") or not (run_dir / SPLIT_FILE).exists():
-        split = make_split(data.meta, holdout=holdout)
+        split = make_split(data.meta, holdout=holdout, config=split_config)
     else:
         split = load_split(run_dir, data)
     if scale:
         cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
     out = train_stage(stage, data, run_dir, cfg, split=split, log=log)
     save_split(run_dir, data, split)
+    fit_posthoc(run_dir, data, split, device=cfg.device, log=log)
     return out
+
+
+def fit_posthoc(run_dir: Path, data: CellData, split: Split, *, device: str = "cpu", log: Log = print) -> None:
+    """Fit, on the run's validation cells, the conformal calibration of its final path (gate,
+    else global, else local) and, when the gate is trained, the safety rule; both saved."""
+    val = split.val[data.label.numpy()[split.val] >= 0]
+    if val.size == 0:
+        log("no labelled validation cells: no conformal calibration, no safety rule")
+        return
+    probs = predict_all(data.subset(val), run_dir, device=device)
+    y = data.label.numpy()[val]
+    path = next(p for p in ("gate", "global", "local") if f"p_{p}" in probs)
+    ConformalSets.fit(probs[f"p_{path}"], y, cell_keys(data.meta[val]), path).save(run_dir)
+    msg = f"conformal sets calibrated on {val.size} val cells ({path} path)"
+    if "p_gate" in probs:
+        rule = fit_safety(probs["p_local_gate"], probs["p_global_gate"], probs["gate"], y)
+        save_safety(run_dir, rule)
+        chosen = "baseline choice only" if rule["tau"] is None else f"tau {rule['tau']}, gamma {rule['gamma']}"
+        msg += (f"; safety rule ({chosen}): val accuracy {rule['val_accuracy']:.4f} vs local "
+                f"{rule['val_accuracy_local']:.4f}, global {rule['val_accuracy_global']:.4f}")  # fmt: skip
+    log(msg)
+
+
+def cell_keys(meta: pl.DataFrame) -> list[str]:
+    """"slide:cell" per row (the key conformal draws are made from)."""
+    return (meta["slide_id"].cast(pl.Utf8) + ":" + meta["cell_id"].cast(pl.Utf8)).to_list()
 
 
 def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log: Log = print) -> TrainConfig:
@@ -172,16 +212,32 @@ def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log:
     return new
 
 
-EVAL_ON = ("val", "test", "holdout", "all")
+EVAL_ON = ("test", "val", "train", "all")
+SELECTION_NOTE = (
+    "these are the validation cells that chose the model (early stopping, temperature, safety "
+    "rule, conformal calibration, baseline hyper-parameters): their scores are optimistic; "
+    "report --on test"
+)
 
 
-def _eval_rows(run_dir: Path, data: CellData, split: Split, on: str) -> np.ndarray:
+def _eval_rows(split: Split, on: str) -> np.ndarray:
+    if on == "holdout":  # runs made before the test split kept held-out slides apart
+        on = "test"
     if on == "all":
-        return np.concatenate([split.train, split.val, split.test, split.holdout])
+        return np.concatenate([split.train, split.val, split.test])
+    if on not in EVAL_ON:
+        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
     rows = getattr(split, on)
     if rows.size == 0:
-        raise UserError(f"the run's split has no `{on}` cells (it has {split.summary()})")
+        hint = "; retrain with the default split (or a `split` column with test rows)" if on == "test" else ""
+        raise UserError(f"the run's split has no `{on}` cells (it has {split.summary()}){hint}")
     return rows
+
+
+def _with_safety(probs: dict[str, np.ndarray], rule: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    if rule is not None and "p_gate" in probs:
+        probs["p_safety"] = apply_safety(rule, probs["p_local_gate"], probs["p_global_gate"], probs["gate"])
+    return probs
 
 
 def evaluate_run(
@@ -189,31 +245,36 @@ def evaluate_run(
     db: str | Path,
     *,
     table: str = DEFAULT_TABLE,
-    on: str = "val",
+    on: str = "test",
     cohort: str | None = None,
     synonyms: dict[str, str | None] | None = None,
     baselines: Sequence[str] = ("logreg", "xgboost", "knn"),
+    balanced: bool = True,
     temperature: bool = True,
+    conformal_level: float = 0.9,
     labels: str | Path | None = None,
     device: str = "cpu",
     log: Log = print,
 ) -> dict[str, Any]:
-    """Metrics, calibration, complementarity and baselines for every path of a run.
+    """Metrics, calibration, conformal coverage, complementarity and baselines for every path.
 
-    `on`: which part of the run's own split to score (val, test, holdout, all). With `cohort`
-    (a name), every labelled cell of `db` is a held-out cohort: raw labels are mapped to the
-    training classes through `synonyms`, others dropped, and probabilities restricted to the
-    classes present before the argmax (baselines then train on nothing from it: skipped).
+    `on`: which part of the run's own split to score (test by default; val, train, all). Every
+    row also carries its macro-F1 on the validation cells (`val_macro_f1`) and the difference
+    val - scored (`selection_gap`): the optimism of the cells that chose the model. With
+    `cohort` (a name), every labelled cell of `db` is a held-out cohort: raw labels are mapped
+    to the training classes through `synonyms`, others dropped, and probabilities restricted to
+    the classes present before the argmax (baselines are skipped: nothing to train them on).
     Writes metrics.json, per-path confusion matrices (CSV + PNG), the reliability diagram and
     the complementarity table/chart into RUN_DIR (or RUN_DIR/cohort-NAME).
     """
     run_dir = Path(run_dir)
-    if on not in EVAL_ON:
-        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
+    if not cohort and on != "holdout":
+        _check_on(on)
     info = ckpt.read_info(run_dir, "local")
     classes, tissues = info["classes"], info["tissues"]
     out_dir = ensure_dir(run_dir / (f"cohort-{cohort}" if cohort else ""), "the evaluation outputs")
 
+    val_rows = np.zeros(0, np.int64)
     if cohort:
         data = load_cell_data(db, table=table, labels=labels, labelled_only=True, tissue_vocab=tissues)
         mapped = apply_synonyms(data.meta["label"].to_list(), synonyms or {}, classes)
@@ -230,27 +291,36 @@ def evaluate_run(
         data = load_cell_data(db, table=table, labels=labels, labelled_only=True, classes=classes, tissue_vocab=tissues)
         ckpt.check_compatible(info, data, where=str(run_dir / "local.json"))
         split = load_split(run_dir, data)
-        rows = _eval_rows(run_dir, data, split, on)
-        rows = rows[data.label.numpy()[rows] >= 0]
+        labelled = data.label.numpy() >= 0
+        rows = _eval_rows(split, on)
+        rows = rows[labelled[rows]]
+        val_rows = split.val[labelled[split.val]]
+    selection = not cohort and on == "val"
+    if selection:
+        log(f"warning: {SELECTION_NOTE}")
 
-    probs = predict_all(data.subset(rows), run_dir, device=device)
+    rule = load_safety(run_dir)
+    probs = _with_safety(predict_all(data.subset(rows), run_dir, device=device), rule)
     y = data.label.numpy()[rows]
     present = sorted({classes[i] for i in np.unique(y)})
     if cohort:
         probs = {k: restrict_to_present(v, classes, present) if k.startswith("p_") else v for k, v in probs.items()}
+    val_probs, y_val = None, data.label.numpy()[val_rows]
+    if val_rows.size:
+        val_probs = _with_safety(predict_all(data.subset(val_rows), run_dir, device=device), rule)
 
     result_rows, curves = [], {}
-    val_probs = None
-    if temperature and split is not None and on != "val" and split.val.size:
-        val_rows = split.val[data.label.numpy()[split.val] >= 0]
-        val_probs = predict_all(data.subset(val_rows), run_dir, device=device), data.label.numpy()[val_rows]
     for name, key in PATHS.items():
         if key not in probs:
             continue
         p = probs[key]
         row = {"name": name, **evaluate(y, p, classes)}
+        if val_probs is not None:
+            row["val_macro_f1"] = macro_f1(y_val, val_probs[key].argmax(1))
+            row["selection_gap"] = row["val_macro_f1"] - row["macro_f1"]
         if temperature:
-            row.update(_temperature(p, y, val_probs[0][key] if val_probs else None, val_probs[1] if val_probs else None))
+            row.update(_temperature(p, y, val_probs[key] if val_probs and not selection else None,
+                                    y_val if not selection else None))  # fmt: skip
         result_rows.append(row)
         curves[name] = (p, y)
         cm = np.asarray(row["confusion"]["normalized"], dtype=float)
@@ -264,25 +334,52 @@ def evaluate_run(
         comp.write_csv(out_dir / "complementarity.csv")
         complementarity_chart(comp, out_dir / "complementarity.png")
 
+    conformal = None
+    sets_model = ConformalSets.load(run_dir)
+    if sets_model is not None and f"p_{sets_model.path}" in probs:
+        keys = cell_keys(data.meta[rows])
+        conformal = {"level": conformal_level, "path": sets_model.path, "score": "aps-randomised"}
+        for mode, cc in (("marginal", False), ("class_conditional", True)):
+            sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], keys, conformal_level, cc)
+            conformal[mode] = set_coverage(sets, y, classes)
+
     if baselines and split is not None:
         labelled_train = split.train[data.label.numpy()[split.train] >= 0]
         u, c = data.local.numpy(), data.context.numpy()
-        n = len(data)
-        train_mask = np.zeros(n, bool)
-        train_mask[labelled_train] = True
-        eval_mask = np.zeros(n, bool)
-        eval_mask[rows] = True
-        log(f"baselines {', '.join(baselines)} on {int(train_mask.sum())} train cells...")
-        base = run_baselines({"local": u, "context": c, "both": [u, c]}, data.label.numpy(), train_mask, eval_mask, classes, which=tuple(baselines))
+        log(f"baselines {', '.join(baselines)} on {labelled_train.size} train cells, selected on "
+            f"{val_rows.size} val cells{' (class-balanced)' if balanced else ''}...")  # fmt: skip
+        base = run_baselines(
+            {"local": u, "context": c, "both": [u, c]}, data.label.numpy(), labelled_train, rows, classes,
+            which=tuple(baselines), val_mask=val_rows if val_rows.size else None, balanced=balanced,
+        )  # fmt: skip
+        for r in base:
+            if r.get("val_macro_f1") is not None:
+                r["selection_gap"] = r["val_macro_f1"] - r["macro_f1"]
         result_rows += base
 
     table_df = results_table(result_rows)
     extra = {"run": str(run_dir), "db": str(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
-             "classes_present": present}  # fmt: skip
+             "classes_present": present, "classes_missing": [c for c in classes if c not in present],
+             "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION}  # fmt: skip
+    if selection:
+        extra["warning"] = SELECTION_NOTE
+    if split is not None:
+        extra["split"] = {**split.summary(), **{k: v for k, v in split.info.items() if k != "per_class"}}
+    if rule is not None:
+        extra["safety_rule"] = rule
+    if conformal is not None:
+        extra["conformal"] = conformal
     if comp is not None:
         extra["complementarity"] = comp.to_dicts()
     write_metrics_json(result_rows, out_dir / "metrics.json", extra=extra)
-    return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp}
+    return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp,
+            "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
+
+
+def _check_on(on: str) -> str:
+    if on not in EVAL_ON:
+        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
+    return on
 
 
 def _temperature(p: np.ndarray, y: np.ndarray, p_val: np.ndarray | None, y_val: np.ndarray | None) -> dict:
@@ -315,18 +412,34 @@ def predict(
     out_dir: str | Path | None = None,
     slides: Sequence[str] | None = None,
     device: str = "cpu",
+    conformal_level: float = 0.9,
+    class_conditional: bool = False,
     log: Log = print,
 ) -> pl.DataFrame:
     """Per-cell predictions of every stored cell: a `predictions` table in the store (one
-    row per run and cell, replaced on rerun) plus Parquet and QuPath GeoJSON (one per slide)."""
+    row per run and cell, replaced on rerun) plus Parquet and QuPath GeoJSON (one per slide).
+
+    When the run has them: `safety_class` (the safety rule's class) and the conformal set at
+    `conformal_level` (`conformal_set`: class names joined by "|", `set_size`; an empty set
+    means no class is plausible enough at that level)."""
     run_dir = Path(run_dir)
     info = ckpt.read_info(run_dir, "local")
     out_dir = ensure_dir(Path(out_dir) if out_dir else run_dir / "predictions", "the predictions")
     data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
-    probs = predict_all(data, run_dir, device=device)
+    probs = _with_safety(predict_all(data, run_dir, device=device), load_safety(run_dir))
     frame = predictions_frame(
         data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
     ).with_columns(run=pl.lit(run_dir.resolve().name))
+    classes = np.asarray(info["classes"], dtype=object)
+    if "p_safety" in probs:
+        frame = frame.with_columns(safety_class=pl.Series(classes[probs["p_safety"].argmax(1)].tolist(), dtype=pl.String))
+    sets_model = ConformalSets.load(run_dir)
+    if sets_model is not None and f"p_{sets_model.path}" in probs:
+        sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], cell_keys(data.meta), conformal_level, class_conditional)
+        frame = frame.with_columns(
+            conformal_set=pl.Series(["|".join(classes[row]) for row in sets], dtype=pl.String),
+            set_size=pl.Series(sets.sum(1).astype(np.int32)),
+        )
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         write_parquet(frame, tmp)
     write_geojson(frame, out_dir / "geojson")

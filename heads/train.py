@@ -19,20 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch import nn
 
 from embedstore.errors import UserError
 from heads import checkpoint as ckpt
-from heads.context import ContextHead, alpha_at
+from heads.context import ALPHA_SCHEDULES, ContextHead, alpha_at
 from heads.data import CellData
 from heads.film import FiLMHead
 from heads.gate import GateHead, NuClass
 from heads.losses import class_balanced_weights, cross_entropy, gate_loss, stage2_loss
+from heads.metrics import macro_f1
 from heads.splits import Split, make_split
 
 Log = Callable[[str], Any]
 STAGE_CHOICES = ("local", "global", "gate", "all")
+STAGE3_HEADS = ("joint", "frozen")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainConfig:
     cb_beta: float = 0.9999
     aux_weight: float = 0.3  # stage 2: class-balanced CE on z_B
     context_dropout: float = 0.1
+    context_gate_hidden: int = 256  # stage-2 internal gate width (the authors' code)
+    alpha_schedule: str = "step"  # stage-2 α ramp: "step" (per optimiser step) or "epoch"
+    stage3_heads: str = "joint"  # stage 3: "joint" (gate + both heads) or "frozen" (gate only)
     gate_lr: float = 8e-4
     gate_head_lr: float = 2e-4
     gate_alone_epochs: float = 0.5
@@ -79,6 +83,10 @@ class TrainConfig:
         if self.patience < 1:
             raise UserError(f"patience must be >= 1, got {self.patience}")
         self.gate_hidden = tuple(self.gate_hidden)
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise UserError(f"alpha_schedule must be one of {', '.join(ALPHA_SCHEDULES)}, got {self.alpha_schedule!r}")
+        if self.stage3_heads not in STAGE3_HEADS:
+            raise UserError(f"stage3_heads must be one of {', '.join(STAGE3_HEADS)}, got {self.stage3_heads!r}")
 
     @property
     def stage2_epochs(self) -> int:
@@ -106,11 +114,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
     return dev
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """sklearn macro-F1 over the classes present in y_true or y_pred."""
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 @dataclass
@@ -359,7 +362,7 @@ def train_global(
 
     head = ContextHead(
         data.local_dim, data.context_dim, data.n_classes, proj=cfg.proj, hidden=cfg.hidden,
-        dropout=cfg.dropout, context_dropout=cfg.context_dropout,
+        dropout=cfg.dropout, context_dropout=cfg.context_dropout, gate_hidden=cfg.context_gate_hidden,
     ).to(device)
     head.standardize_u.fit(res.local[res.train])
     head.standardize_c.fit(res.context[res.train])
@@ -375,7 +378,7 @@ def train_global(
                            aux_weight=cfg.aux_weight)
 
     def on_step(_: int, progress: float) -> None:
-        head.set_alpha(alpha_at(progress))
+        head.set_alpha(alpha_at(progress, cfg.alpha_schedule))
 
     def evaluate() -> float:
         head.eval()
@@ -399,7 +402,9 @@ def train_gate(
     cfg: TrainConfig,
     log: Log = print,
 ) -> tuple[NuClass, list[dict[str, Any]]]:
-    """Stage 3: the gate alone for `gate_alone_epochs`, then gate + both heads.
+    """Stage 3: the gate alone for `gate_alone_epochs`, then gate + both heads
+    (`stage3_heads="joint"`, METHOD.md), or the gate alone throughout ("frozen": what the
+    authors' code does, its optimiser being built while the heads are frozen).
 
     Returns the whole `NuClass` model: the heads are fine-tuned here (on copies; the heads
     passed in are left untouched), so the gate is only valid together with them.
@@ -463,7 +468,7 @@ def train_gate(
         totals: dict[str, torch.Tensor] = {}
         perm = res.train[_permutation(n_train, gen, res.train.device)]
         for i in range(steps_per_epoch):
-            if not heads_trainable and step >= alone_steps:
+            if not heads_trainable and step >= alone_steps and cfg.stage3_heads == "joint":
                 # end of the gate-alone phase: evaluate it, then fine-tune the heads too
                 if seg_steps:
                     record(epoch + i / steps_per_epoch, totals, seg_steps,
@@ -530,7 +535,8 @@ def train_stage(
             data.check_trainable()
     if split is None:
         split = make_split(data.meta, holdout=holdout)
-    log(f"split ({split.source}): {split.summary()}")
+    for line in split.lines():
+        log(line)
     out: dict[str, Any] = {"split": split}
 
     def save(name: str, modules: dict[str, nn.Module], history: list, extra: dict) -> None:

@@ -174,3 +174,32 @@ def test_bad_inputs(problem):
         label_audit(index, x[:500], noisy[:500], classes, k=0)
     with pytest.raises(UserError, match="one entry per row"):
         same_slide_rate(index, x[:500], np.zeros(3))
+
+
+def test_exclude_radius_keeps_same_slide_neighbours_within_it_from_voting():
+    """Context-like vectors: a smooth function of position, so a cell's nearest vectors are its
+    spatial neighbours (they share its field). With a radius, none of them may vote."""
+    rng = np.random.default_rng(5)
+    n = 1500
+    xy = rng.uniform(0, 2000, (n, 2))
+    slide = rng.integers(0, 2, n)
+    freqs = rng.normal(0, 1 / 300, (2, 24))
+    x = np.concatenate([np.sin(xy @ freqs), np.cos(xy @ freqs)], 1) + 0.01 * rng.standard_normal((n, 48))
+    x = x.astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    index = CellIndex.build(x, kind="flat", use_gpu=False)
+    classes = ["a", "b", "c"]
+    plain = label_audit(index, x, labels, classes, k=10)
+    far = label_audit(index, x, labels, classes, k=10, groups=slide, xy_um=xy, exclude_radius_um=128)
+    # recompute the voters by hand: search widely, drop same-slide cells within 128 µm, keep 10
+    rows = far["row"].to_numpy()
+    _, nbr = index.search(x[rows], 80, query_ids=rows)
+    near = (slide[nbr] == slide[rows][:, None]) & (np.linalg.norm(xy[nbr] - xy[rows][:, None], axis=2) < 128)
+    expect = np.minimum((~near).sum(1), 10)
+    np.testing.assert_array_equal(far["n_votes"].to_numpy(), expect)
+    # without the radius most voters are such near cells
+    _, nbr10 = index.search(x[rows], 10, query_ids=rows)
+    near10 = (slide[nbr10] == slide[rows][:, None]) & (np.linalg.norm(xy[nbr10] - xy[rows][:, None], axis=2) < 128)
+    assert near10.mean() > 0.4 and plain["n_votes"].min() == 10  # ~half the voters: the other slide
+    with pytest.raises(UserError, match="needs finite"):
+        label_audit(index, x, labels, classes, k=10, groups=slide, exclude_radius_um=128)

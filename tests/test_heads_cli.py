@@ -15,6 +15,8 @@ from heads.train import TrainConfig
 from tests.test_embed_cli import usage_error
 
 QUICK = ["--epochs", "2", "--global-epochs", "2", "--gate-epochs", "1", "--batch-size", "64", "--no-scale", "--threads", "1"]
+# the test slides are ~0.5 mm wide: the default 128 µm band would take most of their cells
+GUARD = ["--guard-um", "40"]
 
 
 def cli(*args):
@@ -25,7 +27,7 @@ def cli(*args):
 def trained(extracted_store, tmp_path_factory):
     db, _ = extracted_store
     run = tmp_path_factory.mktemp("run") / "r"
-    proc = cli("train", "--db", db, "--out", run, *QUICK)
+    proc = cli("train", "--db", db, "--out", run, *QUICK, *GUARD)
     assert proc.returncode == 0, proc.stderr
     return db, run
 
@@ -38,7 +40,12 @@ def test_train_writes_checkpoints_and_split(trained):
     assert info["tissues"] == ["breast", "lung", "pancreas"] and len(info["classes"]) >= 8
     assert info["provenance"]["vectors"]["local"]["backbone"] == "test-vit-local"
     split = pl.read_parquet(run / "split.parquet")
-    assert set(split["split"]) == {"train", "val"}
+    assert set(split["split"]) == {"train", "val", "test", "guard"}
+    shown = json.loads((run / "split.json").read_text())
+    assert shown["source"] == "stripes" and shown["settings"]["guard_um"] == 40.0
+    assert shown["leak"]["test"]["nearest_train_um_min"] >= 40.0 and shown["per_slide"]
+    # post-hoc rules fitted on val at the end of training
+    assert (run / "safety.json").exists() and (run / "conformal.parquet").exists()
 
 
 def _ece(proba, y, n_bins=10):
@@ -57,7 +64,8 @@ def test_eval_writes_metrics_plots_and_baselines(trained):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"local (FiLM)", "global", "gate", "logreg[both]", "knn[context]"} <= set(metrics["paths"])
-    # recompute every head path on the run's own validation cells, independently of evaluate()
+    assert metrics["info"]["on"] == "test" and metrics["info"]["selection_cells"] is False
+    # recompute every head path on the run's own test cells, independently of evaluate()
     from sklearn.metrics import accuracy_score, f1_score, recall_score
 
     from heads.train import predict_all
@@ -68,14 +76,22 @@ def test_eval_writes_metrics_plots_and_baselines(trained):
                                tissue_vocab=info["tissues"])  # fmt: skip
     split = runs.load_split(run, data)
     y_all = data.label.numpy()
-    rows = split.val[y_all[split.val] >= 0]
-    saved = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "val")
+    rows = split.test[y_all[split.test] >= 0]
+    saved = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "test")
     assert len(rows) == saved.height > 20 and metrics["info"]["cells"] == len(rows)
     y = y_all[rows]
     present = np.unique(y)
     probs = predict_all(data.subset(rows), run)
+    val_rows = split.val[y_all[split.val] >= 0]
+    val_probs = predict_all(data.subset(val_rows), run)
     for path, key in runs.PATHS.items():
+        if key == "p_safety":
+            continue  # checked in test_posthoc
         m, p = metrics["paths"][path], probs[key]
+        val_f1 = f1_score(y_all[val_rows], val_probs[key].argmax(1), labels=np.unique(y_all[val_rows]),
+                          average="macro", zero_division=0)  # fmt: skip
+        assert m["val_macro_f1"] == pytest.approx(val_f1, abs=1e-9), path
+        assert m["selection_gap"] == pytest.approx(val_f1 - m["macro_f1"], abs=1e-9), path
         pred = p.argmax(1)
         assert m["n"] == len(rows)
         assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-9), path
@@ -89,17 +105,31 @@ def test_eval_writes_metrics_plots_and_baselines(trained):
         assert [m["per_class_f1"][classes[c]] for c in present] == pytest.approx(per_class), path
         assert {"per_class_f1", "ece_ts"} <= set(m) and 0 <= m["ece_ts"] <= 1
     # the gate path learnt something. Chance (a constant or random guess) scores balanced
-    # accuracy 1/C and macro-F1 below 1/C over the C = 10 classes present; this 2-epoch run on
-    # random test backbones measured 0.35 and 0.22 (accuracy 0.30, majority class 0.25)
+    # accuracy 1/C and macro-F1 below 1/C over the C = 8 classes present in the 62 test cells;
+    # this 2-epoch run on 219 training cells and random test backbones measured 0.31 and 0.25
     gate = metrics["paths"]["gate"]
     chance = 1 / len(present)
-    assert gate["balanced_accuracy"] >= 2.5 * chance, (gate["balanced_accuracy"], chance)
+    assert gate["balanced_accuracy"] >= 2 * chance, (gate["balanced_accuracy"], chance)
     assert gate["macro_f1"] >= 1.5 * chance, (gate["macro_f1"], chance)
     for png in ("reliability.png", "confusion_gate.png", "complementarity.png"):
         assert (run / png).stat().st_size > 5000
     confusion = pl.read_csv(run / "confusion_gate.csv")
     assert confusion.height == len(classes)
     np.testing.assert_allclose(confusion.drop("true").to_numpy(), gate["confusion"]["normalized"])
+
+
+def test_eval_on_val_says_these_cells_chose_the_model(trained, tmp_path):
+    db, run = trained
+    proc = cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "chose the model" in proc.stderr
+    info = json.loads((run / "metrics.json").read_text())["info"]
+    assert info["on"] == "val" and info["selection_cells"] is True and "optimistic" in info["warning"]
+    # the default is the test split again
+    assert cli("eval", "--run", run, "--db", db, "--baselines", "none").returncode == 0
+    info = json.loads((run / "metrics.json").read_text())["info"]
+    assert info["on"] == "test" and info["selection_cells"] is False and "warning" not in info
+    assert info["conformal"]["level"] == 0.9 and info["conformal"]["marginal"]["n"] == info["cells"]
 
 
 def test_predict_writes_store_parquet_geojson(trained, tmp_path):
@@ -109,7 +139,12 @@ def test_predict_writes_store_parquet_geojson(trained, tmp_path):
     frame = pl.read_parquet(tmp_path / "pred" / "predictions.parquet")
     n = Store(db).keys_frame().height
     assert frame.height == n and {"pred_class", "gate", "pred_confidence"} <= set(frame.columns)
+    # each cell's conformal set (90%: classes joined by "|") and its size; the safety rule's class
+    assert {"conformal_set", "set_size", "safety_class"} <= set(frame.columns)
+    sizes = frame["conformal_set"].str.split("|").list.eval(pl.element().filter(pl.element() != "")).list.len()
+    assert (sizes == frame["set_size"]).all() and frame["set_size"].max() >= 1
     stored = Store(db).predictions(run.name)
+    assert {"conformal_set", "set_size", "safety_class"} <= set(stored.columns)
     assert stored.height == n and len(stored["proba"][0]) == len(json.loads((run / "local.json").read_text())["classes"])
     geo = sorted((tmp_path / "pred" / "geojson").glob("*.geojson"))
     assert len(geo) == 3
@@ -209,9 +244,9 @@ def test_eval_when_a_class_has_no_validation_cells(trained):
     db, run = trained
     store = Store(db)
     saved = store.labels()
-    val = pl.read_parquet(run / "split.parquet").filter(pl.col("split") == "val")
+    val = pl.read_parquet(run / "split.parquet").filter(pl.col("split").is_in(["val", "test"]))
     gone = saved.join(val, on=["slide_id", "cell_id"], how="semi")["label"].value_counts().sort("count")["label"][0]
-    # the class keeps its training cells, but none of its validation cells is labelled any more
+    # the class keeps its training cells, but none of its val or test cells is labelled any more
     in_val = saved.join(val.select("slide_id", "cell_id", v=pl.lit(True)), on=["slide_id", "cell_id"], how="left")["v"].fill_null(False)
     relabel = saved.with_columns(label=pl.when((pl.col("label") == gone) & in_val).then(None).otherwise(pl.col("label")))
     try:

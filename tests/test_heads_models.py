@@ -237,6 +237,24 @@ def test_cross_entropy_smoothing_and_weights_hand_computed():
     # class weights [2, 1]: weighted mean (1 * l_cell0 + 2 * l_cell1) / (1 + 2)
     got = cross_entropy(logits, y, weight=torch.tensor([2.0, 1.0]))
     assert got.item() == pytest.approx((1 * nll1 + 2 * nll0) / 3)
+    # weights and smoothing: each class's smoothing term carries that class's weight (torch's
+    # rule); cell 0 (y=1): 0.9 * 1 * nll1 + 0.05 * (2 nll0 + 1 nll1), weight w[y] = 1
+    # cell 1 (y=0): 0.9 * 2 * nll0 + 0.05 * (2 nll0 + 1 nll1), weight 2; mean over sum w[y] = 3
+    smooth = 0.05 * (2 * nll0 + nll1)
+    got = cross_entropy(logits, y, smoothing=0.1, weight=torch.tensor([2.0, 1.0]))
+    assert got.item() == pytest.approx((0.9 * nll1 + smooth + 1.8 * nll0 + smooth) / 3)
+
+
+def test_cross_entropy_equals_torch_weighted_label_smoothed():
+    """The issue's case: random 64x5 logits, class-balanced weights, smoothing 0.1."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5, generator=gen) * 2
+    y = torch.randint(0, 5, (64,), generator=gen)
+    w = class_balanced_weights(torch.tensor([400, 60, 9, 3, 1000]))
+    ref = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(logits, y)
+    torch.testing.assert_close(cross_entropy(logits, y, smoothing=0.1, weight=w), ref)
+    ref_none = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="none")(logits, y)
+    torch.testing.assert_close(cross_entropy(logits, y, smoothing=0.1, weight=w, reduction="none"), ref_none)
 
 
 def test_uncertainty_weighted_stage2_loss_hand_computed():
@@ -274,9 +292,14 @@ def test_mixture_nll_hand_computed():
 
 
 def test_auto_pos_weight_and_gate_bce_hand_computed():
-    # negatives 0 + 1 + 1 + 0.5 = 2.5, positives 1 + 0 + 0 + 0.5 = 1.5
+    # share of positives q = 1.5 / 4 = 0.375 -> pos_weight (1 - q) / q = 5 / 3
     assert auto_pos_weight(torch.tensor([1.0, 0.0, 0.0, 0.5])).item() == pytest.approx(5 / 3)
-    assert auto_pos_weight(torch.ones(3)).item() == pytest.approx(0.1)  # clamped
+    # the authors clamp q to [0.001, 0.999], not pos_weight to [0.1, 10]
+    assert auto_pos_weight(torch.ones(3)).item() == pytest.approx(0.001 / 0.999, rel=1e-3)
+    assert auto_pos_weight(torch.zeros(3)).item() == pytest.approx(999.0, rel=1e-3)
+    t = torch.zeros(1000)
+    t[:46] = 1.0  # 4.6% positives: pos_weight 20.7 (a [0.1, 10] clamp would give 10)
+    assert auto_pos_weight(t).item() == pytest.approx(0.954 / 0.046, rel=1e-5)
     # cell 1: g = 0.5, t = 1, w = 2, pw = 3 -> -2 * 3 ln 0.5 = 6 ln 2
     # cell 2: g = 0.75, t = 0, w = 1 -> -ln 0.25 = 2 ln 2; mean = 4 ln 2
     got = gate_bce(torch.tensor([0.0, LN3]), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0]),
@@ -326,8 +349,8 @@ def test_gate_loss_combines_terms_with_their_weights():
     w = 1 + 2 + 0.6
     kl = 0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5)
     assert terms["nll"].item() == pytest.approx(w * LN2)
-    # t = 1 -> pos_weight clamps to 0.1: BCE = -w * 0.1 * ln 0.5
-    assert terms["bce"].item() == pytest.approx(w * 0.1 * LN2)
+    # t = 1 -> share of positives clamps to 0.999, pos_weight 0.001/0.999: BCE = -w pw ln 0.5
+    assert terms["bce"].item() == pytest.approx(w * (0.001 / 0.999) * LN2, rel=1e-3)
     assert terms["kl"].item() == pytest.approx(0.1 * w * kl)
     assert terms["entropy"].item() == pytest.approx(0.05 * LN2 * 0.6)
     assert total.item() == pytest.approx(sum(v.item() for v in terms.values()))

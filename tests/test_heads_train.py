@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score
 from embedstore.errors import UserError
 from heads import checkpoint as ckpt
 from heads.data import CellData
-from heads.splits import central_rectangle, make_split
+from heads.splits import SplitConfig, make_split, stripe_parts
 from heads.train import Heads, TrainConfig, predict_all, train_gate, train_local, train_stage
 
 PROV = {
@@ -129,54 +129,85 @@ def test_cell_data_errors():
 # ------------------------------------------------------------------------- splits
 
 
-def test_central_rectangle_on_a_grid_hand_computed():
-    # 10 x 10 grid, median 4.5: rings of max(|dx|,|dy|) 0.5/1.5/2.5 hold 4/16/36 cells;
-    # >= 25 cells needs the 2.5 ring: exactly the 6 x 6 block x, y in 2..7
-    xs, ys = np.meshgrid(np.arange(10.0), np.arange(10.0))
-    inside = central_rectangle(xs.ravel(), ys.ravel(), 0.25)
-    assert inside.sum() == 36
-    expect = (xs.ravel() >= 2) & (xs.ravel() <= 7) & (ys.ravel() >= 2) & (ys.ravel() <= 7)
-    assert (inside == expect).all()
+def test_stripes_on_a_line_hand_computed():
+    # 1000 cells at x = 0..999 µm: cuts at the 0.2 / 0.8 quantiles (199.8, 799.2); the band is
+    # 64 µm either side of each cut: val 0..135, guard 136..263, train 264..735, guard 736..863,
+    # test 864..999 (mirrored when the slide's seed flips the direction)
+    x, y = np.arange(1000.0), np.zeros(1000)
+    for seed in range(4):
+        parts = stripe_parts(x, y, val_fraction=0.2, test_fraction=0.2, guard_um=128, seed=seed)
+        first = "val" if parts[0] == "val" else "test"
+        last = "test" if first == "val" else "val"
+        expect = np.array([first] * 136 + ["guard"] * 128 + ["train"] * 472 + ["guard"] * 128 + [last] * 136)
+        assert (parts == expect).all(), seed
+    # too few cells: not cut, all train; no test fraction: val | train only
+    assert (stripe_parts(x[:10], y[:10], val_fraction=0.2, test_fraction=0.2, guard_um=128) == "train").all()
+    two = stripe_parts(x, y, val_fraction=0.25, test_fraction=0.0, guard_um=0, seed=0)
+    assert sorted(set(two)) == ["train", "val"] and (two == "val").sum() == 250
 
 
-def test_central_rectangle_keeps_the_aspect_ratio():
-    xs, ys = np.meshgrid(np.arange(40.0), np.arange(10.0))  # 39 x 9 bounding box
-    inside = central_rectangle(xs.ravel(), ys.ravel(), 0.25)
-    x_in, y_in = xs.ravel()[inside], ys.ravel()[inside]
-    assert 0.25 <= inside.mean() < 0.35
-    # centred on the median (19.5, 4.5), wider than tall like the slide, and a full rectangle
-    assert x_in.min() + x_in.max() == pytest.approx(39) and y_in.min() + y_in.max() == 9
-    assert (x_in.max() - x_in.min()) > 2 * (y_in.max() - y_in.min())
-    box = (xs.ravel() >= x_in.min()) & (xs.ravel() <= x_in.max()) & \
-        (ys.ravel() >= y_in.min()) & (ys.ravel() <= y_in.max())
-    assert (box == inside).all()
+def test_guard_band_separates_training_from_scored_cells():
+    rng = np.random.default_rng(3)
+    n = 6000
+    meta = pl.DataFrame({
+        "slide_id": [f"s{k}" for k in rng.integers(0, 3, n)], "cell_id": np.arange(n).astype(str),
+        "x_um": rng.uniform(0, 3000, n), "y_um": rng.uniform(0, 1200, n),
+        "label": [f"c{k}" for k in rng.integers(0, 4, n)],
+    })  # fmt: skip
+    s = make_split(meta)
+    assert s.source == "stripes" and min(s.train.size, s.val.size, s.test.size, s.guard.size) > 0
+    xy = meta.select("x_um", "y_um").to_numpy()
+    slides = meta["slide_id"].to_numpy()
+    for slide in np.unique(slides):
+        tr = s.train[slides[s.train] == slide]
+        for part in (s.val, s.test):
+            sc = part[slides[part] == slide]
+            d = np.sqrt(((xy[sc, None, :] - xy[None, tr, :]) ** 2).sum(-1)).min()
+            assert d >= 128.0, (slide, d)
+    assert s.info["leak"]["val"]["train_within_context"] == 0.0
+    assert s.info["leak"]["test"]["train_within_crop"] == 0.0
+    # counts per slide and class are kept, and add up
+    per_slide = pl.DataFrame(s.info["per_slide"])
+    assert per_slide.select(pl.sum_horizontal("train", "val", "test", "guard")).sum().item() == n
+    assert {r["class"] for r in s.info["per_class"]} == {"c0", "c1", "c2", "c3"}
+    # without the band the same stripes leak: val cells near the cut have a training cell within 128 µm
+    open_split = make_split(meta, config=SplitConfig(guard_um=0))
+    assert open_split.guard.size == 0 and open_split.info["leak"]["val"]["train_within_context"] > 0.1
+    # a user column is used as is, and its leak is measured, not hidden
+    col = make_split(meta.with_columns(split=pl.Series(["train", "val", "test"] * (n // 3))))
+    assert col.source == "column" and col.info["leak"]["val"]["train_within_crop"] > 0.3
 
 
 def test_make_split_per_slide_column_and_holdout():
-    meta, _, _ = synthetic(n=400)
-    s = make_split(meta)
-    assert s.source == "central_rectangle" and s.test.size == 0 and s.holdout.size == 0
-    assert s.train.size + s.val.size == 400 and np.intersect1d(s.train, s.val).size == 0
+    meta, _, _ = synthetic(n=1200)
+    s = make_split(meta, config=SplitConfig(guard_um=0))
+    assert s.source == "stripes" and s.guard.size == 0
+    assert s.train.size + s.val.size + s.test.size == 1200
     for slide in meta["slide_id"].unique():
         rows = np.flatnonzero(meta["slide_id"].to_numpy() == slide)
-        frac = np.isin(rows, s.val).mean()
-        assert 0.25 <= frac < 0.40, (slide, frac)
+        for part in (s.val, s.test):
+            assert 0.19 <= np.isin(rows, part).mean() <= 0.21, slide
 
     h = make_split(meta, holdout=["lung", "slide0"])
-    held = (meta["tissue"] == "lung") | (meta["slide_id"] == "slide0")
-    assert (np.sort(h.holdout) == np.flatnonzero(held.to_numpy())).all()
-    assert not np.isin(np.concatenate([h.train, h.val]), h.holdout).any()
+    held = ((meta["tissue"] == "lung") | (meta["slide_id"] == "slide0")).to_numpy()
+    assert (np.sort(h.test) == np.flatnonzero(held)).all()  # held-out slides are the test part
+    assert not np.isin(np.concatenate([h.train, h.val, h.guard]), h.test).any()
+    assert h.info["settings"]["test_fraction"] == 0.0
     with pytest.raises(UserError, match="'lugn' match no slide_id or tissue"):
         make_split(meta, holdout=["lugn"])
+    with pytest.raises(UserError, match="keeps every cell out of training"):
+        make_split(meta, holdout=["slide0", "slide1", "slide2"])
 
-    col = meta.with_columns(split=pl.Series(["train", "val", "test", "train"] * 100))
+    col = meta.with_columns(split=pl.Series(["train", "val", "test", "train"] * 300))
     c = make_split(col)
-    assert c.source == "column" and (c.val == np.arange(1, 400, 4)).all()
-    assert (c.labels(400)[:4] == ["train", "val", "test", "train"]).all()
+    assert c.source == "column" and (c.val == np.arange(1, 1200, 4)).all()
+    assert (c.labels(1200)[:4] == ["train", "val", "test", "train"]).all()
     with pytest.raises(UserError, match="'valid'"):
-        make_split(meta.with_columns(split=pl.Series(["train", "valid"] * 200)))
-    with pytest.raises(UserError, match="empty for 1 of 400"):
-        make_split(meta.with_columns(split=pl.Series(["train"] * 399 + [None])))
+        make_split(meta.with_columns(split=pl.Series(["train", "valid"] * 600)))
+    with pytest.raises(UserError, match="empty for 1 of 1200"):
+        make_split(meta.with_columns(split=pl.Series(["train"] * 1199 + [None])))
+    with pytest.raises(UserError, match="x_um/y_um"):
+        make_split(meta.drop("x_um"))
 
 
 # ------------------------------------------------------------------------- training
@@ -216,7 +247,7 @@ def test_gate_learns_to_trust_the_global_path_where_local_fails(trained):
     n_train = int((data.label.numpy()[split.train] >= 0).sum())
     steps = -(-n_train // cfg.batch_size)
     assert sum(modes) == 3 * steps - -(-steps // 2)
-    assert [r["epoch"] for r in hist] == [0.5, 1, 2, 3]
+    assert [r["epoch"] for r in hist] == [pytest.approx(-(-steps // 2) / steps), 1, 2, 3]
     assert [r["heads_trainable"] for r in hist] == [False, True, True, True]
     g = predict_all(data, model)["gate"]
     lab = data.label.numpy()
@@ -226,6 +257,20 @@ def test_gate_learns_to_trust_the_global_path_where_local_fails(trained):
     after = local.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(model.local.state_dict()["fc2.weight"], before["fc2.weight"])
+
+
+def test_stage3_frozen_heads_train_only_the_gate(trained):
+    """`stage3_heads="frozen"` (the authors' code): the heads never train, only the gate."""
+    data, _, out, _ = trained
+    local, context = out["local"][0], out["global"][0]
+    cfg = replace(CFG, gate_epochs=2, stage3_heads="frozen")
+    model, hist = train_gate(data, out["split"], local, context, cfg, log=lambda _: None)
+    assert [r["heads_trainable"] for r in hist] == [False, False]
+    for mine, theirs in ((model.local, local), (model.context, context)):
+        for (k, a), b in zip(mine.state_dict().items(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    with pytest.raises(UserError, match="stage3_heads"):
+        replace(CFG, stage3_heads="both")
 
 
 def test_predict_outputs_and_checkpoint_round_trip(trained):
