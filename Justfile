@@ -40,3 +40,7 @@ bench-search *args:
 # kill -9 the writing commands at random moments and inside commits; rows lost/duplicated (JSON)
 bench-faults *args:
     python bench/faults.py {{args}}
+
+# test-split numbers next to val (selection bias), safety rule, conformal coverage (JSON)
+bench-honest *args:
+    python bench/honest.py {{args}}

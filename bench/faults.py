@@ -96,6 +96,7 @@ class Cohort:
     def __init__(self, work: Path, n_cells: int, seed: int):
         from embedstore.synth import make_synthetic
         from heads import runs
+        from heads.splits import SplitConfig
         from heads.train import TrainConfig
 
         self.work = work
@@ -110,6 +111,7 @@ class Cohort:
         self.ref_vectors = self.vectors(self.ref)
         self.run = work / "run"
         runs.train(self.ref, self.run, "all", TrainConfig(epochs=1, global_epochs=1, gate_epochs=1, batch_size=64),
+                   split_config=SplitConfig(guard_um=0, min_cells=10),  # tiny slides: any trained run will do
                    scale=False, log=lambda m: None)  # fmt: skip
         rng = np.random.default_rng(seed)
         self.new_labels = self.expected.with_columns(label=pl.Series(rng.choice(["A", "B", "C"], self.expected.height)))

@@ -143,8 +143,10 @@ class _Resident:
             )
         if val.size == 0:
             raise UserError(
-                "no labelled cells in the validation split (needed for early stopping); add "
-                "val rows to the `split` column, or drop it to use the per-slide central rectangle"
+                "no labelled cells in the validation split (needed for early stopping): slides "
+                "under 50 cells are not cut, and on small tissue the guard band can take the val "
+                "stripe; narrow it (--guard-um), hold out whole slides (--holdout), or give a "
+                "`split` column with val rows"
             )
         if device.type == "cpu":
             tensors = (data.local, data.context, data.tissue, data.label)
