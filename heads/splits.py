@@ -98,6 +98,10 @@ class Split:
             lines.append("  " + str(r["slide_id"]) + ": " + ", ".join(f"{p} {r[p]}" for p in PARTS))
         if len(per_slide) > 20:
             lines.append(f"  ... and {len(per_slide) - 20} more slides (split.json)")
+        per_class = [r for r in self.info.get("per_class", []) if r["class"] is not None]
+        if per_class:
+            lines.append("  per class (train/val/test/guard): " + ", ".join(
+                f"{r['class']} {r['train']}/{r['val']}/{r['test']}/{r['guard']}" for r in per_class[:30]))  # fmt: skip
         for part, leak in self.info.get("leak", {}).items():
             lines.append(
                 f"  {part}: {leak['train_within_crop']:.1%} of cells have a training cell within 28 µm "
