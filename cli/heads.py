@@ -35,7 +35,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its val stripe")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its test stripe (0 with --holdout)")] = 0.2,
     guard_um: Annotated[float, typer.Option(help="guard band between parts, µm (default: the context radius)")] = 128.0,
-    stage3_heads: Annotated[str, typer.Option(help="stage 3: joint (gate + both heads) or frozen (gate only, as the authors' code)")] = "joint",
+    stage3_heads: Annotated[str, typer.Option(help="stage 3: frozen (gate only, as the authors' code) or joint (gate + both heads, METHOD.md)")] = "frozen",
     alpha_schedule: Annotated[str, typer.Option(help="stage-2 context ramp: step (per optimiser step) or epoch (the authors')")] = "step",
     film: Annotated[bool, typer.Option("--film/--concat", help="FiLM tissue conditioning, or the paper's Concat ablation")] = True,
     epochs: Annotated[int, typer.Option(help="stage-1 epochs (max; early stopping on val macro-F1)")] = 4,
@@ -97,14 +97,14 @@ def eval_(
     if result["selection"]:
         title += " [bold red](the cells that chose the model: optimistic)[/]"
     console.print(rich_results_table(result["table"], title=title))
-    console.print("val_macro_f1: the same model on the validation cells that selected it; "
-                  "selection_gap = val_macro_f1 - macro_f1", highlight=False)  # fmt: skip
+    console.print("val F1: the same model on the validation cells that chose it; gap = val F1 - "
+                  "macro-F1 (selection optimism plus any val/test difference)", highlight=False)  # fmt: skip
     if result["conformal"] is not None:
         from rich.table import Table
 
         conf = result["conformal"]
-        t = Table("class", "n", "coverage", "mean size", "coverage (per-class cal.)", "mean size (per-class cal.)",
-                  title=f"conformal sets ({conf['path']} path, APS) at {conf['level']:.0%}")
+        t = Table("class", "n", "coverage", "size", "cc coverage", "cc size",
+                  title=f"conformal sets ({conf['path']} path, APS) at {conf['level']:.0%}; cc: calibrated per class")
         m, cc = conf["marginal"], conf["class_conditional"]
 
         def fmt(v: float | None) -> str:

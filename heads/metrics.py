@@ -341,20 +341,28 @@ def format_results_table(table: pl.DataFrame, digits: int = 3) -> str:
     return "\n".join(out)
 
 
+#: short headers of the CLI table (temperature and fit_s stay in metrics.json: a laptop-wide table)
+RICH_HEADERS = {"name": "path", "n": "n", "accuracy": "acc", "macro_f1": "macro-F1", "ece": "ECE",
+                "ece_ts": "ECE(T)", "val_macro_f1": "val F1", "selection_gap": "gap"}  # fmt: skip
+
+
 def rich_results_table(table: pl.DataFrame, title: str | None = None, digits: int = 3) -> Table:
     """`results_table` as a rich.table.Table (best macro-F1 in bold) for the CLI."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
-    for i, c in enumerate(table.columns):
-        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    t = Table(title=title, box=box.SIMPLE_HEAD)  # no vertical rules: fits 80 columns
+    cols = [c for c in RICH_HEADERS if c in table.columns]
+    for i, c in enumerate(cols):
+        t.add_column(RICH_HEADERS[c], justify="left" if i == 0 else "right", no_wrap=True)
     best = table["macro_f1"].max() if "macro_f1" in table.columns else None
-    for row in table.iter_rows(named=True):
+    for row in table.select(cols).iter_rows(named=True):
         vals = [
-            "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v)))
-            for v in row.values()
-        ]
+            "-" if v is None else (f"{v:+.{digits}f}" if k == "selection_gap" else
+                                   f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v)))
+            for k, v in row.items()
+        ]  # fmt: skip
         t.add_row(*vals, style="bold" if best is not None and row["macro_f1"] == best else None)
     return t
 

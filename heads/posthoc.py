@@ -197,9 +197,9 @@ class ConformalSets:
         frame = pl.DataFrame({"score": self.cal_scores, "label": self.cal_labels})
         with atomic_path(path) as tmp:
             frame.write_parquet(tmp, compression="zstd")
-        (Path(run_dir) / "conformal.json").write_text(
-            json.dumps({"path": self.path, "n_classes": self.n_classes, "score": "aps-randomised"}) + "\n"
-        )
+        with atomic_path(Path(run_dir) / "conformal.json") as tmp:
+            info = {"path": self.path, "n_classes": self.n_classes, "score": "aps-randomised"}
+            Path(tmp).write_text(json.dumps(info) + "\n")
         return path
 
     @classmethod

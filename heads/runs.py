@@ -268,8 +268,8 @@ def evaluate_run(
     the complementarity table/chart into RUN_DIR (or RUN_DIR/cohort-NAME).
     """
     run_dir = Path(run_dir)
-    if not cohort and on != "holdout":
-        _check_on(on)
+    if not cohort and on not in (*EVAL_ON, "holdout"):
+        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
     info = ckpt.read_info(run_dir, "local")
     classes, tissues = info["classes"], info["tissues"]
     out_dir = ensure_dir(run_dir / (f"cohort-{cohort}" if cohort else ""), "the evaluation outputs")
@@ -374,12 +374,6 @@ def evaluate_run(
     write_metrics_json(result_rows, out_dir / "metrics.json", extra=extra)
     return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp,
             "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
-
-
-def _check_on(on: str) -> str:
-    if on not in EVAL_ON:
-        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
-    return on
 
 
 def _temperature(p: np.ndarray, y: np.ndarray, p_val: np.ndarray | None, y_val: np.ndarray | None) -> dict:

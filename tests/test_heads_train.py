@@ -28,7 +28,7 @@ PROV = {
 CFG = TrainConfig(
     epochs=12, global_epochs=12, gate_epochs=3, batch_size=128, lr=2e-3, warmup_steps=5,
     patience=4, hidden=64, proj=32, gate_proj=16, gate_hidden=(32, 16), gate_lr=2e-3,
-    gate_head_lr=5e-4, seed=0,
+    gate_head_lr=5e-4, seed=0, stage3_heads="joint",
 )
 
 
