@@ -304,6 +304,52 @@ def labels(
         console.print(f"[yellow]warning:[/] {counts['unlabelled']} cells that had a label before have none now; "
                       f"`embed labels --db {db} --restore {counts['previous_version']}` brings the previous labels back")  # fmt: skip
 
+@app.command()
+def annotate(
+    bundles: Annotated[list[Path], typer.Argument(help="Xenium output bundle(s), or a folder of bundles")],
+    markers: Annotated[Path, typer.Option(help="marker panel CSV: class,gene (one row per marker)")],
+    out: Annotated[Path, typer.Option(help="labels Parquet (report folder beside it: OUT_report/)")],
+    db: Annotated[Path | None, typer.Option(help="also put the labels into this store (a named label set)")] = None,
+    name: Annotated[str, typer.Option(help="name of the label set in the store")] = "xenium-markers",
+    table: Annotated[str, typer.Option(help="vector table the labels refer to (with --db)")] = "cells",
+    clusters: Annotated[Path | None, typer.Option(help="CSV cluster,class naming clusters by hand (after reading the report)")] = None,
+    synonyms: Annotated[Path | None, typer.Option(help="JSON {raw name: class} or CSV raw,class mapping names to final classes")] = None,
+    min_counts: Annotated[int, typer.Option(help="gene counts a cell needs to be labelled")] = 10,
+    resolution: Annotated[float, typer.Option(help="Leiden resolution")] = 0.6,
+    min_confidence: Annotated[float, typer.Option(help="cells below this confidence get kept=false")] = 0.6,
+    seed: Annotated[int, typer.Option(help="random seed (PCA, neighbours, Leiden, UMAP)")] = 0,
+    report: Annotated[bool, typer.Option(help="write the report (figures + report.md)")] = True,
+) -> None:
+    """Label cells from Xenium expression with a marker panel (the paper's recipe, via scanpy)."""
+    from embedstore.annotate import AnnotateConfig, read_panel
+    from embedstore.annotate import annotate as run_annotate
+    from embedstore.fileio import atomic_path, ensure_dir
+
+    cfg = AnnotateConfig(min_counts=min_counts, resolution=resolution, min_confidence=min_confidence, seed=seed)
+    ensure_dir(out.parent, "the labels output")
+    frame, results = run_annotate(bundles, markers, cfg, clusters=clusters, synonyms=synonyms,
+                                  log=lambda m: console.print(m, markup=False, highlight=False))  # fmt: skip
+    with atomic_path(out) as tmp:
+        frame.write_parquet(tmp)
+    console.print(f"{frame.height} cells, {frame['label'].is_not_null().sum()} labelled, "
+                  f"{int(frame['kept'].sum())} kept -> {out}")  # fmt: skip
+    if report:
+        from embedstore.annotate_report import write_report
+
+        md = write_report(frame, results, read_panel(markers), out.with_name(out.stem + "_report"), cfg)
+        console.print(f"report -> {md}")
+    if db is not None:
+        from embedstore.store import Store
+
+        counts = Store(db).set_labels(frame.select("slide_id", "cell_id", "label", "label_confidence"),
+                                      source=f"annotate:{name}", table=table)  # fmt: skip
+        console.print(f"label set {name!r}: labels of {counts['matched']} stored cells (kept = confidence >= "
+                      f"{min_confidence:g}; `heads train` uses only those by default)")  # fmt: skip
+        if counts["unknown"]:
+            console.print(f"{counts['unknown']} labelled cells are not in the store (not extracted yet?), e.g. "
+                          f"{counts['unknown_examples']}", markup=False)  # fmt: skip
+
+
 def _search_progress(label: str):
     """A progress bar fed by (done, total) callbacks."""
     bar = progress()

@@ -47,6 +47,7 @@ def train(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     scale: Annotated[bool, typer.Option(help="smaller batches, more epochs for small training sets")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is faster on a busy machine)")] = None,
+    min_label_confidence: Annotated[float, typer.Option(help="leave out labels with a lower label_confidence (embed annotate's kept cells: 0.6)")] = 0.6,
 ) -> None:
     """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
     from heads.runs import train as run_train
@@ -64,7 +65,7 @@ def train(
 
         torch.set_num_threads(threads)
     run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale,
-              split_config=split_cfg, log=_log)
+              split_config=split_cfg, min_label_confidence=min_label_confidence, log=_log)
     console.print(f"[green]trained[/] stage {stage} -> {out}")
 
 
@@ -81,6 +82,7 @@ def eval_(
     balanced: Annotated[bool, typer.Option(help="class-balanced baselines (as the heads' class-balanced loss)")] = True,
     temperature: Annotated[bool, typer.Option(help="report ECE after temperature scaling (fit on validation)")] = True,
     coverage: Annotated[float, typer.Option(help="conformal level: target share of cells whose set holds the true class")] = 0.9,
+    min_label_confidence: Annotated[float, typer.Option(help="score only labels with at least this label_confidence")] = 0.6,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
 ) -> None:
     """Accuracy, macro-F1, per-class F1, ECE, confusion matrices, reliability and baselines."""
@@ -92,6 +94,7 @@ def eval_(
     result = evaluate_run(
         run_dir, db, table=table, on=on, cohort=cohort, synonyms=syn, baselines=which, balanced=balanced,
         temperature=temperature, conformal_level=coverage, labels=labels, device=device, log=_log,
+        min_label_confidence=min_label_confidence,
     )  # fmt: skip
     title = f"{run_dir} on {result['on']}"
     if result["selection"]:

@@ -56,8 +56,13 @@ def load_cell_data(
     classes: Sequence[str] | None = None,
     tissue_vocab: Sequence[str] | None = None,
     labelled_only: bool = False,
+    min_label_confidence: float = 0.0,
 ) -> CellData:
-    """Cells and vectors from the store as `CellData` (labels from the store or `labels`)."""
+    """Cells and vectors from the store as `CellData` (labels from the store or `labels`).
+
+    Labels whose `label_confidence` is below `min_label_confidence` are dropped (cells without
+    a confidence, e.g. hand-made labels, keep theirs): `embed annotate` scores every cell and
+    keeps those at >= 0.60."""
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
@@ -73,6 +78,9 @@ def load_cell_data(
         meta = meta.drop([c for c in keep if c in meta.columns]).join(
             lab.select("slide_id", "cell_id", *keep), on=["slide_id", "cell_id"], how="left", maintain_order="left"
         )
+    if min_label_confidence > 0 and "label_confidence" in meta.columns and "label" in meta.columns:
+        low = pl.col("label_confidence").is_not_null() & (pl.col("label_confidence") < min_label_confidence)
+        meta = meta.with_columns(label=pl.when(low).then(None).otherwise(pl.col("label")))
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         if labelled_only:
             raise UserError(
@@ -138,9 +146,11 @@ def train(
     labels: str | Path | None = None,
     scale: bool = True,
     split_config: SplitConfig | None = None,
+    min_label_confidence: float = 0.6,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train `stage` on the store's cached vectors; the split is made once and saved, and the
+    """Train `stage` on the store's cached vectors (labels with a confidence below
+    `min_label_confidence` are left out); the split is made once and saved, and the
     conformal calibration and safety rule are fitted on its validation cells (`fit_posthoc`).
 
     With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
@@ -148,7 +158,7 @@ def train(
     if stage not in STAGE_CHOICES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     run_dir = ensure_dir(run_dir, "the run")
-    data = load_cell_data(db, table=table, labels=labels, labelled_only=True)
+    data = load_cell_data(db, table=table, labels=labels, labelled_only=True, min_label_confidence=min_label_confidence)
     log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
         f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
     if stage in ("local", "all") or not (run_dir / SPLIT_FILE).exists():
@@ -253,6 +263,7 @@ def evaluate_run(
     temperature: bool = True,
     conformal_level: float = 0.9,
     labels: str | Path | None = None,
+    min_label_confidence: float = 0.6,
     device: str = "cpu",
     log: Log = print,
 ) -> dict[str, Any]:
@@ -276,7 +287,8 @@ def evaluate_run(
 
     val_rows = np.zeros(0, np.int64)
     if cohort:
-        data = load_cell_data(db, table=table, labels=labels, labelled_only=True, tissue_vocab=tissues)
+        data = load_cell_data(db, table=table, labels=labels, labelled_only=True, tissue_vocab=tissues,
+                              min_label_confidence=min_label_confidence)
         mapped = apply_synonyms(data.meta["label"].to_list(), synonyms or {}, classes)
         log(f"cohort {cohort}: {int(mapped.keep.sum())} of {len(data)} cells have a training class"
             + (f"; dropped {dict(mapped.dropped)}" if mapped.dropped else ""))  # fmt: skip
@@ -288,7 +300,8 @@ def evaluate_run(
         rows = np.arange(len(data))
         split = None
     else:
-        data = load_cell_data(db, table=table, labels=labels, labelled_only=True, classes=classes, tissue_vocab=tissues)
+        data = load_cell_data(db, table=table, labels=labels, labelled_only=True, classes=classes, tissue_vocab=tissues,
+                              min_label_confidence=min_label_confidence)
         ckpt.check_compatible(info, data, where=str(run_dir / "local.json"))
         split = load_split(run_dir, data)
         labelled = data.label.numpy() >= 0

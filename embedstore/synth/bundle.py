@@ -21,7 +21,22 @@ import scipy.io
 import scipy.sparse
 from scipy.spatial import cKDTree
 
-from .spec import CLASSES, MARKERS, N_NEGATIVE_PROBES, TISSUE_STYLES, gene_panel
+from .spec import (
+    CLASSES,
+    DOUBLET_SHARE,
+    EMPTY_SHARE,
+    MARKERS,
+    N_CONTROL_CODEWORDS,
+    N_NEGATIVE_PROBES,
+    N_UNASSIGNED_CODEWORDS,
+    TISSUE_STYLES,
+    UNCOVERED_MARKERS,
+    UNCOVERED_SHARE,
+    gene_panel,
+)
+
+#: expression kinds recorded in truth.parquet (`expression_kind`)
+KINDS = ("single", "doublet", "empty", "uncovered")
 
 PIXEL_SIZE_UM = 0.2125  # Xenium morphology image µm/px
 BASE_MEAN = 0.04  # mean count of a non-marker gene
@@ -66,12 +81,30 @@ def class_profiles(genes: tuple[str, ...]) -> np.ndarray:
 
 def expression(rng: np.random.Generator, labels: np.ndarray, xy_um: np.ndarray,
                cell_area: np.ndarray, tissue: str, genes: tuple[str, ...]
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Counts (cells x genes) and negative-control probe counts (cells x N_NEGATIVE_PROBES)."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counts (cells x genes), control counts (cells x negative probes + control codewords +
+    unassigned codewords), the expression kind per cell (index into KINDS) and the doublet
+    partner's class (-1 if none).
+
+    Realistic trouble: log-normal library sizes (tens to hundreds of counts) and ~2% near-empty
+    cells, ~5% doublets (a cell of another class adds its transcripts), ~3% cells of a type no
+    annotation-panel class covers, spill-over from the nearest neighbour, organ ambient RNA."""
     n = len(labels)
     prof = class_profiles(genes)
-    lib = np.exp(rng.normal(0, 0.3, n)) * np.sqrt(cell_area / np.median(cell_area))
+    lib = np.exp(rng.normal(0, 0.6, n)) * np.sqrt(cell_area / np.median(cell_area))
     mu = prof[labels]
+    trouble = rng.random(n)
+    kind = np.zeros(n, dtype=np.int64)
+    kind[trouble < EMPTY_SHARE + DOUBLET_SHARE + UNCOVERED_SHARE] = 3
+    kind[trouble < EMPTY_SHARE + DOUBLET_SHARE] = 1
+    kind[trouble < EMPTY_SHARE] = 2
+    partner = np.where(kind == 1, (labels + rng.integers(1, len(CLASSES), n)) % len(CLASSES), -1)
+    uncovered = np.full(len(genes), BASE_MEAN)
+    for g, m in UNCOVERED_MARKERS.items():
+        uncovered[genes.index(g)] = m
+    mu = np.where((kind == 3)[:, None], uncovered[None, :], mu)
+    mu = np.where((kind == 1)[:, None], mu + prof[partner.clip(0)], mu)
+    lib = np.where(kind == 2, 0.01, lib)
     if n > 1:  # spill-over from the nearest neighbour
         _, nn = cKDTree(xy_um).query(xy_um, k=2)
         phi = rng.beta(1.5, 12.0, n)[:, None]
@@ -80,9 +113,11 @@ def expression(rng: np.random.Generator, labels: np.ndarray, xy_um: np.ndarray,
     for g in TISSUE_STYLES[tissue].ambient_genes:
         ambient[genes.index(g)] += 0.4
     mu = mu * lib[:, None] + ambient[None, :]
+    mu = np.where((kind == 2)[:, None], mu * 0.05, mu)  # empty: ambient barely reaches them
     counts = rng.poisson(rng.gamma(NB_SHAPE, mu / NB_SHAPE)).astype(np.int32)
-    neg = rng.poisson(0.015, (n, N_NEGATIVE_PROBES)).astype(np.int32)
-    return counts, neg
+    n_ctrl = N_NEGATIVE_PROBES + N_CONTROL_CODEWORDS + N_UNASSIGNED_CODEWORDS
+    ctrl = rng.poisson(0.015 * (1 + lib[:, None]), (n, n_ctrl)).astype(np.int32)
+    return counts, ctrl, kind, partner
 
 
 @contextlib.contextmanager
@@ -92,15 +127,25 @@ def _gzip_open(path: Path):
         yield fh
 
 
+def control_features() -> list[tuple[str, str, str]]:
+    """(id, name, feature type) of the control features, in matrix order after the genes."""
+    out = [(f"NegControlProbe_{k + 1:05d}",) * 2 + ("Negative Control Probe",)
+           for k in range(N_NEGATIVE_PROBES)]
+    out += [(f"NegControlCodeword_{k + 1:04d}",) * 2 + ("Negative Control Codeword",)
+            for k in range(N_CONTROL_CODEWORDS)]
+    out += [(f"UnassignedCodeword_{k + 1:04d}",) * 2 + ("Unassigned Codeword",)
+            for k in range(N_UNASSIGNED_CODEWORDS)]
+    return out
+
+
 def write_mex(dir_: Path, ids: list[str], genes: tuple[str, ...], counts: np.ndarray,
               neg: np.ndarray) -> None:
-    """10x cell_feature_matrix/: barcodes, features (genes + negative controls), matrix."""
+    """10x cell_feature_matrix/: barcodes, features (genes + control features), matrix."""
     dir_.mkdir(parents=True, exist_ok=True)
     with _gzip_open(dir_ / "barcodes.tsv.gz") as fh:
         fh.write("".join(f"{c}\n" for c in ids).encode())
     rows = [f"SYNG{j + 1:05d}\t{g}\tGene Expression\n" for j, g in enumerate(genes)]
-    rows += [f"NegControlProbe_{k + 1:05d}\tNegControlProbe_{k + 1:05d}\tNegative Control Probe\n"
-             for k in range(neg.shape[1])]
+    rows += [f"{i}\t{name}\t{kind}\n" for i, name, kind in control_features()[: neg.shape[1]]]
     with _gzip_open(dir_ / "features.tsv.gz") as fh:
         fh.write("".join(rows).encode())
     mat = scipy.sparse.coo_matrix(np.concatenate([counts, neg], axis=1).T)
@@ -112,8 +157,9 @@ def write_bundle(dir_: Path, *, slide_id: str, slide_path: Path, tissue: str, id
                  x_px: np.ndarray, y_px: np.ndarray, labels: np.ndarray, he_mpp: float,
                  nucleus_area_um2: np.ndarray, cell_area_um2: np.ndarray,
                  rng: np.random.Generator, run_name: str, width_px: int, height_px: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Write one Xenium-like bundle; returns the Xenium centroids (x_um, y_um)."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Write one Xenium-like bundle; returns the Xenium centroids (x_um, y_um), the
+    expression kind (index into KINDS) and the doublet partner class (-1: none) per cell."""
     dir_.mkdir(parents=True, exist_ok=True)
     m = alignment_matrix(rng, width_px, height_px, he_mpp)
     csv = dir_ / f"{slide_id}_he_imagealignment.csv"
@@ -125,7 +171,7 @@ def write_bundle(dir_: Path, *, slide_id: str, slide_path: Path, tissue: str, id
 
     genes = gene_panel()
     xy_he_um = np.column_stack([x_px, y_px]) * he_mpp
-    counts, neg = expression(rng, labels, xy_he_um, cell_area_um2, tissue, genes)
+    counts, neg, kind, partner = expression(rng, labels, xy_he_um, cell_area_um2, tissue, genes)
     tx = counts.sum(axis=1).astype(np.int64)
     ctrl = neg.sum(axis=1).astype(np.int64)
     pl.DataFrame({
@@ -158,4 +204,4 @@ def write_bundle(dir_: Path, *, slide_id: str, slide_path: Path, tissue: str, id
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.relpath(slide_path, dir_))
-    return x_um, y_um
+    return x_um, y_um, kind, partner

@@ -13,11 +13,11 @@ import numpy as np
 import polars as pl
 
 from ..errors import UserError
-from .bundle import PIXEL_SIZE_UM, cell_ids, write_bundle
+from .bundle import KINDS, PIXEL_SIZE_UM, cell_ids, write_bundle
 from .layout import build_layout
 from .pyramid import EXTENSIONS, FORMATS, write_pyramid
 from .render import SlideRenderer
-from .spec import CLASSES, REGIONS, TISSUES, gene_panel
+from .spec import CLASSES, REGIONS, TISSUES, annotation_panel, gene_panel
 
 DEFAULT_FORMATS = ("svs", "tiff")
 CELL_COLUMNS = ("slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue", "label")
@@ -145,7 +145,7 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
         cell_area = math.pi / 4 * (c["length_um"] + 2 * halo) * (c["width_um"] + 2 * halo)
         bdir = out / "xenium" / slide_id
         report(f"{slide_id}: bundle", base + 0.9 / n_slides)
-        xen_x, xen_y = write_bundle(
+        xen_x, xen_y, kind, partner = write_bundle(
             bdir, slide_id=slide_id, slide_path=path, tissue=tissue, ids=ids,
             x_px=c["x_px"], y_px=c["y_px"], labels=labels, he_mpp=mpp,
             nucleus_area_um2=nuc_area, cell_area_um2=cell_area, rng=rng,
@@ -162,6 +162,8 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
             "slide_id": [slide_id] * n, "cell_id": ids, "label": names, "tissue": [tissue] * n,
             "region": region, "x_px": c["x_px"], "y_px": c["y_px"],
             "x_um_xenium": xen_x, "y_um_xenium": xen_y,
+            "expression_kind": np.asarray(KINDS)[kind],
+            "expression_partner": [CLASSES[p] if p >= 0 else None for p in partner],
             "nucleus_length_um": c["length_um"].astype(np.float64),
             "nucleus_width_um": c["width_um"].astype(np.float64),
             "nucleus_angle_deg": np.degrees(c["angle"].astype(np.float64)) % 180.0,
@@ -180,6 +182,7 @@ def make_synthetic(out_dir: str | Path, *, seed: int = 0, n_cells: int = 600, n_
     truth = pl.concat(truth_tables)
     cells.write_parquet(out / "cells.parquet")
     truth.write_parquet(out / "truth.parquet")
+    pl.DataFrame(annotation_panel(), schema=["class", "gene"], orient="row").write_csv(out / "panel.csv")
     manifest.write_text(json.dumps({"params": params, "complete": True}))
     counts = dict(zip(*np.unique(truth["label"].to_numpy(), return_counts=True), strict=True))
     report("done", 1.0)

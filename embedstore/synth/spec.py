@@ -194,9 +194,31 @@ MARKERS: dict[str, dict[str, float]] = {
     "Macrophage": {"PTPRC": 3, "CD68": 6, "CD163": 4, "C1QA": 4, "LYZ": 5, "CD14": 3,
                    "MRC1": 2.5, "CD74": 3, "FCGR3A": 2},
 }
+#: a cell type of the tissue that no class of the annotation panel covers (expression only)
+UNCOVERED_TYPE = "Mast_Cell"
+UNCOVERED_MARKERS: dict[str, float] = {"TPSAB1": 8, "CPA3": 6, "KIT": 4, "MS4A2": 4, "HDC": 3}
 OTHER_GENES: tuple[str, ...] = ("MYC", "SPP1", "ESR1", "PGR", "SFTPC", "SFTPB", "PRSS1", "CPA1",
-                                "GAPDH", "HIF1A", "JUN", "FOS")
+                                "GAPDH", "HIF1A", "JUN", "FOS", *UNCOVERED_MARKERS)
 N_NEGATIVE_PROBES = 8
+N_CONTROL_CODEWORDS = 4  # "Negative Control Codeword" features
+N_UNASSIGNED_CODEWORDS = 4  # "Unassigned Codeword" features
+#: shares of cells with expression trouble (the rest are clean single cells)
+EMPTY_SHARE = 0.02  # near-zero library (a failed segmentation or a cell outside the section)
+DOUBLET_SHARE = 0.05  # two cells' transcripts in one segment
+UNCOVERED_SHARE = 0.03  # the uncovered type
+#: the annotation panel shipped with synthetic bundles: the strongest markers of each class
+PANEL_MARKERS_PER_CLASS = 5
+
+
+def annotation_panel() -> list[tuple[str, str]]:
+    """(class, gene) rows of the `panel.csv` written next to synthetic bundles: each class's
+    `PANEL_MARKERS_PER_CLASS` highest-mean markers (ties in listing order). No row for the
+    uncovered type."""
+    rows = []
+    for cname, markers in MARKERS.items():
+        top = sorted(markers.items(), key=lambda kv: -kv[1])[:PANEL_MARKERS_PER_CLASS]
+        rows += [(cname, g) for g, _ in top]
+    return rows
 
 
 def gene_panel() -> tuple[str, ...]:

@@ -1,0 +1,193 @@
+"""`embed annotate`: labels from Xenium expression (scanpy clustering, marker naming, confidence)."""
+
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse
+
+from embedstore.annotate import (
+    AnnotateConfig,
+    annotate,
+    class_scores,
+    read_expression,
+    read_panel,
+    robust_scale,
+)
+from embedstore.errors import CellsError, UserError
+from embedstore.synth import make_synthetic
+from tests.test_embed_cli import usage_error
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """2 slides x 1500 cells: enough cells per sample for stable Leiden clusters."""
+    return make_synthetic(tmp_path_factory.mktemp("ann") / "data", seed=3, n_cells=3000, n_slides=2)
+
+
+@pytest.fixture(scope="module")
+def annotated(synth):
+    frame, results = annotate([synth.out_dir / "xenium"], synth.out_dir / "panel.csv")
+    truth = pl.read_parquet(synth.truth_path).select(
+        "slide_id", "cell_id", "x_px", "y_px", truth="label", kind="expression_kind")
+    return frame.join(truth, on=["slide_id", "cell_id"], how="left", suffix="_truth"), results
+
+
+def test_labels_match_the_synthetic_truth(annotated):
+    j, results = annotated
+    assert j["truth"].null_count() == 0  # every cell found its truth row (ids and slide names)
+    assert {"slide_id", "cell_id", "label", "label_confidence", "kept", "cluster", "n_counts",
+            "control_share", "x_px", "y_px", "x_um", "y_um"} <= set(j.columns)
+    # the registered H&E positions are the synthetic truth's
+    np.testing.assert_allclose(j["x_px"].to_numpy(), j["x_px_truth"].to_numpy(), atol=1e-6)
+    kept = j.filter(pl.col("kept") & (pl.col("kind") == "single"))
+    assert (kept["label"] == kept["truth"]).mean() >= 0.95
+    per_class = kept.group_by("truth").agg((pl.col("label") == pl.col("truth")).mean().alias("acc"))
+    assert per_class["acc"].min() >= 0.85, per_class
+    rate = j.group_by("kind").agg(pl.col("kept").mean(), pl.col("label").is_not_null().mean().alias("labelled"))
+    rate = {r["kind"]: r for r in rate.iter_rows(named=True)}
+    assert rate["single"]["kept"] >= 0.70
+    assert rate["doublet"]["kept"] < rate["single"]["kept"]  # two classes' markers: low margin
+    assert rate["empty"]["labelled"] == 0.0  # below min_counts: never labelled
+    assert rate["uncovered"]["kept"] <= 0.25  # not forced into a panel class
+    # kept <=> labelled and confidence >= 0.60; the confidence mixes purity and margin
+    ok = j.filter(pl.col("label").is_not_null())
+    assert ((ok["label_confidence"] >= 0.6) == ok["kept"]).all()
+    assert not j.filter(pl.col("label").is_null())["kept"].any()
+    assert all(r.clusters["class"].null_count() >= 1 for r in results)  # the uncovered cluster
+
+
+def test_robust_scale_and_class_scores_hand_computed():
+    m = np.array([0.0, 1.0, 2.0, 3.0, 100.0, np.nan])
+    # median 2, MAD 1: 0.5 + 0.5 (m - 2) / 3, clipped
+    np.testing.assert_allclose(robust_scale(m)[:5], [0.5 - 1 / 3, 0.5 - 1 / 6, 0.5, 0.5 + 1 / 6, 1.0])
+    assert np.isnan(robust_scale(m)[5])
+    # two classes share gene S (weight 1/2 each), A has a, B has b (weight 1)
+    x = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    a = ad.AnnData(x, var=dict(gene=["a", "b", "S"]))
+    a.var_names = ["a", "b", "S"]
+    scores, classes = class_scores(a, {"A": ["a", "S"], "B": ["b", "S"]})
+    z = (x - x.mean(0)) / x.std(0)  # every gene has mean 0.5, s.d. 0.5: z = +-1
+    expect_a = (z[:, 0] * 1 + z[:, 2] * 0.5) / 1.5
+    expect_b = (z[:, 1] * 1 + z[:, 2] * 0.5) / 1.5
+    assert classes == ["A", "B"]
+    np.testing.assert_allclose(scores, np.column_stack([expect_a, expect_b]))
+
+
+def _write_10x_h5(path, mex_adata):
+    """The 10x HDF5 layout (matrix/ with CSC data per cell, features/ with types)."""
+    m = scipy.sparse.csc_matrix(mex_adata.X.T.astype(np.int32))  # features x cells
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array(mex_adata.obs_names, dtype="S")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        feat = g.create_group("features")
+        feat["id"] = np.array(mex_adata.var["gene_ids"], dtype="S")
+        feat["name"] = np.array(mex_adata.var_names, dtype="S")
+        feat["feature_type"] = np.array(mex_adata.var["feature_types"], dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * m.shape[0], dtype="S")
+        feat["_all_tag_keys"] = np.array([b"genome"])
+
+
+def test_h5_and_mex_read_the_same_and_controls_are_dropped(synth, tmp_path):
+    import scanpy as sc
+
+    bundle = synth.slides[0].bundle
+    mex = read_expression(bundle)
+    raw = sc.read_10x_mtx(bundle / "cell_feature_matrix", var_names="gene_symbols", gex_only=False)
+    types = raw.var["feature_types"].astype(str)
+    assert {"Negative Control Probe", "Negative Control Codeword", "Unassigned Codeword"} <= set(types)
+    assert mex.n_vars == int((types == "Gene Expression").sum())  # controls dropped
+    gex = raw[:, (types == "Gene Expression").to_numpy()].X.sum(1).A1
+    ctrl = raw[:, (types != "Gene Expression").to_numpy()].X.sum(1).A1
+    np.testing.assert_array_equal(mex.obs["n_counts"].to_numpy(), gex)
+    np.testing.assert_allclose(mex.obs["control_share"].to_numpy(), np.where(gex + ctrl > 0, ctrl / np.maximum(gex + ctrl, 1), 0))
+    h5_bundle = tmp_path / "b"
+    shutil.copytree(bundle, h5_bundle, symlinks=True)
+    shutil.rmtree(h5_bundle / "cell_feature_matrix")
+    _write_10x_h5(h5_bundle / "cell_feature_matrix.h5", raw)
+    h5 = read_expression(h5_bundle)
+    assert list(h5.obs_names) == list(mex.obs_names) and list(h5.var_names) == list(mex.var_names)
+    assert (h5.X != mex.X).nnz == 0
+    np.testing.assert_allclose(h5.obs["control_share"], mex.obs["control_share"])
+
+
+def test_bad_inputs_get_one_clear_message(synth, tmp_path):
+    bundle = synth.slides[0].bundle
+    panel = synth.out_dir / "panel.csv"
+    no_matrix = tmp_path / "no_matrix"
+    shutil.copytree(bundle, no_matrix, symlinks=True)
+    shutil.rmtree(no_matrix / "cell_feature_matrix")
+    with pytest.raises(CellsError, match="no feature matrix"):
+        annotate([no_matrix], panel)
+    wrong_genes = tmp_path / "wrong.csv"
+    wrong_genes.write_text("class,gene\nA,NOPE1\nA,NOPE2\nB,NOPE3\nB,NOPE4\n")
+    with pytest.raises(UserError, match="no gene of the marker panel"):
+        annotate([bundle], wrong_genes)
+    ids = tmp_path / "ids"
+    shutil.copytree(bundle, ids, symlinks=True)
+    cells = pl.read_parquet(ids / "cells.parquet")
+    cells.with_columns(cell_id=pl.col("cell_id") + "-x").write_parquet(ids / "cells.parquet")
+    with pytest.raises(CellsError, match="cell ids .* is in the feature matrix"):
+        annotate([ids], panel)
+    one = tmp_path / "one.csv"
+    one.write_text("class,gene\nT_Cell,CD3E\nT_Cell,CD3D\nB_Cell,MS4A1\n")
+    with pytest.raises(UserError, match=r"single marker gene: B_Cell \(MS4A1\)"):
+        read_panel(one)
+    # the CLI: one error line, exit 2, nothing written
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "annotate", str(no_matrix), "--markers", str(panel),
+                           "--out", str(tmp_path / "o.parquet")], capture_output=True, text=True)  # fmt: skip
+    usage_error(proc, "no feature matrix")
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_missing_panel_genes_warn_and_hand_naming_wins(synth, tmp_path):
+    bundle = synth.slides[0].bundle
+    panel = pl.read_csv(synth.out_dir / "panel.csv")
+    extra = pl.concat([panel, pl.DataFrame({"class": ["T_Cell"], "gene": ["NOT_A_GENE"]})])
+    extra.write_csv(tmp_path / "p.csv")
+    msgs = []
+    frame, results = annotate([bundle], tmp_path / "p.csv", log=msgs.append)
+    assert any("NOT_A_GENE" in m and "warning" in m for m in msgs)
+    named = results[0].clusters.filter(pl.col("class") == "T_Cell")["cluster"][0]
+    (tmp_path / "map.csv").write_text(f"cluster,class\n{named},Lymphocyte\n")
+    (tmp_path / "syn.json").write_text('{"Macrophage": "Myeloid"}')
+    frame2, _ = annotate([bundle], tmp_path / "p.csv", clusters=tmp_path / "map.csv", synonyms=tmp_path / "syn.json")
+    before = frame.filter(pl.col("cluster") == named)
+    after = frame2.filter(pl.col("cluster") == named)
+    assert (before["label"] == "T_Cell").all() and (after["label"] == "Lymphocyte").all()
+    assert "Myeloid" in frame2["label"].to_list() and "Macrophage" not in frame2["label"].to_list()
+
+
+def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
+    from embedstore.extract import ExtractConfig, extract
+    from embedstore.store import Store
+    from heads.runs import load_cell_data
+    from tests.conftest import FAST
+
+    db = tmp_path / "db"
+    cells = pl.read_parquet(synth.cells_path).drop("label")
+    cells.write_parquet(tmp_path / "cells.parquet")
+    extract(synth.out_dir / "slides", tmp_path / "cells.parquet", db, ExtractConfig(**FAST))
+    out = tmp_path / "labels.parquet"
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "annotate", str(synth.out_dir / "xenium"),
+                           "--markers", str(synth.out_dir / "panel.csv"), "--out", str(out), "--db", str(db)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    frame = pl.read_parquet(out)
+    report = tmp_path / "labels_report"
+    assert (report / "report.md").exists() and (report / "class_counts.png").stat().st_size > 5000
+    assert len(list(report.glob("*_clusters.png"))) == 2 and len(list(report.glob("*_markers.png"))) == 2
+    stored = Store(db).labels()
+    assert stored.height == frame.height and stored["source"][0] == "annotate:xenium-markers"
+    # heads use only kept cells by default; 0 keeps every labelled cell
+    kept = load_cell_data(db, labelled_only=True, min_label_confidence=0.6)
+    every = load_cell_data(db, labelled_only=True, min_label_confidence=0.0)
+    assert int((kept.label.numpy() >= 0).sum()) == int(frame["kept"].sum())
+    assert int((every.label.numpy() >= 0).sum()) == int(frame["label"].is_not_null().sum())
