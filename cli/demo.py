@@ -1,6 +1,7 @@
 """The main job end to end on built-in synthetic data, offline (`./justw demo`).
 
-synth slides + Xenium bundles -> ingest the bundles (H&E registration) -> extract with the
+synth slides + Xenium bundles -> ingest the bundles (H&E registration) -> labels from the
+bundles' expression (`embed annotate`: no ground truth is used) -> extract with the
 test backbones into a LanceDB store -> store summary -> train the three heads -> evaluate
 (paths + baselines) -> predict (store, Parquet, GeoJSON) -> "cells like this one" -> label
 audit with planted label flips.
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from cli.embed import ExtractProgress
     from embedstore import explore
+    from embedstore.annotate import AnnotateConfig
     from embedstore.cells import CellReport
     from embedstore.extract import ExtractConfig, extract
     from embedstore.ingest import ingest_xenium
@@ -71,13 +73,28 @@ def main(argv: list[str] | None = None) -> dict:
     cells = pl.concat(frames)
     for line in report.lines():
         log(line)
-    joined = cells.join(truth.select("slide_id", "cell_id", "label", tx="x_px", ty="y_px"), on=["slide_id", "cell_id"])
+    joined = cells.join(truth.select("slide_id", "cell_id", tx="x_px", ty="y_px"), on=["slide_id", "cell_id"])
     err = np.hypot(joined["x_px"] - joined["tx"], joined["y_px"] - joined["ty"]).to_numpy()
     log(f"registration error against the true H&E positions: median {np.median(err):.2e} px, max {err.max():.2e} px")
-    cells = joined.drop("tx", "ty")  # labels: the generator's ground truth
+    cells = joined.drop("tx", "ty")  # no labels: they come from the expression (step 2b)
     cells_path = out / "cells.parquet"
     cells.write_parquet(cells_path)
     summary["cells"] = cells.height
+
+    step("2b. labels from the Xenium expression with a marker panel (`embed annotate`)")
+    from embedstore.annotate import annotate, read_panel
+    from embedstore.annotate_report import write_report
+
+    ann, samples = annotate([data_dir / "xenium"], data_dir / "panel.csv", log=log)
+    ann.write_parquet(out / "labels.parquet")
+    md = write_report(ann, samples, read_panel(data_dir / "panel.csv"), out / "labels_report", AnnotateConfig())
+    checked = ann.join(truth.select("slide_id", "cell_id", truth="label", kind="expression_kind"), on=["slide_id", "cell_id"])
+    kept = checked.filter(pl.col("kept"))
+    acc = float((kept["label"] == kept["truth"]).mean())
+    rates = {r["kind"]: r["kept"] for r in checked.group_by("kind").agg(pl.col("kept").mean()).iter_rows(named=True)}
+    log(f"{kept.height} of {ann.height} cells kept; accuracy of the kept labels against the synthetic truth "
+        f"{acc:.3f}; kept share: " + ", ".join(f"{k} {v:.0%}" for k, v in sorted(rates.items())) + f"; report {md}")  # fmt: skip
+    summary["annotate"] = {"kept": kept.height, "accuracy_kept": acc, "kept_rate": rates}
     summary["registration_max_err_px"] = float(err.max())
 
     step("3. extract vectors with the test backbones (`embed extract`; random weights, offline)")
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     with ExtractProgress(quiet=False) as events:
         ex = extract(data_dir / "slides", cells_path, db, cfg, on_event=events)
     log(f"{ex['written']} cells in {ex['seconds']:.1f} s ({ex['cells_per_s']:.1f} cells/s)")
+    Store(db).set_labels(ann.select("slide_id", "cell_id", "label", "label_confidence"), source="annotate:xenium-markers")
+    log("labels from step 2b -> the store (`embed annotate --db`): the heads train on the kept ones")
     summary["extract"] = {k: ex[k] for k in ("written", "already_stored", "cells_per_s")}
 
     step("4. store summary (`embed info`)")
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs.predict(run_dir, db, log=log)
 
     step("8. cells like this one (`embed similar`)")
-    query = cells.filter(pl.col("label") == "B_Cell").row(0, named=True)
+    query = cells.join(truth.select("slide_id", "cell_id", "label"), on=["slide_id", "cell_id"]).filter(pl.col("label") == "B_Cell").row(0, named=True)
     ref = f"{query['slide_id']}:{query['cell_id']}"
     found = explore.similar(db, ref, 8, exclude_same_slide=True, notify=log)
     log(f"query {ref} ({query['label']}); neighbours on other slides: "
@@ -130,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     store = Store(db)
     labels = store.labels()
     rng = np.random.default_rng(args.seed)
-    classes = sorted(labels["label"].unique().to_list())
-    flip = rng.random(labels.height) < args.flip
+    classes = sorted(labels["label"].drop_nulls().unique().to_list())
+    flip = (rng.random(labels.height) < args.flip) & labels["label"].is_not_null().to_numpy()
     new = [rng.choice([c for c in classes if c != old]) if f else old for old, f in zip(labels["label"], flip, strict=True)]
     store.set_labels(labels.with_columns(label=pl.Series(new)).drop("source"), source="demo: planted flips")
     queue, flags = explore.audit(db, k=15, vector="both", notify=log)
@@ -144,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"{len(flipped)} labels flipped, {len(flagged)} cells flagged: precision {precision:.2f}, recall {recall:.2f} "
         f"(chance precision {len(flipped) / labels.height:.2f}); precision in the top {len(flipped)} of the queue "
         f"{len(top & flipped) / max(len(flipped), 1):.2f}")  # fmt: skip
-    store.set_labels(labels.drop("source"), source="cells table")  # put the true labels back
+    store.set_labels(labels.drop("source"), source="annotate:xenium-markers")  # put the annotated labels back
     summary["audit"] = {"flipped": len(flipped), "flagged": len(flagged), "precision": precision, "recall": recall}
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -153,6 +153,27 @@ def write_mex(dir_: Path, ids: list[str], genes: tuple[str, ...], counts: np.nda
         scipy.io.mmwrite(fh, mat, field="integer")
 
 
+def write_10x_h5(path: Path, ids: list[str], genes: tuple[str, ...], counts: np.ndarray,
+                 ctrl: np.ndarray) -> None:
+    """10x `cell_feature_matrix.h5` (HDF5 v3 layout: matrix/ as features x cells CSC data)."""
+    import h5py
+
+    m = scipy.sparse.csc_matrix(np.concatenate([counts, ctrl], axis=1).T.astype(np.int32))
+    feats = [(f"SYNG{j + 1:05d}", g, "Gene Expression") for j, g in enumerate(genes)]
+    feats += control_features()[: ctrl.shape[1]]
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.array(ids, dtype="S")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        ft = g.create_group("features")
+        ft["id"] = np.array([f[0] for f in feats], dtype="S")
+        ft["name"] = np.array([f[1] for f in feats], dtype="S")
+        ft["feature_type"] = np.array([f[2] for f in feats], dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * len(feats), dtype="S")
+        ft["_all_tag_keys"] = np.array([b"genome"])
+
+
 def write_bundle(dir_: Path, *, slide_id: str, slide_path: Path, tissue: str, ids: list[str],
                  x_px: np.ndarray, y_px: np.ndarray, labels: np.ndarray, he_mpp: float,
                  nucleus_area_um2: np.ndarray, cell_area_um2: np.ndarray,
