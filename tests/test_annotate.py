@@ -12,7 +12,6 @@ import pytest
 import scipy.sparse
 
 from embedstore.annotate import (
-    AnnotateConfig,
     annotate,
     class_scores,
     read_expression,
