@@ -44,3 +44,7 @@ bench-faults *args:
 # test-split numbers next to val (selection bias), safety rule, conformal coverage (JSON)
 bench-honest *args:
     python bench/honest.py {{args}}
+
+# embed annotate on 100k cells x 300 genes: time per step, peak RSS, label accuracy (JSON)
+bench-annotate *args:
+    python bench/annotate.py {{args}}

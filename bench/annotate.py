@@ -9,6 +9,7 @@ same matrix in the same process, peak RSS (kernel high-water mark) and label acc
 
     python bench/annotate.py                  # 100k cells x 300 genes
     python bench/annotate.py --cells 20000
+    python bench/annotate.py --synth 6000     # label quality on `embed synth` bundles instead
 """
 
 from __future__ import annotations
@@ -51,12 +52,44 @@ def make_bundle(root: Path, n: int, n_genes: int, seed: int) -> pl.DataFrame:
     return pl.DataFrame({"cell_id": ids, "truth": np.asarray(CLASSES)[labels], "kind": np.asarray(KINDS)[kind]})
 
 
+def synth_check(n_cells: int, n_slides: int, seed: int) -> dict:
+    """Label quality on `embed synth` bundles against their truth (all kept cells count)."""
+    from embedstore.synth import make_synthetic
+
+    with tempfile.TemporaryDirectory(prefix="bench_annotate_synth_") as tmp:
+        res = make_synthetic(Path(tmp) / "d", seed=seed, n_cells=n_cells, n_slides=n_slides)
+        t0 = time.perf_counter()
+        frame, samples = annotate([res.out_dir / "xenium"], res.out_dir / "panel.csv")
+        seconds = time.perf_counter() - t0
+        truth = pl.read_parquet(res.truth_path).select("slide_id", "cell_id", truth="label", kind="expression_kind")
+    j = frame.join(truth, on=["slide_id", "cell_id"])
+    kept = j.filter(pl.col("kept"))
+    per_class = kept.group_by("truth").agg((pl.col("label") == pl.col("truth")).mean().alias("acc")).sort("acc")
+    by_kind = j.group_by("kind").agg(
+        cells=pl.len(), labelled=pl.col("label").is_not_null().mean(), kept=pl.col("kept").mean(),
+        mean_confidence=pl.col("label_confidence").mean()).sort("kind")  # fmt: skip
+    return {
+        "synth_cells": n_cells, "slides": n_slides, "seed": seed, "annotate_s": round(seconds, 1),
+        "kept_accuracy": round(float((kept["label"] == kept["truth"]).mean()), 4),
+        "worst_class": per_class.row(0),
+        "per_class_accuracy": {r[0]: round(r[1], 4) for r in per_class.iter_rows()},
+        "by_kind": {r["kind"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "kind"}
+                    for r in by_kind.iter_rows(named=True)},
+        "unnamed_clusters": [int(s.clusters["class"].null_count()) for s in samples],
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=100_000)
     ap.add_argument("--genes", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--synth", type=int, default=0, help="label quality on `embed synth` bundles of N cells")
+    ap.add_argument("--slides", type=int, default=3, help="slides (samples) for --synth")
     args = ap.parse_args(argv)
+    if args.synth:
+        print(json.dumps({**synth_check(args.synth, args.slides, args.seed), "load_avg": list(os.getloadavg())}, indent=2))
+        return 0
     out: dict = {"cells": args.cells, "genes": args.genes, "cpu_count": os.cpu_count(),
                  "load_avg_start": list(os.getloadavg())}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_annotate_") as tmp:
