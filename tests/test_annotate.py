@@ -5,11 +5,9 @@ import subprocess
 import sys
 
 import anndata as ad
-import h5py
 import numpy as np
 import polars as pl
 import pytest
-import scipy.sparse
 
 from embedstore.annotate import (
     annotate,
@@ -20,6 +18,7 @@ from embedstore.annotate import (
 )
 from embedstore.errors import CellsError, UserError
 from embedstore.synth import make_synthetic
+from embedstore.synth.bundle import write_10x_h5
 from tests.test_embed_cli import usage_error
 
 
@@ -78,22 +77,6 @@ def test_robust_scale_and_class_scores_hand_computed():
     np.testing.assert_allclose(scores, np.column_stack([expect_a, expect_b]))
 
 
-def _write_10x_h5(path, mex_adata):
-    """The 10x HDF5 layout (matrix/ with CSC data per cell, features/ with types)."""
-    m = scipy.sparse.csc_matrix(mex_adata.X.T.astype(np.int32))  # features x cells
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g["barcodes"] = np.array(mex_adata.obs_names, dtype="S")
-        g["data"], g["indices"], g["indptr"] = m.data, m.indices, m.indptr
-        g["shape"] = np.array(m.shape, dtype=np.int32)
-        feat = g.create_group("features")
-        feat["id"] = np.array(mex_adata.var["gene_ids"], dtype="S")
-        feat["name"] = np.array(mex_adata.var_names, dtype="S")
-        feat["feature_type"] = np.array(mex_adata.var["feature_types"], dtype="S")
-        feat["genome"] = np.array(["GRCh38"] * m.shape[0], dtype="S")
-        feat["_all_tag_keys"] = np.array([b"genome"])
-
-
 def test_h5_and_mex_read_the_same_and_controls_are_dropped(synth, tmp_path):
     import scanpy as sc
 
@@ -110,7 +93,9 @@ def test_h5_and_mex_read_the_same_and_controls_are_dropped(synth, tmp_path):
     h5_bundle = tmp_path / "b"
     shutil.copytree(bundle, h5_bundle, symlinks=True)
     shutil.rmtree(h5_bundle / "cell_feature_matrix")
-    _write_10x_h5(h5_bundle / "cell_feature_matrix.h5", raw)
+    is_gex = (types == "Gene Expression").to_numpy()
+    write_10x_h5(h5_bundle / "cell_feature_matrix.h5", list(raw.obs_names), tuple(raw.var_names[is_gex]),
+                 raw[:, is_gex].X.toarray(), raw[:, ~is_gex].X.toarray())  # fmt: skip
     h5 = read_expression(h5_bundle)
     assert list(h5.obs_names) == list(mex.obs_names) and list(h5.var_names) == list(mex.var_names)
     assert (h5.X != mex.X).nnz == 0
