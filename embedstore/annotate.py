@@ -197,6 +197,50 @@ def class_scores(adata: Any, panel: Mapping[str, Sequence[str]]) -> tuple[np.nda
     return scores, classes
 
 
+def cluster_order(name: str) -> tuple[int, ...]:
+    """Sort key of cluster names: "3" < "10", and "6" < "6,1" (a part split off cluster 6)."""
+    return tuple(int(p) for p in str(name).split(","))
+
+
+def _score_name(mean: np.ndarray, classes: Sequence[str], cfg: AnnotateConfig) -> str | None:
+    order = np.argsort(-mean)
+    gap = mean[order[0]] - (mean[order[1]] if len(order) > 1 else -np.inf)
+    return classes[order[0]] if mean[order[0]] >= cfg.min_class_score and gap >= cfg.name_margin else None
+
+
+def _split_mixed_clusters(adata: Any, scores: np.ndarray, classes: Sequence[str], cfg: AnnotateConfig) -> None:
+    """Split off a rare type merged into a cluster of a type it shares most markers with.
+
+    A cluster where a second class also scores high (mean >= `min_class_score`) is re-clustered
+    on its own (Leiden at twice the resolution: scanpy's `restrict_to`) and its parts named by
+    score. Only when parts get different classes is the cluster split, and then by class (parts
+    with one name together; unnamed parts stay with the largest): re-clustering alone would
+    fragment every cluster and lower every cell's neighbour purity."""
+    import scanpy as sc
+
+    groups = adata.obs["leiden"].astype(str).to_numpy()
+    new = groups.astype(object).copy()
+    for c in sorted(set(groups), key=cluster_order):
+        rows = groups == c
+        if rows.sum() < 4 * cfg.n_neighbors or np.sort(scores[rows].mean(axis=0))[-2] < cfg.min_class_score:
+            continue
+        sc.tl.leiden(adata, resolution=2 * cfg.resolution, restrict_to=("leiden", [c]), key_added="_sub",
+                     flavor="igraph", n_iterations=2, directed=False, random_state=cfg.seed)  # fmt: skip
+        sub = adata.obs.pop("_sub").astype(str).to_numpy()
+        parts = {p: _score_name(scores[sub == p].mean(axis=0), classes, cfg) for p in set(sub[rows])}
+        named = {n for n in parts.values() if n is not None}
+        if len(named) < 2:
+            continue
+        size = {n: sum(int((sub == p).sum()) for p, m in parts.items() if m == n) for n in named}
+        main = max(size, key=lambda n: (size[n], n))
+        others = sorted(named - {main})
+        for p, n in parts.items():
+            new[sub == p] = c if n in (None, main) else f"{c},{others.index(n) + 1}"
+    import pandas as pd
+
+    adata.obs["leiden"] = pd.Categorical(new.astype(str))  # an array: assigned by position
+
+
 def _ranked_markers(adata: Any, cfg: AnnotateConfig) -> dict[str, list[str]]:
     """Per cluster, the top genes by the mean of their Wilcoxon and logistic-regression ranks."""
     import scanpy as sc
@@ -274,11 +318,12 @@ def annotate_sample(
         sc.pp.neighbors(a, n_neighbors=cfg.n_neighbors, n_pcs=n_pcs, random_state=cfg.seed)
         sc.tl.leiden(a, resolution=cfg.resolution, flavor="igraph", n_iterations=2, directed=False,
                      random_state=cfg.seed)  # fmt: skip
-        markers = _ranked_markers(a, cfg)
         scores, classes = class_scores(a, usable)
+        _split_mixed_clusters(a, scores, classes, cfg)
+        markers = _ranked_markers(a, cfg)
         groups = a.obs["leiden"].astype(str).to_numpy()
         names: dict[str, str | None] = {}
-        for c in sorted(set(groups), key=int):
+        for c in sorted(set(groups), key=cluster_order):
             mean = scores[groups == c].mean(axis=0)
             order = np.argsort(-mean)
             best, second = order[0], (order[1] if len(order) > 1 else None)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from .annotate import AnnotateConfig, SampleResult  # noqa: E402
+from .annotate import AnnotateConfig, SampleResult, cluster_order  # noqa: E402
 
 
 def _umap_png(res: SampleResult, path: Path, cfg: AnnotateConfig, umap_cells: int) -> Path | None:
@@ -37,7 +37,7 @@ def _umap_png(res: SampleResult, path: Path, cfg: AnnotateConfig, umap_cells: in
     groups = sub.obs["leiden"].astype(str).to_numpy()
     fig, ax = plt.subplots(figsize=(8, 6.5))
     cmap = plt.get_cmap("tab20")
-    for k, g in enumerate(sorted(set(groups), key=int)):
+    for k, g in enumerate(sorted(set(groups), key=cluster_order)):
         m = groups == g
         ax.scatter(xy[m, 0], xy[m, 1], s=3, color=cmap(k % 20), label=f"{g}: {names.get(g, '?')}", rasterized=True)
         cx, cy = np.median(xy[m], axis=0)
@@ -63,7 +63,7 @@ def _dotplot_png(res: SampleResult, panel: Mapping[str, Sequence[str]], path: Pa
     var_names = {c: gs for c, gs in var_names.items() if gs}
     names = dict(zip(res.clusters["cluster"].str.split(":").list.last(), res.clusters["class"], strict=True))
     a.obs["cluster_name"] = [f"{g} {names.get(g) or '(unnamed)'}" for g in a.obs["leiden"].astype(str)]
-    order = sorted(set(a.obs["cluster_name"]), key=lambda s: int(s.split(" ")[0]))
+    order = sorted(set(a.obs["cluster_name"]), key=lambda s: cluster_order(s.split(" ")[0]))
     a.obs["cluster_name"] = a.obs["cluster_name"].astype("category").cat.reorder_categories(order)
     axes = sc.pl.dotplot(a, var_names, groupby="cluster_name", show=False, standard_scale="var")
     fig = axes["mainplot_ax"].figure
