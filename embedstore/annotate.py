@@ -218,6 +218,8 @@ def _split_mixed_clusters(adata: Any, scores: np.ndarray, classes: Sequence[str]
     fragment every cluster and lower every cell's neighbour purity."""
     import scanpy as sc
 
+    if scores.shape[1] < 2:
+        return
     groups = adata.obs["leiden"].astype(str).to_numpy()
     new = groups.astype(object).copy()
     for c in sorted(set(groups), key=cluster_order):
