@@ -141,6 +141,9 @@ def extract(
     context_weights: Annotated[str | None, typer.Option(help="weights file/dir (or hub name) for the context backbone")] = None,
     context_pooling: Annotated[str | None, typer.Option(help="cls or mean (context backbone)")] = None,
     context_px: Annotated[int, typer.Option(help="context field resized to this many px for the encoder")] = 512,
+    context: Annotated[str, typer.Option(help="exact: one context field per cell (the paper's); tiled: the context encoder runs once per overlapping tile, each cell's vector is the mean of the patch tokens in its 256 µm window (much faster on dense tissue)")] = "exact",
+    tile_px: Annotated[int, typer.Option(help="tiled context: tile side in context-scale px (256 µm / --context-px per px)")] = 1024,
+    tile_overlap_px: Annotated[int, typer.Option(help="tiled context: overlap of neighbouring tiles; each keeps the tokens of its centre")] = 256,
     table: Annotated[str, typer.Option(help="table for these vectors (a new name for another config)")] = "cells",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="crops per model call")] = 64,
@@ -159,7 +162,7 @@ def extract(
         local_weights=local_weights, context_weights=context_weights,
         context_pooling=context_pooling, context_input_px=context_px, device=device,
         batch_size=batch_size, workers=workers, table=table, mpp=mpp, commit_every=commit_every,
-        precision=precision,
+        precision=precision, context=context, tile_px=tile_px, tile_overlap_px=tile_overlap_px,
     )  # fmt: skip
     with ExtractProgress(quiet) as events:
         summary = run_extract(slides, cells, db, cfg, on_event=events)

@@ -733,15 +733,19 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def preprocess(self, images: torch.Tensor, *, resize: bool = True) -> torch.Tensor:
-        """uint8 (B, H, W, 3) on any device -> normalised float32 (B, 3, px, px) on ours."""
+    def preprocess(self, images: torch.Tensor, *, resize: bool = True,
+                   size: int | None = None) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on any device -> normalised float32 (B, 3, px, px) on ours.
+
+        `px` is `size` when given (e.g. a context tile), else the backbone's input size.
+        """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape (B, H, W, 3), got "
                              f"{images.dtype} {tuple(images.shape)}")
         dev = self.device
         with torch.autocast(device_type=dev.type, enabled=False):
             x = images.to(dev, non_blocking=True).permute(0, 3, 1, 2)
-            size = (self.input_px, self.input_px)
+            size = (size or self.input_px,) * 2
             if resize and tuple(x.shape[-2:]) != size:
                 # torch's CPU kernel has a fast uint8 path (~6x faster than float here);
                 # CUDA resizes in float
@@ -750,22 +754,25 @@ class Backbone(nn.Module):
                                   antialias=True)
             return (x.float() - self.pixel_mean) / self.pixel_std
 
-    def forward_tokens(self, images: torch.Tensor, *, resize: bool = True) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor, *, resize: bool = True,
+                       size: int | None = None) -> torch.Tensor:
         """All tokens after the final norm, (B, prefix + patches, dim), in the trunk's dtype.
 
         With `resize=False` the crops keep their size (a multiple of the patch size), e.g.
         for the tiled context mode, which pools patch tokens itself.
         """
-        x = self.preprocess(images, resize=resize)
+        x = self.preprocess(images, resize=resize, size=size)
         if not resize and (x.shape[-1] % self.spec.patch_px or x.shape[-2] % self.spec.patch_px):
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the "
                              f"patch size {self.spec.patch_px}")
         return self.trunk.forward_features(x)
 
-    def patch_grid(self, images: torch.Tensor, *, resize: bool = True) -> torch.Tensor:
-        """Patch tokens as a float32 grid (B, H/patch, W/patch, dim)."""
-        h, w = (self.input_px, self.input_px) if resize else images.shape[1:3]
-        tokens = self.forward_tokens(images, resize=resize)[:, self.n_prefix_tokens:]
+    def patch_grid(self, images: torch.Tensor, *, resize: bool = True,
+                   size: int | None = None) -> torch.Tensor:
+        """Patch tokens as a float32 grid (B, H/patch, W/patch, dim), resized to `size` px
+        (default: the input size) unless `resize=False`."""
+        h, w = ((size or self.input_px),) * 2 if resize else images.shape[1:3]
+        tokens = self.forward_tokens(images, resize=resize, size=size)[:, self.n_prefix_tokens:]
         p = self.spec.patch_px
         return tokens.float().reshape(tokens.shape[0], h // p, w // p, tokens.shape[-1])
 

@@ -6,7 +6,9 @@ backbones on full batches and commits rows to the store every `commit_every` cel
 already stored, so a killed run resumes with each cell stored exactly once.
 
 A vector kind is a `VectorStep` (a crop spec plus a backbone); the context step is one such
-step (`exact` mode: one centred field per cell), so another context strategy can replace it.
+step. `exact` mode (the paper's): one centred field per cell. `tiled` mode: the context step
+carries a `TileGrid`, and its vectors are pooled from shared tiles (embedstore.tiled) one band of
+tiles at a time, while the per-cell steps run on that band's cells.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
 from .locking import LifeLock
 from .slides import PAD_VALUE, Slide, find_slides, group_by_region
 from .store import DEFAULT_TABLE, Store, vectors_to_arrow
+from .tiled import OVERLAP_PX, TILE_PX, TiledContext, TileGrid
 
 #: backbone provenance that is recorded per run but does not define the vectors
 VOLATILE_KEYS = ("weights_source", "timm_version", "torch_version", "n_params")
@@ -59,6 +62,9 @@ class ExtractConfig:
     region_um: float = 512.0
     commit_every: int = 4096
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
+    context: str = "exact"  # exact (one field per cell) or tiled (shared tiles, mean-pooled)
+    tile_px: int = TILE_PX  # tiled mode: tile side at the context scale
+    tile_overlap_px: int = OVERLAP_PX
 
     def validate(self) -> ExtractConfig:
         """Refuse settings that cannot work, before anything is opened or stored."""
@@ -72,6 +78,11 @@ class ExtractConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, not {value!r}")
         if self.context_input_px is not None and not 16 <= self.context_input_px <= 4096:
             raise UserError(f"--context-px must be between 16 and 4096, not {self.context_input_px}")
+        if self.context not in CONTEXT_MODES:
+            raise UserError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {self.context!r}")
+        if self.context == "tiled" and self.context_pooling not in (None, "mean"):
+            raise UserError("--context tiled pools the patch tokens in each cell's window (mean); "
+                            f"--context-pooling {self.context_pooling} needs --context exact")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
@@ -81,6 +92,7 @@ class ExtractConfig:
 
 #: numeric precision of the backbone forward (part of the vectors' identity)
 PRECISIONS = ("auto", "fp32", "bf16")
+CONTEXT_MODES = ("exact", "tiled")
 
 
 def resolve_precision(precision: str, device) -> str:
@@ -97,6 +109,7 @@ class VectorStep:
     crop: CropSpec  # field size in µm and the pixel size delivered to the backbone
     backbone: object  # embedstore.backbones.Backbone
     precision: str = "fp32"  # fp32, or bf16 (autocast)
+    tiling: TileGrid | None = None  # tiled context mode: vectors pooled from shared tiles
 
     def provenance(self) -> dict:
         """Everything known about how these vectors are made (stored with each run)."""
@@ -115,6 +128,7 @@ class VectorStep:
             "field_px": self.crop.out_px,
             "field_mpp": self.crop.target_mpp,
             "compute": {"device_type": self.backbone.device.type, "precision": self.precision},
+            **({"tiling": self.tiling.to_dict()} if self.tiling else {}),
         }
 
     def embed(self, crops: np.ndarray, device) -> np.ndarray:
@@ -156,14 +170,17 @@ def build_steps(cfg: ExtractConfig, device) -> list[VectorStep]:
     from .backbones import build_backbone
 
     local = build_backbone(cfg.local_backbone, weights=cfg.local_weights, device=device)
+    tiled = cfg.context == "tiled"
     context = build_backbone(
-        cfg.context_backbone, weights=cfg.context_weights, pooling=cfg.context_pooling,
-        input_px=cfg.context_input_px, device=device,
+        cfg.context_backbone, weights=cfg.context_weights,
+        pooling="mean" if tiled else cfg.context_pooling, input_px=cfg.context_input_px, device=device,
     )  # fmt: skip
     precision = resolve_precision(cfg.precision, device)
+    context_crop = CONTEXT_CROP.resized(context.input_px)
+    tiling = TileGrid.for_backbone(context_crop, context.spec.patch_px, cfg.tile_px, cfg.tile_overlap_px) if tiled else None
     return [
         VectorStep("local", LOCAL_CROP.resized(local.input_px), local, precision),
-        VectorStep("context", CONTEXT_CROP.resized(context.input_px), context, precision),
+        VectorStep("context", context_crop, context, precision, tiling),
     ]
 
 
@@ -173,7 +190,7 @@ def vector_config(steps: list[VectorStep]) -> dict:
         "vectors": {s.name: s.config() for s in steps},
         "dtype": "float16",
         "pad_value": PAD_VALUE,
-        "context_mode": "exact",
+        "context_mode": "tiled" if any(s.tiling for s in steps) else "exact",
     }
 
 
@@ -459,10 +476,7 @@ def _extract_slide(
         pending: list[pa.Table] = []
         n_pending = 0
         try:
-            for idx, crops, outside in _crop_batches(
-                slide, x, y, steps, cfg, pool, pin=device.type == "cuda"
-            ):
-                vectors = {s.name: s.embed(crops[s.name], device) for s in steps}
+            for idx, vectors, outside in _slide_batches(slide, x, y, steps, cfg, pool, device):
                 pending.append(_rows(todo, idx, run_id, vectors, outside))
                 n_pending += len(idx)
                 if n_pending >= cfg.commit_every:
@@ -476,6 +490,41 @@ def _extract_slide(
             emit("slide_failed", {"slide_id": sid, "reason": str(exc)})
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _slide_batches(
+    slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], cfg: ExtractConfig,
+    pool: ThreadPoolExecutor, device,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(cell indices, vectors per step, outside share per step) for one slide's cells.
+
+    Per-cell steps embed crops; a tiled step (at most one) pools shared tiles one band at a
+    time, and the per-cell steps then run on that band's cells, so memory does not grow with
+    the number of cells.
+    """
+    per_cell = [s for s in steps if s.tiling is None]
+    tiled = [s for s in steps if s.tiling is not None]
+    if len(tiled) > 1:
+        raise ValueError("at most one tiled step")
+    names = [s.name for s in steps]
+    pin = device.type == "cuda"
+    if not tiled:
+        for idx, crops, outside in _crop_batches(slide, x, y, per_cell, cfg, pool, pin):
+            yield idx, {s.name: s.embed(crops[s.name], device) for s in per_cell}, outside
+        return
+    step = tiled[0]
+    context = TiledContext(slide, step.backbone, step.tiling, x, y, pool, precision=step.precision,
+                           tiles_per_batch=max(1, cfg.batch_size // 16))
+    field = slide.plan(step.crop)
+    w, h = slide.dimensions
+    for chunk in context.chunks():
+        pooled = context.vectors(chunk)
+        cx, cy = x[chunk], y[chunk]
+        for sub, crops, outside in _crop_batches(slide, cx, cy, per_cell, cfg, pool, pin):
+            vectors = {s.name: s.embed(crops[s.name], device) for s in per_cell}
+            vectors[step.name] = pooled[sub]
+            outside[step.name] = field.outside_fraction(cx[sub], cy[sub], w, h)
+            yield chunk[sub], {n: vectors[n] for n in names}, {n: outside[n] for n in names}
 
 
 def _commit(store: Store, table: str, pending: list[pa.Table], result: SlideResult) -> None:
