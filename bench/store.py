@@ -1,17 +1,18 @@
-"""Store throughput: write and load 1M rows x (1536 + 1024) float16 vectors.
+"""Store throughput per Lance file format: write and load rows x (1536 + 1024) float16 vectors.
 
-    python bench/store.py [--rows 1000000] [--dir DIR]
+    python bench/store.py [--rows 500000] [--formats 2.2-miniblock,2.2-fullzip,legacy]
 
-Writes the rows through `Store.append` in extraction-sized commits, compacts, then loads all
-vectors with `Store.load` (the training/search path) against `numpy.load` of the same arrays
-from .npy files in the same run (page cache dropped for neither: each file is read once
-before timing so both come from memory, and once cold where the OS allows). Prints JSON.
+For each format (one store on disk at a time), writes the same rows through `Store.append` in
+extraction-sized commits, compacts, then loads all vectors with `Store.load` (the training and
+search path) against `numpy.load` of the same arrays from .npy files, interleaved in the same
+run (the first load of each only warms the page cache; medians of the rest). Prints JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from embedstore import store as store_mod  # noqa: E402
 from embedstore.store import Store, vectors_to_arrow  # noqa: E402
 
 DIMS = {"local": 1536, "context": 1024}
@@ -52,78 +54,104 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--commit", type=int, default=8192, help="rows per store commit")
-    ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=3, help="timed loads of each kind (medians)")
-    args = ap.parse_args()
-    work = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
-    work.mkdir(parents=True, exist_ok=True)
-    db = work / "db"
+#: formats compared: (Lance file version, vector column encoding metadata)
+FORMATS = {
+    "2.2-miniblock": ("2.2", {"lance-encoding:structural-encoding": "miniblock", "lance-encoding:compression": "none"}),
+    "2.2-fullzip": ("2.2", {"lance-encoding:structural-encoding": "fullzip"}),
+    "legacy": ("legacy", {}),
+}
+
+
+def write_store(db: Path, fmt: str, rows: int, commit: int, npy: dict | None) -> dict:
+    """Write `rows` rows in format `fmt` (same seed, so the same vectors for every format)."""
+    version, meta = FORMATS[fmt]
+    store_mod.STORAGE_VERSION, store_mod.VECTOR_FIELD_META = version, meta
     shutil.rmtree(db, ignore_errors=True)
     rng = np.random.default_rng(0)
-
     store = Store(db, create=True)
     store.cells_table("cells", DIMS, {"bench": True})
-    npy = {k: np.lib.format.open_memmap(work / f"{k}.npy", mode="w+", dtype=np.float16, shape=(args.rows, d)) for k, d in DIMS.items()}
     write_s = 0.0
-    for start in range(0, args.rows, args.commit):
-        n = min(args.commit, args.rows - start)
+    for start in range(0, rows, commit):
+        n = min(commit, rows - start)
         table, vecs = chunk(start, n, rng)
         t = time.perf_counter()
         store.append("cells", table)
         write_s += time.perf_counter() - t
-        for k, v in vecs.items():
-            npy[k][start : start + n] = v
-    for m in npy.values():
-        m.flush()
-    del npy
+        if npy is not None:
+            for k, v in vecs.items():
+                npy[k][start : start + n] = v
     t = time.perf_counter()
     store.compact("cells")
-    compact_s = time.perf_counter() - t
-    store_bytes = dir_bytes(db)
+    vec_bytes = rows * sum(DIMS.values()) * 2
+    return {"write_rows_per_s": round(rows / write_s), "write_MB_per_s": round(vec_bytes / write_s / 1e6, 1),
+            "compact_seconds": round(time.perf_counter() - t, 2), "bytes_on_disk_per_cell": round(dir_bytes(db) / rows),
+            "file_version": str(store.open("cells").to_lance().data_storage_version)}  # fmt: skip
+
+
+def time_loads(db: Path, work: Path, rows: int, repeats: int) -> dict:
+    """Store.load against numpy.load of the same arrays, interleaved; medians (first run warms)."""
 
     def load_store():
-        return Store(db).load(dtype=np.float16)
+        return Store(db).load(dtype=np.float16).vectors
 
     def load_npy():
         return {k: np.load(work / f"{k}.npy") for k in DIMS}
 
-    # interleaved repeats (the first of each only warms the page cache); medians are reported
     times: dict[str, list[float]] = {"store": [], "npy": []}
-    for rep in range(args.repeats + 1):
+    for rep in range(repeats + 1):
         for name, fn in (("store", load_store), ("npy", load_npy)):
             t = time.perf_counter()
-            out = fn()
+            arrays = fn()
             elapsed = time.perf_counter() - t
-            arrays = out.vectors if name == "store" else out
-            assert all(arrays[k].shape == (args.rows, d) for k, d in DIMS.items())
-            del out, arrays
+            assert all(arrays[k].shape == (rows, d) for k, d in DIMS.items())
+            del arrays
             if rep:
                 times[name].append(elapsed)
-    results = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ratio = med["npy"] / med["store"]
+    return {"load_store_seconds": round(med["store"], 3), "load_npy_seconds": round(med["npy"], 3),
+            "load_repeats_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
+            "load_store_GB_per_s": round(rows * sum(DIMS.values()) * 2 / med["store"] / 1e9, 2),
+            "speed_vs_npy": round(ratio, 3), "goal_speed_vs_npy_ge_0_5": ratio >= 0.5}  # fmt: skip
 
-    vec_bytes = args.rows * sum(DIMS.values()) * 2
-    print(json.dumps({
-        "rows": args.rows,
-        "dims": DIMS,
-        "write_rows_per_s": round(args.rows / write_s),
-        "write_MB_per_s": round(vec_bytes / write_s / 1e6, 1),
-        "compact_seconds": round(compact_s, 2),
-        "bytes_on_disk_per_cell": round(store_bytes / args.rows),
-        "goal_bytes_per_cell_le_5500": store_bytes / args.rows <= 5500,
-        "load_store_seconds": round(results["store"], 3),
-        "load_npy_seconds": round(results["npy"], 3),
-        "load_repeats_seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-        "load_store_GB_per_s": round(vec_bytes / results["store"] / 1e9, 2),
-        "speed_vs_npy": round(results["npy"] / results["store"], 3),
-        "speed_vs_npy_best_of_each": round(min(times["npy"]) / min(times["store"]), 3),
-        "goal_speed_vs_npy_ge_0_5": results["npy"] / results["store"] >= 0.5,
-    }, indent=2))
-    if args.dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=500_000)
+    ap.add_argument("--commit", type=int, default=8192, help="rows per store commit")
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="timed loads of each kind (medians)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
+    args = ap.parse_args()
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise SystemExit(f"unknown format(s) {unknown}: choose from {', '.join(FORMATS)}")
+    work = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"rows": args.rows, "dims": DIMS, "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+              "default_format": {"version": store_mod.STORAGE_VERSION, "vector_field_meta": store_mod.VECTOR_FIELD_META},
+              "formats": {}}  # fmt: skip
+    try:
+        for i, fmt in enumerate(formats):  # one store on disk at a time (disk space)
+            npy = None
+            if i == 0:
+                npy = {k: np.lib.format.open_memmap(work / f"{k}.npy", mode="w+", dtype=np.float16, shape=(args.rows, d))
+                       for k, d in DIMS.items()}  # fmt: skip
+            entry = write_store(work / "db", fmt, args.rows, args.commit, npy)
+            if npy is not None:
+                for m in npy.values():
+                    m.flush()
+                del npy
+            entry.update(time_loads(work / "db", work, args.rows, args.repeats))
+            entry["goal_bytes_per_cell_le_5500"] = entry["bytes_on_disk_per_cell"] <= 5500
+            result["formats"][fmt] = entry
+            print(f"{fmt}: {entry['speed_vs_npy']}x numpy.load", file=sys.stderr, flush=True)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    result["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_r
 from .errors import UserError
 from .fileio import atomic_path
 from .geometry import CONTEXT_CROP
-from .search import CellIndex, check_k, is_stale
-from .store import DEFAULT_TABLE, Store, StoreError
+from .search import CellIndex, VectorSource, check_k, is_stale
+from .store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors
 
 VECTORS = ("local", "context", "both")
 ROWS_FILE = "rows.parquet"
@@ -43,6 +43,36 @@ def index_dir(db: str | Path, table: str, vector: str, root: str | Path | None =
     return Path(root) / table / vector
 
 
+class StoreSource(VectorSource):
+    """Full vectors for re-ranking read from the store on demand (Lance `take` of the
+    candidates' rows), so an IVF search needs neither the vectors in memory nor a copy."""
+
+    def __init__(self, store: Store, table: str, vector: str):
+        check_vector(vector)
+        self.kinds = ("local", "context") if vector == "both" else (vector,)
+        self.ds = store.open(table).to_lance()
+        self.n = self.ds.count_rows()
+        self._dim = sum(self.ds.schema.field(k).type.list_size for k in self.kinds)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        got = self.ds.take(np.asarray(rows, np.int64), columns=list(self.kinds))
+        parts = [arrow_to_vectors(got.column(k)) for k in self.kinds]
+        if len(parts) == 1:
+            return parts[0]
+        return np.hstack([_unit(v) for v in parts])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
 def load_vectors(
     store: Store, table: str, vector: str, *, with_vectors: bool = True
 ) -> tuple[pl.DataFrame, np.ndarray | None, int]:
@@ -57,7 +87,7 @@ def load_vectors(
     if not with_vectors:
         return loaded.meta, None, loaded.version
     if vector == "both":
-        parts = [v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12) for v in loaded.vectors.values()]
+        parts = [_unit(v) for v in loaded.vectors.values()]
         vectors = np.hstack(parts).astype(np.float32)
     else:
         vectors = loaded.vectors[vector]
@@ -103,13 +133,18 @@ def open_index(
     store = Store(db)
     current = store.open(table).version
     if (where / ROWS_FILE).exists() and (where / "index.json").exists():
-        index, imeta = CellIndex.load(where)
-        if not is_stale(imeta, current):
+        try:
+            index, imeta = CellIndex.load(where)
+        except UserError as exc:  # an older index format, or a damaged file: rebuild it
+            index, imeta = None, {"table_version": None, "error": str(exc)}
+        if index is not None and not is_stale(imeta, current):
             meta, vectors, _ = load_vectors(store, table, vector, with_vectors=with_vectors)
             rows = pl.read_parquet(where / ROWS_FILE)
             if rows.height == meta.height and rows.equals(meta.select("slide_id", "cell_id")):
+                if index.kind == "ivf":
+                    index.attach(vectors if vectors is not None else StoreSource(store, table, vector))
                 return index, meta, vectors
-        reason = f"built from table version {imeta.get('table_version')}, the table is now at {current}"
+        reason = imeta.get("error") or f"built from table version {imeta.get('table_version')}, the table is now at {current}"
         if not rebuild:
             raise StoreError(
                 f"the {vector} index in {where} is stale ({reason}); rebuild it with "

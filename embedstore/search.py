@@ -17,15 +17,16 @@ a GPU, where exact batched search is cheap.
 ``ivf``: approximate, with exact re-ranking. Candidates come from an IVF index (nlist ~
 4 * sqrt(N), HNSW coarse quantizer once nlist >= 1024) over PCA-reduced (256-d) vectors stored as
 SQ8 codes (256 bytes/row, so a probe scans little memory); the best ``k * k_factor`` candidates
-are re-ranked with the full vectors stored as fp16 (the store's own precision). For cosine the
+are re-ranked with their full vectors read from a :class:`VectorSource`: the caller's array (a
+``np.memmap`` works: only the candidates' rows are read) or the store itself (Lance ``take``,
+see ``embedstore.explore.StoreSource``). The index holds no copy of the vectors: ~264 bytes per
+row (codes + ids), so 10M cells fit in ~2.7 GB. For cosine the
 index works in L2 on the normalised vectors (same ranking, ``sim = 1 - d / 2``), because PCA
 preserves L2, not inner products. nprobe is tuned at build time on a sample of the data's own
 rows (self matches excluded): the smallest nprobe whose recall@20 against exact search, minus
 max(two standard errors, 0.01), still reaches ``target_recall``; the tuned value and the recall
 it reached are saved with the index.
-At 1M x 1536-d (bench/search.py, busy 2-core CPU): build 2.7-5 min depending on load, tuned
-nprobe 4 of 4000 lists, recall@20 0.958 on 1000 other queries, single-query p50 0.7-0.8 ms,
-batched ~3k queries/s, 3.35 GB on disk (fp16 vectors 3.1 GB + 256 B codes per row).
+Measured figures (recall@20, p50, bytes per row, RSS at 1M and 3M rows): bench/search.py.
 
 Filters
 -------
@@ -68,7 +69,7 @@ Progress = Callable[[int, int], None]
 
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "flat", "ivf")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: IVF without an fp16 copy (re-ranked from a VectorSource)
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 VERSION_KEY = "table_version"
@@ -80,6 +81,7 @@ PCA_DIM = 256
 TUNE_K = 20
 TUNE_MARGIN = 0.01
 CHUNK_ROWS = 32_768
+RERANK_QUERIES = 128  # queries re-ranked at a time (bounds the gathered candidate block)
 SMALL_BATCH = 4  # batches this small run single-threaded: OpenMP fork/join costs more
 GPU_MAX_K = 2048
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
@@ -274,6 +276,31 @@ def exact_knn(data: np.ndarray, queries: np.ndarray, k: int, *, metric: str = "c
 
 
 # ---------------------------------------------------------------------------------------------
+# full vectors for re-ranking
+
+
+class VectorSource:
+    """Full-precision rows for re-ranking: ``fetch(rows)`` -> (len(rows), dim) floats.
+
+    Rows arrive sorted and unique. This one reads from an array in the caller's row order; a
+    ``np.memmap`` keeps the vectors on disk and reads only the rows asked for.
+    """
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        return self.vectors[rows]
+
+
+# ---------------------------------------------------------------------------------------------
 # the index
 
 
@@ -283,9 +310,13 @@ class CellIndex:
     Build with :meth:`build`, reopen with :meth:`load`; the constructor is internal.
     """
 
-    def __init__(self, index: faiss.Index, info: dict[str, Any], use_gpu: bool | str = False):
+    def __init__(self, index: faiss.Index, info: dict[str, Any], use_gpu: bool | str = False,
+                 source: VectorSource | None = None):
         self._index = index  # always a CPU index (saved, and the filter fallback on GPU)
         self.info = info
+        self.source: VectorSource | None = None
+        if source is not None:
+            self.attach(source)
         self._gpu_index: Any = None
         self._gpu_res: Any = None
         self._use_selectors = True  # False: over-fetch path (GPU; tests force it on CPU)
@@ -294,6 +325,15 @@ class CellIndex:
             self._ivf.parallel_mode = 0
         if _resolve_gpu(use_gpu) and info["kind"] == "flat":
             self._to_gpu()
+
+    def attach(self, source: VectorSource | np.ndarray) -> CellIndex:
+        """Set where an IVF index reads full vectors for re-ranking (rows in index order)."""
+        src = source if isinstance(source, VectorSource) else VectorSource(source)
+        if len(src) != self.ntotal or src.dim != self.dim:
+            raise UserError(f"the re-rank vectors are {len(src)} x {src.dim} but the index holds "
+                            f"{self.ntotal} x {self.dim}: pass the vectors the index was built on.")
+        self.source = src
+        return self
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -332,7 +372,8 @@ class CellIndex:
         ``use_gpu``: "auto" (when a GPU and faiss-gpu are present), True or False. On GPU a flat
         index searches on the GPU and IVF k-means trains there; the saved index is always CPU.
         ``target_recall``: recall@20 the IVF search parameters are tuned to reach.
-        ``progress(done_rows, n_rows)`` reports the add pass.
+        ``progress(done_rows, n_rows)`` reports the add pass. An IVF index keeps ``vectors``
+        (not a copy) to re-rank from: a ``np.memmap`` keeps them on disk.
         """
         _check_choice(metric, METRICS, "metric")
         _check_choice(kind, KINDS, "kind")
@@ -363,7 +404,7 @@ class CellIndex:
             index = _build_ivf(x, metric, nlist, seed, gpu, progress, target_recall,
                                tune_queries, info)
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
-        return cls(index, info, use_gpu=gpu)
+        return cls(index, info, use_gpu=gpu, source=x if kind == "ivf" else None)
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
@@ -408,13 +449,12 @@ class CellIndex:
                            groups=groups if exclude_same_group else None, exclude_groups=ex)
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``rows`` (normalised for cosine; fp16 precision for ivf)."""
+        """The vectors of ``rows`` as searched (float32, normalised for cosine)."""
         r = _check_rows(np.atleast_1d(rows), "rows", self.ntotal, np.atleast_1d(rows).size,
                         False)
-        src = self._index
         if self.kind == "ivf":
-            src = faiss.downcast_index(faiss.downcast_index(self._index).refine_index)
-        return src.reconstruct_batch(r)
+            return _prepare(self._source().fetch(r), self.metric, "re-rank vectors")
+        return self._index.reconstruct_batch(r)
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
@@ -456,9 +496,11 @@ class CellIndex:
         return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, use_gpu: bool | str = "auto"
-             ) -> tuple[CellIndex, dict[str, Any]]:
-        """Reopen an index written by :meth:`save`: ``(index, caller's meta)``."""
+    def load(cls, directory: str | os.PathLike[str], *, use_gpu: bool | str = "auto",
+             source: VectorSource | np.ndarray | None = None) -> tuple[CellIndex, dict[str, Any]]:
+        """Reopen an index written by :meth:`save`: ``(index, caller's meta)``. An IVF index
+        needs ``source`` (the vectors it was built on, in its row order) before searching;
+        :meth:`attach` sets it later."""
         src = Path(directory)
         idx_path, meta_path = src / INDEX_FILE, src / META_FILE
         if not idx_path.is_file() or not meta_path.is_file():
@@ -488,7 +530,7 @@ class CellIndex:
                 meta[key] = np.load(path, allow_pickle=False)
             else:
                 meta[key] = val
-        return cls(index, info, use_gpu=use_gpu), meta
+        return cls(index, info, use_gpu=use_gpu, source=source), meta
 
     # -- internals ---------------------------------------------------------------------------
     def _to_gpu(self) -> None:
@@ -497,6 +539,12 @@ class CellIndex:
         co.useFloat16 = True
         self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index, co)
         self._use_selectors = False  # GPU indexes ignore IDSelectors
+
+    def _source(self) -> VectorSource:
+        if self.source is None:
+            raise UserError("this IVF index re-ranks with the full vectors it was built on: "
+                            "attach them first (CellIndex.load(..., source=vectors) or .attach()).")
+        return self.source
 
     def _nprobe(self) -> int | None:
         return self.info["search"].get("nprobe") if self._ivf is not None else None
@@ -526,12 +574,37 @@ class CellIndex:
         if self.info["params"].get("pca_dim"):
             base_p = faiss.SearchParametersPreTransform(index_params=ivf_p)
             keep.append(base_p)
-        params = faiss.IndexRefineSearchParameters(k_factor=float(s.get("k_factor", 4)),
-                                                   base_index_params=base_p)
-        dist, ids = self._index.search(q, k, params=params)
+        kk = int(min(self.ntotal, max(k, round(k * float(s.get("k_factor", 4))))))
+        _, cand = self._index.search(q, kk, params=base_p)
         del keep
-        if self.metric == "cosine":
-            dist = 1.0 - dist / 2.0
+        return self._rerank(q, cand, k)
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the candidates from the full vectors; the best k per query."""
+        nq = q.shape[0]
+        dist = np.full((nq, k), np.inf if self.metric == "l2" else -np.inf, np.float32)
+        ids = np.full((nq, k), -1, np.int64)
+        for s in range(0, nq, RERANK_QUERIES):
+            c = cand[s:s + RERANK_QUERIES]
+            uniq, inv = np.unique(c[c >= 0], return_inverse=True)
+            if uniq.size == 0:
+                continue
+            x = _prepare(self._source().fetch(uniq), self.metric, "re-rank vectors")
+            pos = np.full(c.shape, -1, np.int64)
+            pos[c >= 0] = inv
+            g = x[pos.clip(0)]  # (b, kk, d)
+            ip = np.einsum("bkd,bd->bk", g, q[s:s + c.shape[0]])
+            if self.metric == "cosine":
+                score = np.where(pos >= 0, ip, -np.inf)
+                order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+            else:
+                qn = (q[s:s + c.shape[0]] ** 2).sum(1)[:, None]
+                score = np.where(pos >= 0, qn + (g ** 2).sum(2) - 2 * ip, np.inf)
+                order = np.argsort(score, axis=1, kind="stable")[:, :k]
+            m = order.shape[1]
+            dist[s:s + c.shape[0], :m] = np.take_along_axis(score, order, axis=1)
+            ids[s:s + c.shape[0], :m] = np.where(np.isfinite(dist[s:s + c.shape[0], :m]),
+                                                 np.take_along_axis(c, order, axis=1), -1)
         return dist, ids
 
     def _filtered(self, q: np.ndarray, k: int, mask: np.ndarray | None,
@@ -666,7 +739,7 @@ def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bo
     pca = PCA_DIM if d > PCA_DIM else 0
     quantizer = "hnsw" if nlist >= 1024 else "flat"  # search stays on CPU, GPU or not
     qkey = f"IVF{nlist}_HNSW32" if quantizer == "hnsw" else f"IVF{nlist}"
-    key = (f"PCA{pca}," if pca else "") + f"{qkey},SQ8,Refine(SQfp16)"
+    key = (f"PCA{pca}," if pca else "") + f"{qkey},SQ8"
     index = faiss.index_factory(d, key, faiss.METRIC_L2)  # L2 == cosine ranking once normalised
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10
@@ -702,7 +775,7 @@ def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bo
         ivf.clustering_index = None
     del gpu_keep
     params = {"factory": key, "nlist": nlist, "pca_dim": pca, "quantizer": quantizer,
-              "codes": "SQ8", "refine": "SQfp16", "n_train": n_train}
+              "codes": "SQ8", "refine": "full vectors from the VectorSource", "n_train": n_train}
     search: dict[str, Any] = {"nprobe": min(8, nlist), "k_factor": 4, "quantizer_ef": 64}
     info.update(params=params, search=search, target_recall=target_recall, tuned_recall=None,
                 tune_queries=nt)
@@ -711,18 +784,18 @@ def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bo
         valid = heap.I >= 0
         valid &= heap.I != tune_rows[:, None]
         _, truth, _ = _compact(heap.D, heap.I, valid, kt - 1)
-        _tune(index, ivf, info, tq, tune_rows, truth, target_recall)
+        _tune(index, ivf, info, tq, tune_rows, truth, target_recall, x)
     return index
 
 
 def _tune(index: faiss.Index, ivf: Any, info: dict[str, Any], tq: np.ndarray,
-          tune_rows: np.ndarray, truth: np.ndarray, target_recall: float) -> None:
+          tune_rows: np.ndarray, truth: np.ndarray, target_recall: float, x: np.ndarray) -> None:
     """Smallest nprobe (k_factor 4, else 16) whose recall@20 on the sample clears the target.
 
     "Clears" means the mean minus two standard errors (over the sample's queries) and the mean
     minus ``TUNE_MARGIN`` both reach ``target_recall``, so unseen queries meet it too.
     """
-    probe = CellIndex(index, info, use_gpu=False)
+    probe = CellIndex(index, info, use_gpu=False, source=x)
     ladder = sorted({p for p in _NPROBE_LADDER if p < ivf.nlist} | {int(ivf.nlist)})
     k = truth.shape[1]
     best: tuple[float, float, int, int] = (-1.0, 0.0, ivf.nlist, 16)

@@ -49,13 +49,17 @@ PREDICTION_COLUMNS = [
     "conformal_set", "set_size",
 ]  # fmt: skip
 VECTOR_KINDS = ("local", "context")
-#: Lance file format of vector tables, chosen by bench/store.py: reading 1M x 2560 float16
-#: vectors took 0.7 s in the "legacy" (v0.1) format and 10-15 s in v2.1 on this machine
-#: (pylance 14). NUCLASS_LANCE_FORMAT=2.1 selects the newer format should legacy go away.
-STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "legacy")
-VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "fullzip"}
-#: rows per record batch when loading (measured best for the legacy format: 65536)
-LOAD_BATCH_ROWS = 65536
+#: Lance file format of new vector tables, chosen by bench/store.py (issue 11): 2.2, the stable
+#: format of pylance 14. The legacy (0.1) format read fastest but is deprecated (no longer
+#: writable after Lance 0.34). In 2.2 the encoding matters more than the version: a vector
+#: column in "fullzip" layout (Lance's choice for wide rows) loaded 5-8x slower than numpy,
+#: "miniblock" without compression about 2x, read in small record batches. Tables keep the
+#: format they were created with; NUCLASS_LANCE_FORMAT overrides it for new tables.
+STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "2.2")
+VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "miniblock", "lance-encoding:compression": "none"}
+#: rows per record batch when loading: large for the legacy format, cache-sized for 2.x
+LOAD_BATCH_ROWS = {"0.1": 65536, "legacy": 65536}
+LOAD_BATCH_ROWS_V2 = 4096
 #: threads copying record batches into the output arrays
 LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: in a local store directory: the writers' lock and the live runs' lock files
@@ -503,24 +507,26 @@ class Store:
             filters.append(sql_in("tissue", tissues))
         meta_cols = [c for c in META_COLUMNS if c in ds.schema.names]
         flt = " AND ".join(filters) or None
-        # stream record batches straight into preallocated arrays: one copy, bounded memory;
-        # the copies (and the page faults of the fresh arrays) run on a few threads
+        # vectors: record batches streamed straight into preallocated arrays (one copy, bounded
+        # memory; the copies run on a few threads), metadata in a second scan of the same
+        # version: mixing the string columns into the vector scan made loads ~2x slower in 2.2
         n = ds.count_rows(filter=flt)
         arrays = {v: np.empty((n, ds.schema.field(v).type.list_size), dtype) for v in vectors}
-        metas, pos, pending = [], 0, deque()
-        scan = ds.scanner(columns=meta_cols + list(vectors), filter=flt, batch_size=LOAD_BATCH_ROWS)
-        with ThreadPoolExecutor(LOAD_THREADS) as pool:
-            for batch in scan.to_batches():
-                k = batch.num_rows
-                for v in vectors:
-                    pending.append(pool.submit(_copy_rows, arrays[v], pos, batch.column(v)))
-                metas.append(batch.select(meta_cols))
-                pos += k
-                while len(pending) > 4 * LOAD_THREADS:
-                    pending.popleft().result()
-            for fut in pending:
-                fut.result()
-        if pos != n:
+        pos, pending = 0, deque()
+        batch_rows = LOAD_BATCH_ROWS.get(str(ds.data_storage_version), LOAD_BATCH_ROWS_V2)
+        if vectors:
+            scan = ds.scanner(columns=list(vectors), filter=flt, batch_size=batch_rows)
+            with ThreadPoolExecutor(LOAD_THREADS) as pool:
+                for batch in scan.to_batches():
+                    for v in vectors:
+                        pending.append(pool.submit(_copy_rows, arrays[v], pos, batch.column(v)))
+                    pos += batch.num_rows
+                    while len(pending) > 4 * LOAD_THREADS:
+                        pending.popleft().result()
+                for fut in pending:
+                    fut.result()
+        metas = ds.to_table(columns=meta_cols, filter=flt).to_batches()
+        if (vectors and pos != n) or sum(b.num_rows for b in metas) != n:
             raise StoreError(f"table {name!r} changed while loading ({pos} rows read, {n} expected); retry")
         meta = pl.from_arrow(pa.Table.from_batches(metas, schema=pa.schema([ds.schema.field(c) for c in meta_cols])))
         labels = self.labels()

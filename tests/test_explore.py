@@ -127,3 +127,24 @@ def test_similar_on_extracted_slides_with_gallery(extracted_store, tmp_path):
     nn = pl.read_parquet(tmp_path / "nn.parquet")
     assert nn.height == 6 and nn["cell_id"][0] == keys["cell_id"]
     assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("vector", ["local", "both"])
+def test_ivf_index_reranks_from_the_store(tmp_path, vector):
+    """An IVF index holds no copy of the vectors: reopened without them it re-ranks with rows
+    read from the store (Lance take), giving what the in-memory vectors give."""
+    db, _ = clustered_store(tmp_path / "db", n_per=60)
+    built, meta, vectors = explore.build_index(db, vector=vector, kind="ivf")
+    index, meta2, none = explore.open_index(db, vector=vector, rebuild=False, with_vectors=False)
+    assert none is None and isinstance(index.source, explore.StoreSource)
+    rows = np.arange(0, meta.height, 7)
+    np.testing.assert_allclose(index.reconstruct(rows), built.reconstruct(rows), atol=1e-6)
+    d1, i1 = built.search_rows(rows, 10)
+    d2, i2 = index.search_rows(rows, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=1e-5)
+    # an index saved in an older format is rebuilt, not an error
+    (db / "_faiss" / "cells" / vector / "index.json").write_text('{"format_version": 1, "index": {}}')
+    notes = []
+    explore.open_index(db, vector=vector, notify=notes.append)
+    assert any("rebuild" in n for n in notes)

@@ -220,6 +220,15 @@ def test_save_load_roundtrip(tmp_path, data, ivf):
     rows = np.arange(3000, dtype=np.int64)[::-1].copy()
     ivf.save(tmp_path / "idx", {"table_version": 7, "vector": "local", "row_ids": rows})
     loaded, meta = CellIndex.load(tmp_path / "idx", use_gpu=False)
+    with pytest.raises(UserError, match="attach them first"):
+        loaded.search(x[:2], 5)
+    # re-ranked from the vectors on disk, through a memory map: no copy in the index
+    np.save(tmp_path / "x.npy", x)
+    loaded.attach(np.load(tmp_path / "x.npy", mmap_mode="r"))
+    with pytest.raises(UserError, match="pass the vectors the index was built on"):
+        loaded.attach(x[:100])
+    index_bytes = (tmp_path / "idx" / "index.faiss").stat().st_size
+    assert index_bytes < len(x) * (48 + 8) + 100_000  # SQ8 codes + ids; an fp16 copy adds 96 B/row
     assert meta["table_version"] == 7 and meta["vector"] == "local"
     np.testing.assert_array_equal(meta["row_ids"], rows)
     assert loaded.info == json.loads(json.dumps(ivf.info))
