@@ -147,7 +147,8 @@ def extract(
     table: Annotated[str, typer.Option(help="table for these vectors (a new name for another config)")] = "cells",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(help="crops per model call")] = 64,
-    workers: Annotated[int, typer.Option(help="reader threads")] = 2,
+    workers: Annotated[int, typer.Option(help="parallel region readers")] = 2,
+    readers: Annotated[str, typer.Option(help="threads, or processes (reads, colour conversion and padding off the main process: for many cores feeding a fast GPU)")] = "threads",
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel for all slides (overrides metadata)")] = None,
     commit_every: Annotated[int, typer.Option(help="cells per store commit")] = 4096,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: part of the vectors' identity")] = "auto",
@@ -162,7 +163,7 @@ def extract(
         local_weights=local_weights, context_weights=context_weights,
         context_pooling=context_pooling, context_input_px=context_px, device=device,
         batch_size=batch_size, workers=workers, table=table, mpp=mpp, commit_every=commit_every,
-        precision=precision, context=context, tile_px=tile_px, tile_overlap_px=tile_overlap_px,
+        precision=precision, readers=readers, context=context, tile_px=tile_px, tile_overlap_px=tile_overlap_px,
     )  # fmt: skip
     with ExtractProgress(quiet) as events:
         summary = run_extract(slides, cells, db, cfg, on_event=events)

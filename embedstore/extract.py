@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .cells import read_table, validate_cells
 from .errors import SlideError, UserError
 from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
 from .locking import LifeLock
+from .readers import READERS, in_processes, make_pool, read_regions
 from .slides import PAD_VALUE, Slide, find_slides, group_by_region
 from .store import DEFAULT_TABLE, Store, vectors_to_arrow
 from .tiled import OVERLAP_PX, TILE_PX, TiledContext, TileGrid
@@ -62,6 +63,7 @@ class ExtractConfig:
     region_um: float = 512.0
     commit_every: int = 4096
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
+    readers: str = "threads"  # threads or processes (see embedstore.readers)
     context: str = "exact"  # exact (one field per cell) or tiled (shared tiles, mean-pooled)
     tile_px: int = TILE_PX  # tiled mode: tile side at the context scale
     tile_overlap_px: int = OVERLAP_PX
@@ -78,6 +80,8 @@ class ExtractConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, not {value!r}")
         if self.context_input_px is not None and not 16 <= self.context_input_px <= 4096:
             raise UserError(f"--context-px must be between 16 and 4096, not {self.context_input_px}")
+        if self.readers not in READERS:
+            raise UserError(f"--readers must be one of {', '.join(READERS)}, not {self.readers!r}")
         if self.context not in CONTEXT_MODES:
             raise UserError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {self.context!r}")
         if self.context == "tiled" and self.context_pooling not in (None, "mean"):
@@ -212,7 +216,7 @@ class _Stop(Exception):
 
 def _crop_batches(
     slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], cfg: ExtractConfig,
-    pool: ThreadPoolExecutor, pin: bool,
+    pool: Executor, pin: bool,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """(cell indices, crops per step, outside share per step), `cfg.batch_size` cells at a time.
 
@@ -241,6 +245,11 @@ def _crop_batches(
     def read(idx: np.ndarray) -> dict:
         return {n: slide.read_region_for(x[idx], y[idx], p) for n, p in plans.items()}
 
+    def submit_read(idx: np.ndarray):
+        if in_processes(pool):
+            return pool.submit(read_regions, slide.path, slide.mpp, x[idx], y[idx], plans)
+        return pool.submit(read, idx)
+
     def produce() -> None:
         try:
             todo = iter(groups)
@@ -249,7 +258,7 @@ def _crop_batches(
             def submit() -> None:
                 idx = next(todo, None)
                 if idx is not None:
-                    pending.append((idx, pool.submit(read, idx)))
+                    pending.append((idx, submit_read(idx)))
 
             for _ in range(max(1, cfg.workers) + 1):
                 submit()
@@ -391,7 +400,7 @@ def _run_slides(
     emit("start", {"slides": len(slide_ids), "cells": cells.height, "run_id": run_id})
     results: list[SlideResult] = []
     t_start = time.perf_counter()
-    with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="reader") as pool:
+    with make_pool(cfg.readers, cfg.workers) as pool:
         for sid in slide_ids:
             sub = cells.filter(pl.col("slide_id") == sid)
             result = _extract_slide(sid, sub, paths.get(sid), steps, store, cfg, run_id, device, pool, emit)
@@ -443,7 +452,7 @@ def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
 
 def _extract_slide(
     sid: str, cells: pl.DataFrame, path: Path | None, steps: list[VectorStep], store: Store,
-    cfg: ExtractConfig, run_id: str, device, pool: ThreadPoolExecutor, emit,
+    cfg: ExtractConfig, run_id: str, device, pool: Executor, emit,
 ) -> SlideResult:
     t0 = time.perf_counter()
     if path is None:
@@ -494,7 +503,7 @@ def _extract_slide(
 
 def _slide_batches(
     slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], cfg: ExtractConfig,
-    pool: ThreadPoolExecutor, device,
+    pool: Executor, device,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """(cell indices, vectors per step, outside share per step) for one slide's cells.
 

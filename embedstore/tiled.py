@@ -19,7 +19,7 @@ sum is a bilinear read of the summed-area table at the window's fractional corne
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -107,7 +107,7 @@ class TiledContext:
     """
 
     def __init__(self, slide, backbone, grid: TileGrid, x_px: np.ndarray, y_px: np.ndarray,
-                 pool: ThreadPoolExecutor, *, precision: str = "fp32", tiles_per_batch: int = 4):
+                 pool: Executor, *, precision: str = "fp32", tiles_per_batch: int = 4):
         self.slide, self.backbone, self.grid, self.pool = slide, backbone, grid, pool
         self.precision, self.tiles_per_batch = precision, max(1, tiles_per_batch)
         self.tx, self.ty = grid.windows(x_px, y_px, slide.mpp)
@@ -166,10 +166,25 @@ class TiledContext:
         total = _at(sat, y + w, x + w) - _at(sat, y, x + w) - _at(sat, y + w, x) + _at(sat, y, x)
         return (total / (w * w)).float().numpy()
 
-    def _read(self, tile: tuple[int, int]) -> np.ndarray:
+    def _submit(self, tile: tuple[int, int]):
+        """Read one tile on the reader pool (threads or worker processes): a future of
+        (side, side, 3) uint8 at the level's own pixels."""
+        from .readers import in_processes, read_regions
+
         cx, cy = self.grid.tile_centre_level0(tile[0], tile[1], self.slide.mpp)
         x, y = np.array([cx]), np.array([cy])
-        return self.slide.read_region_for(x, y, self.plan).cut(x, y)[0]
+        if in_processes(self.pool):
+            fut = self.pool.submit(read_regions, self.slide.path, self.slide.mpp, x, y, {"tile": self.plan})
+        else:
+            fut = self.pool.submit(self.slide.read_region_for, x, y, self.plan)
+        return fut, x, y
+
+    @staticmethod
+    def _tile(job) -> np.ndarray:
+        fut, x, y = job
+        region = fut.result()
+        region = region["tile"] if isinstance(region, dict) else region
+        return region.cut(x, y)[0]
 
     def _compute(self, tiles: list[tuple[int, int]]) -> None:
         """Run the encoder over `tiles` in batches (reads prefetched on the pool), keep the cores."""
@@ -178,12 +193,12 @@ class TiledContext:
         g, b = self.grid, self.tiles_per_batch
         m, s = g.margin_tokens, g.core_tokens
         batches = [tiles[i:i + b] for i in range(0, len(tiles), b)]
-        futures = [[self.pool.submit(self._read, t) for t in batch] for batch in batches[:2]]
+        futures = [[self._submit(t) for t in batch] for batch in batches[:2]]
         dev = self.backbone.device
         for i, batch in enumerate(batches):
-            images = np.stack([f.result() for f in futures[i]])
+            images = np.stack([self._tile(job) for job in futures[i]])
             if i + 2 < len(batches):
-                futures.append([self.pool.submit(self._read, t) for t in batches[i + 2]])
+                futures.append([self._submit(t) for t in batches[i + 2]])
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                                         enabled=self.precision == "bf16"):
                 grid = self.backbone.patch_grid(torch.from_numpy(images), size=g.tile_px)

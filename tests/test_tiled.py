@@ -110,3 +110,21 @@ def test_tiled_mode_refuses_cls_pooling():
         ExtractConfig(**FAST, context="tiled", context_pooling="cls").validate()
     with pytest.raises(UserError, match="--context must be one of"):
         ExtractConfig(**FAST, context="tile").validate()
+
+
+@pytest.mark.parametrize("context", ["exact", "tiled"])
+def test_worker_processes_read_what_threads_read(synth_small, tmp_path, context):
+    slides = synth_small.out_dir / "slides"
+    cells = pl.read_parquet(synth_small.cells_path)
+    cells = cells.filter(pl.col("slide_id") == cells["slide_id"][0]).head(80)
+    kw = {"context": "tiled", "tile_px": 256, "tile_overlap_px": 64} if context == "tiled" else {}
+    loaded = {}
+    for readers in ("threads", "processes"):
+        extract(slides, cells, tmp_path / readers, ExtractConfig(**FAST, readers=readers, **kw))
+        got = Store(tmp_path / readers).load("cells")
+        order = np.lexsort((got.meta["cell_id"].to_numpy(),))
+        loaded[readers] = {k: v[order] for k, v in got.vectors.items()}
+    for kind in ("local", "context"):
+        np.testing.assert_array_equal(loaded["threads"][kind], loaded["processes"][kind])
+    with pytest.raises(UserError, match="--readers"):
+        ExtractConfig(**FAST, readers="fibers").validate()
