@@ -48,3 +48,11 @@ bench-honest *args:
 # embed annotate on 100k cells x 300 genes: time per step, peak RSS, label accuracy (JSON)
 bench-annotate *args:
     python bench/annotate.py {{args}}
+
+# tiled vs exact context mode: speed, agreement, heads macro-F1 (JSON)
+bench-context *args:
+    python bench/context.py {{args}}
+
+# the one-shot GPU benchmark (CPU check: just bench-gpu --device cpu --small)
+bench-gpu *args:
+    bash bench/gpu.sh {{args}}

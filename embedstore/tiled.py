@@ -118,7 +118,7 @@ class TiledContext:
         self.r1 = (np.ceil(self.ty + w).astype(np.int64) - 1) // s
         self.c1 = (np.ceil(self.tx + w).astype(np.int64) - 1) // s
         self.plan = slide.plan(grid.tile_crop(), resample=False)
-        self.cores: dict[tuple[int, int], np.ndarray] = {}
+        self.cores: dict = {}  # (row, col) -> (core, core, dim) float32 tensor on the device
         self.tiles_run = 0
 
     def chunks(self) -> Iterator[np.ndarray]:
@@ -154,17 +154,16 @@ class TiledContext:
 
         s, w = self.grid.core_tokens, self.grid.window_tokens
         r0, c0, r1, c1 = box
-        dim = self.backbone.dim
-        tokens = np.empty(((r1 - r0 + 1) * s, (c1 - c0 + 1) * s, dim), np.float64)
-        for r in range(r0, r1 + 1):
-            for c in range(c0, c1 + 1):
-                tokens[(r - r0) * s:(r - r0 + 1) * s, (c - c0) * s:(c - c0 + 1) * s] = self.cores[(r, c)]
-        sat = torch.zeros((tokens.shape[0] + 1, tokens.shape[1] + 1, dim), dtype=torch.float64)
-        sat[1:, 1:] = torch.from_numpy(tokens).cumsum(0).cumsum(1)
-        y = torch.from_numpy(self.ty[group] - r0 * s)
-        x = torch.from_numpy(self.tx[group] - c0 * s)
+        # on the encoder's device, in float64 (sums of up to ~10^4 tokens, then differences)
+        tokens = torch.cat([torch.cat([self.cores[(r, c)] for c in range(c0, c1 + 1)], dim=1)
+                            for r in range(r0, r1 + 1)], dim=0).double()
+        sat = torch.zeros((tokens.shape[0] + 1, tokens.shape[1] + 1, tokens.shape[2]),
+                          dtype=torch.float64, device=tokens.device)
+        sat[1:, 1:] = tokens.cumsum(0).cumsum(1)
+        y = torch.from_numpy(self.ty[group] - r0 * s).to(tokens.device)
+        x = torch.from_numpy(self.tx[group] - c0 * s).to(tokens.device)
         total = _at(sat, y + w, x + w) - _at(sat, y, x + w) - _at(sat, y + w, x) + _at(sat, y, x)
-        return (total / (w * w)).float().numpy()
+        return (total / (w * w)).float().cpu().numpy()
 
     def _submit(self, tile: tuple[int, int]):
         """Read one tile on the reader pool (threads or worker processes): a future of
@@ -202,9 +201,9 @@ class TiledContext:
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                                         enabled=self.precision == "bf16"):
                 grid = self.backbone.patch_grid(torch.from_numpy(images), size=g.tile_px)
-            cores = grid[:, m:m + s, m:m + s].float().cpu().numpy()
+            cores = grid[:, m:m + s, m:m + s].float()  # stays on the encoder's device
             for tile, core in zip(batch, cores, strict=True):
-                self.cores[tile] = core
+                self.cores[tile] = core.clone()  # not a view: the batch's grid can be freed
             self.tiles_run += len(batch)
 
 
