@@ -124,13 +124,15 @@ def cpu_mode(args) -> dict:
     cfg = ExtractConfig(
         local_backbone="test-vit-local", context_backbone="test-vit-context",
         batch_size=args.batch_size, workers=args.workers, commit_every=1024,
+        context_input_px=args.context_px, context=args.context,
     )  # fmt: skip
     device = resolve_device("cpu")
     clock = {"model": 0.0}
     steps = timed_steps(build_steps(cfg, device), clock)
     slides = work / "data" / "slides"
 
-    small = cells.sample(n=min(len(cells), max(args.cells // 4, 200)), seed=1).sort("slide_id")
+    n_small = args.small_cells or max(args.cells // 4, 200)
+    small = cells.sample(n=min(len(cells), n_small), seed=1).sort("slide_id")
     extract(slides, small.head(64), work / "warm", cfg, steps=steps)  # warm up both paths' caches
     clock["model"] = 0.0
     with PeakRSS() as mem_small:
@@ -154,6 +156,7 @@ def cpu_mode(args) -> dict:
         "density_cells_per_mm2": args.density,
         "pyramid_level_step": args.level_step,
         "context_input_px": steps[1].backbone.input_px,
+        "context_mode": args.context,
         "batch_size": args.batch_size,
         "reader_threads": args.workers,
         "pipeline_cells_per_s": round(fast_rate, 1),
@@ -247,6 +250,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--context-px", type=int, default=512)
+    ap.add_argument("--context", default="exact", choices=["exact", "tiled"], help="context mode (CPU mode)")
+    ap.add_argument("--small-cells", type=int, default=None, help="cells of the smaller RSS run (default cells / 4)")
     ap.add_argument("--level-step", type=int, default=4,
                     help="pyramid downsample per level of the synthetic slides (4: Aperio SVS, 2: NDPI/MRXS)")
     args = ap.parse_args()

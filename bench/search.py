@@ -82,7 +82,8 @@ class RssSampler:
 
 
 def make_data(n: int, dim: int, n_clusters: int, n_classes: int, n_slides: int, seed: int,
-              latent: int = 64, chunk: int = 65_536, path: Path | None = None) -> dict[str, np.ndarray]:
+              latent: int = 64, chunk: int = 65_536, path: Path | None = None,
+              reuse: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     weights = rng.dirichlet(np.full(n_clusters, 2.0))
     cluster = rng.choice(n_clusters, size=n, p=weights).astype(np.int32)
@@ -91,6 +92,16 @@ def make_data(n: int, dim: int, n_clusters: int, n_classes: int, n_slides: int, 
     basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].T.astype(np.float32)
     basis *= np.float32(np.sqrt(dim / latent))
     mean = rng.standard_normal(dim).astype(np.float32) * 0.8
+    freq = 1.0 / np.arange(1, n_classes + 1)
+    cls_of_cluster = rng.choice(n_classes, size=n_clusters, p=freq / freq.sum())
+    out = {"cluster": cluster, "true": cls_of_cluster[cluster].astype(np.int64),
+           "slide": rng.integers(0, n_slides, n).astype(np.int64),
+           "tissue": rng.integers(0, 4, n).astype(np.int64)}
+    if path is not None and path.exists() and reuse:
+        x = np.load(path, mmap_mode="r")
+        if x.shape == (n, dim) and x.dtype == np.float16:
+            log(f"reusing the vectors in {path} (same seed and sizes)")
+            return {"x": x, **out}
     x = np.empty((n, dim), np.float16) if path is None else \
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
     for s in range(0, n, chunk):
@@ -102,12 +113,7 @@ def make_data(n: int, dim: int, n_clusters: int, n_classes: int, n_slides: int, 
         x.flush()
         del x
         x = np.load(path, mmap_mode="r")  # read-only map: rows are read from disk on demand
-    freq = 1.0 / np.arange(1, n_classes + 1)
-    cls_of_cluster = rng.choice(n_classes, size=n_clusters, p=freq / freq.sum())
-    true = cls_of_cluster[cluster].astype(np.int64)
-    return {"x": x, "cluster": cluster, "true": true,
-            "slide": rng.integers(0, n_slides, n).astype(np.int64),
-            "tissue": rng.integers(0, 4, n).astype(np.int64)}
+    return {"x": x, **out}
 
 
 def average_precision(score: np.ndarray, positive: np.ndarray) -> float:
@@ -154,6 +160,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the vectors file (default: a temp dir)")
     ap.add_argument("--in-memory", action="store_true", help="keep the vectors in RAM instead of a memory map")
     ap.add_argument("--no-audit", action="store_true", help="skip the label audit and same-slide rates")
+    ap.add_argument("--reuse", action="store_true", help="reuse a vectors file of the same size in --work")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_search_data_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -175,7 +182,7 @@ def run(args, work: Path) -> None:
 
     t = time.perf_counter()
     d = make_data(n, dim, n_clusters, args.classes, args.slides, args.seed,
-                  path=None if args.in_memory else work / "vectors.f16.npy")
+                  path=None if args.in_memory else work / "vectors.f16.npy", reuse=args.reuse)
     res["vectors"] = "in memory" if args.in_memory else "memory-mapped .npy (float16)"
     x = d["x"]
     res["data_seconds"] = round(time.perf_counter() - t, 1)
