@@ -196,8 +196,15 @@ def run(args, work: Path) -> None:
             last[0] = time.perf_counter()
             log(f"  add {done}/{total}")
 
-    index = CellIndex.build(x, kind=args.kind, seed=args.seed, progress=progress)
-    res["build"] = {"seconds": round(time.perf_counter() - t, 1), "kind": index.kind,
+    saved = work / "index"
+    if args.reuse and (saved / "index.json").exists():
+        index, _ = CellIndex.load(saved, source=x)
+        log(f"reusing the index in {saved}")
+    else:
+        index = CellIndex.build(x, kind=args.kind, seed=args.seed, progress=progress)
+        if not args.in_memory:
+            index.save(saved, {"n": n})
+    res["build"] = {"seconds": index.info["build_seconds"], "kind": index.kind,
                     "params": index.info["params"], "search": index.search_params,
                     "tuned_recall": index.info["tuned_recall"],
                     "tuned_recall_se": index.info.get("tuned_recall_se"), "on_gpu": index.on_gpu}

@@ -419,10 +419,12 @@ class CellIndex:
                     progress(s + xb.shape[0], n)
             info.update(params={}, search={}, tuned_recall=1.0, target_recall=target_recall)
         else:
+            # the caller's own array: a np.memmap stays one (np.asarray drops the subclass)
+            source = VectorSource(vectors if isinstance(vectors, np.ndarray) else x)
             index = _build_ivf(x, metric, nlist, seed, gpu, progress, target_recall,
-                               tune_queries, info)
+                               tune_queries, info, source)
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
-        return cls(index, info, use_gpu=gpu, source=x if kind == "ivf" else None)
+        return cls(index, info, use_gpu=gpu, source=source if kind == "ivf" else None)
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
@@ -749,7 +751,7 @@ def _json_default(o: Any) -> Any:
 
 def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bool,
                progress: Progress | None, target_recall: float, tune_queries: int,
-               info: dict[str, Any]) -> faiss.Index:
+               info: dict[str, Any], source: VectorSource) -> faiss.Index:
     n, d = x.shape
     nlist = default_nlist(n) if nlist is None else int(nlist)
     if not 1 <= nlist <= n:
@@ -802,18 +804,19 @@ def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bo
         valid = heap.I >= 0
         valid &= heap.I != tune_rows[:, None]
         _, truth, _ = _compact(heap.D, heap.I, valid, kt - 1)
-        _tune(index, ivf, info, tq, tune_rows, truth, target_recall, x)
+        _tune(index, ivf, info, tq, tune_rows, truth, target_recall, source)
     return index
 
 
 def _tune(index: faiss.Index, ivf: Any, info: dict[str, Any], tq: np.ndarray,
-          tune_rows: np.ndarray, truth: np.ndarray, target_recall: float, x: np.ndarray) -> None:
+          tune_rows: np.ndarray, truth: np.ndarray, target_recall: float,
+          source: VectorSource) -> None:
     """Smallest nprobe (k_factor 4, else 16) whose recall@20 on the sample clears the target.
 
     "Clears" means the mean minus two standard errors (over the sample's queries) and the mean
     minus ``TUNE_MARGIN`` both reach ``target_recall``, so unseen queries meet it too.
     """
-    probe = CellIndex(index, info, use_gpu=False, source=x)
+    probe = CellIndex(index, info, use_gpu=False, source=source)
     ladder = sorted({p for p in _NPROBE_LADDER if p < ivf.nlist} | {int(ivf.nlist)})
     k = truth.shape[1]
     best: tuple[float, float, int, int] = (-1.0, 0.0, ivf.nlist, 16)
