@@ -227,7 +227,14 @@ def run(args, work: Path) -> None:
     nq = min(args.recall_queries, n)
     q = np.sort(rng.choice(n, nq, replace=False))
     t = time.perf_counter()
-    _, truth = exact_knn(x, x[q], k, query_ids=q)
+    cached = work / f"truth_{nq}_{k}_{args.seed}.npz"
+    if args.reuse and cached.exists() and np.array_equal(np.load(cached)["q"], q):
+        truth = np.load(cached)["truth"]
+        log(f"reusing the exact neighbours in {cached}")
+    else:
+        _, truth = exact_knn(x, x[q], k, query_ids=q)
+        if not args.in_memory:
+            np.savez(cached, q=q, truth=truth)
     res["exact_seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     _, approx = index.search(x[q], k, query_ids=q)
