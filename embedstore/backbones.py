@@ -752,7 +752,9 @@ class Backbone(nn.Module):
                 x = x if dev.type == "cpu" else x.float()
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
                                   antialias=True)
-            return (x.float() - self.pixel_mean) / self.pixel_std
+            x = (x.float() - self.pixel_mean) / self.pixel_std
+            # NHWC feeds the patch-embedding convolution's tensor-core kernels on CUDA
+            return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
 
     def forward_tokens(self, images: torch.Tensor, *, resize: bool = True,
                        size: int | None = None) -> torch.Tensor:
@@ -847,7 +849,10 @@ def build_backbone(
     trunk.eval().requires_grad_(False)
     model = Backbone(spec, trunk, pooling=pooling, input_px=px, weights_sha256=sha,
                      weights_source=source)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if model.device.type == "cuda":
+        model.trunk.to(memory_format=torch.channels_last)  # conv weights to NHWC, as the input
+    return model
 
 
 def count_flops(name: str, input_px: int | None = None, batch: int = 1) -> int:
