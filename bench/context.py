@@ -37,7 +37,7 @@ from embedstore.synth import make_synthetic  # noqa: E402
 
 def _timed_context(clock: dict):
     """Patch the two context code paths to add their wall time to clock['context']."""
-    embed, vectors = extract_mod.VectorStep.embed, tiled_mod.TiledContext.vectors
+    embed, vectors, compute = extract_mod.VectorStep.embed, tiled_mod.TiledContext.vectors, tiled_mod.TiledContext._compute
 
     def timed_embed(self, crops, device):
         t = time.perf_counter()
@@ -50,14 +50,18 @@ def _timed_context(clock: dict):
         t = time.perf_counter()
         out = vectors(self, idx)
         clock["context"] += time.perf_counter() - t
-        clock["tiles"] += self.tiles_run - clock.get("_seen", 0)
-        clock["_seen"] = self.tiles_run
         return out
+
+    def counted_compute(self, tiles):
+        clock["tiles"] += len(tiles)
+        return compute(self, tiles)
 
     def restore():
         extract_mod.VectorStep.embed, tiled_mod.TiledContext.vectors = embed, vectors
+        tiled_mod.TiledContext._compute = compute
 
     extract_mod.VectorStep.embed, tiled_mod.TiledContext.vectors = timed_embed, timed_vectors
+    tiled_mod.TiledContext._compute = counted_compute
     return restore
 
 
