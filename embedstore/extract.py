@@ -216,7 +216,7 @@ class _Stop(Exception):
 
 def _crop_batches(
     slide: Slide, x: np.ndarray, y: np.ndarray, steps: list[VectorStep], cfg: ExtractConfig,
-    pool: Executor, pin: bool,
+    pool: Executor, pin: bool, ring: _BufferRing | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """(cell indices, crops per step, outside share per step), `cfg.batch_size` cells at a time.
 
@@ -229,7 +229,7 @@ def _crop_batches(
     groups = group_by_region(x, y, cfg.region_um / slide.mpp)
     bs = cfg.batch_size
     # 5 buffers: one with the caller, two queued, one being cut, one spare
-    ring = _BufferRing({n: p.out_px for n, p in plans.items()}, bs, n=5, pin=pin)
+    ring = ring or _BufferRing({n: p.out_px for n, p in plans.items()}, bs, n=5, pin=pin)
     out_q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -526,10 +526,13 @@ def _slide_batches(
                            tiles_per_batch=max(1, cfg.batch_size // 16))
     field = slide.plan(step.crop)
     w, h = slide.dimensions
+    # one set of (pinned) crop buffers for all bands: pinned allocations are slow
+    ring = _BufferRing({s.name: slide.plan(s.crop, resample=False).out_px for s in per_cell},
+                       cfg.batch_size, n=5, pin=pin)
     for chunk in context.chunks():
         pooled = context.vectors(chunk)
         cx, cy = x[chunk], y[chunk]
-        for sub, crops, outside in _crop_batches(slide, cx, cy, per_cell, cfg, pool, pin):
+        for sub, crops, outside in _crop_batches(slide, cx, cy, per_cell, cfg, pool, pin, ring):
             vectors = {s.name: s.embed(crops[s.name], device) for s in per_cell}
             vectors[step.name] = pooled[sub]
             outside[step.name] = field.outside_fraction(cx[sub], cy[sub], w, h)
