@@ -1,8 +1,15 @@
-"""Shared CLI plumbing: clear one-line errors instead of tracebacks, rich console, progress."""
+"""Shared CLI plumbing: clear one-line errors instead of tracebacks, rich console, progress.
+
+Streams, as Unix tools do: data (tables, listings, `--json`) goes to stdout through `emit` /
+`emit_json`; progress, logs, warnings and errors go to stderr through `console`.
+"""
 
 from __future__ import annotations
 
 import errno
+import json
+import math
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,7 +28,37 @@ from rich.progress import (
 
 from embedstore.errors import UserError
 
+#: progress, logs, warnings and errors (stderr)
 console = Console(stderr=True)
+
+
+def _stdout_console() -> Console:
+    """A console on the current stdout; piped output is not wrapped at 80 columns."""
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((200, 24)).columns, 200)
+    return Console(file=sys.stdout, width=width, soft_wrap=width is not None)
+
+
+def emit(renderable) -> None:
+    """Data (a rich Table or text) to stdout."""
+    _stdout_console().print(renderable)
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def emit_json(obj) -> None:
+    """`obj` as JSON on stdout (strict: NaN becomes null, other types their str)."""
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=str))), indent=2, allow_nan=False)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -52,7 +89,9 @@ def run(app: typer.Typer) -> Callable[[], None]:
     def main() -> None:
         warnings.filterwarnings("default")
         try:
-            app(standalone_mode=False)
+            code = app(standalone_mode=False)  # click returns a typer.Exit's code here
+            if isinstance(code, int) and code:
+                sys.exit(code)
         except UserError as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)

@@ -8,7 +8,7 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from cli.common import console, progress, run
+from cli.common import console, emit, emit_json, progress, run
 
 app = typer.Typer(
     help="Per-cell embedding store: synthetic data, cell ingestion, extraction, search.",
@@ -44,11 +44,22 @@ def _is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / "experiment.xenium").exists()
 
 
+def _offset_px(text: str) -> tuple[float, float]:
+    """`--offset-px X,Y` as two numbers."""
+    from embedstore.errors import CellsError
+
+    try:
+        x, y = (float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise CellsError(f"--offset-px takes X,Y in pixels, e.g. --offset-px 2048,1024; not {text!r}") from None
+    return x, y
+
+
 @app.command()
 def cells(
-    source: Annotated[Path, typer.Argument(help="a CSV/Parquet table, a Xenium bundle, or a directory of bundles")],
+    source: Annotated[Path, typer.Argument(help="a CSV/Parquet table, a Xenium bundle or a directory of bundles, QuPath GeoJSON, CellViT cells.json, or a label image (.tif/.png)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="normalised cells table (.parquet)")],
-    slides: Annotated[list[Path] | None, typer.Option(help="slide file(s) or a directory (tables)")] = None,
+    slides: Annotated[list[Path] | None, typer.Option(help="slide file(s) or a directory (tables, segmenter outputs)")] = None,
     slide: Annotated[Path | None, typer.Option(help="the H&E slide of a Xenium bundle")] = None,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel, overrides the slide's")] = None,
     tissue: Annotated[str | None, typer.Option(help="tissue of all cells, where the source has none")] = None,
@@ -63,14 +74,32 @@ def cells(
     alignment: Annotated[Path | None, typer.Option(help="H&E alignment CSV of a Xenium bundle")] = None,
     invert_alignment: Annotated[bool, typer.Option(help="the alignment maps Xenium px -> H&E px")] = False,
     strict: Annotated[bool, typer.Option(help="fail on bad cells instead of dropping them")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="auto, table, xenium, geojson (QuPath), cellvit (cells.json or CellViT GeoJSON) or labels (label image)")] = "auto",
+    labels_from: Annotated[str, typer.Option(help="segmenter outputs: none, or classification (QuPath class / CellViT type) as the label")] = "none",
+    object_types: Annotated[str, typer.Option(help="GeoJSON: QuPath object types to read, comma-separated (detection, cell, annotation, tile)")] = "detection,cell",
+    scale: Annotated[float, typer.Option(help="segmenter outputs: slide px per source px (e.g. 4 for labels made at a 4x downsample)")] = 1.0,
+    offset_px: Annotated[str, typer.Option(help="segmenter outputs: X,Y subtracted after --scale (the slide's corner in a parent image)")] = "0,0",
 ) -> None:
-    """Normalise cell centroids from a table or Xenium bundle(s) into one cells.parquet."""
+    """Normalise cell centroids from a table, Xenium bundle(s) or a segmenter's output into one cells.parquet."""
     from embedstore.cells import CellReport
     from embedstore.errors import CellsError
     from embedstore.ingest import ingest_table, ingest_xenium
+    from embedstore.segmenters import FORMATS, detect_format, ingest_detections
 
     on_bad = "error" if strict else "drop"
-    if source.is_dir():
+    if fmt not in FORMATS:
+        raise CellsError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    kind = detect_format(source) if fmt == "auto" else fmt
+    if kind in ("geojson", "json", "cellvit", "labels"):
+        frame, report = ingest_detections(
+            source, slides=slides, mpp=mpp, slide_id=slide_id, tissue=tissue,
+            fmt="auto" if kind == "json" else kind, labels_from=labels_from,
+            object_types=object_types.split(","), scale=scale, offset_px=_offset_px(offset_px),
+            on_bad=on_bad,
+        )  # fmt: skip
+    elif kind == "xenium" or source.is_dir():
+        if not source.is_dir():
+            raise CellsError(f"{source}: a Xenium bundle is a directory (with experiment.xenium)")
         bundles = [source] if _is_bundle(source) else sorted(p for p in source.iterdir() if _is_bundle(p))
         if not bundles:
             raise CellsError(f"{source}: neither a Xenium bundle nor a directory of bundles")
@@ -112,21 +141,30 @@ def cells(
 @app.command()
 def backbones(
     pattern: Annotated[str, typer.Argument(help="name pattern, e.g. 'test-*'")] = "*",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """List the backbone registry: name, dims, input size, pooling, weights found."""
     from rich.table import Table
 
     from embedstore.backbones import get_spec, list_backbones, weights_status
 
-    table = Table("name", "dim", "input px", "pooling", "params", "weights")
-    table.columns[0].no_wrap = table.columns[4].no_wrap = True
+    rows = []
     for name in list_backbones(pattern):
         spec = get_spec(name)
-        table.add_row(
-            name, str(spec.dim), str(spec.input_px), "/".join(spec.poolings),
-            f"{spec.n_params:,}" if spec.n_params else "-", weights_status(name),
-        )  # fmt: skip
-    console.print(table)
+        rows.append({
+            "name": name, "dim": spec.dim, "input_px": spec.input_px, "poolings": list(spec.poolings),
+            "n_params": spec.n_params, "weights": weights_status(name), "is_test": spec.is_test,
+            "description": spec.description,
+        })  # fmt: skip
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("name", "dim", "input px", "pooling", "params", "weights")
+    table.columns[0].no_wrap = table.columns[4].no_wrap = True
+    for r in rows:
+        table.add_row(r["name"], str(r["dim"]), str(r["input_px"]), "/".join(r["poolings"]),
+                      f"{r['n_params']:,}" if r["n_params"] else "-", r["weights"])  # fmt: skip
+    emit(table)
     console.print("test-* entries are tiny random ViTs for tests and the offline demo, not pathology models.")
 
 
@@ -229,33 +267,75 @@ def info(
 
     info = Store(db).info()
     if as_json:
-        print(json.dumps(info, indent=2, default=str))
+        emit_json(info)
         return
     size = info["bytes_on_disk"]
-    console.print(f"[bold]{info['uri']}[/]  {size / 1e6:.1f} MB on disk" if size else info["uri"])
+    emit(f"[bold]{info['uri']}[/]  {size / 1e6:.1f} MB on disk" if size else info["uri"])
     for name, t in info["tables"].items():
         vecs = ", ".join(f"{k} {v}-d" for k, v in t["vectors"].items())
         per_cell = f", store {size / t['cells'] / 1e3:.2f} KB/cell" if size and t['cells'] else ""
-        console.print(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
+        emit(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
         if t["duplicate_rows"]:
             console.print(f"[yellow]warning:[/] {t['duplicate_rows']} rows repeat a stored cell (from unlocked "
                           f"concurrent writers); `embed extract` with the same --db removes them")  # fmt: skip
         for kind, v in t["config"].get("vectors", {}).items():
-            console.print(f"  {kind}: {v.get('backbone')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
+            emit(f"  {kind}: {v.get('backbone')} ({v.get('pooling')}, {v.get('input_px')} px input, field {v.get('field_um')} µm), weights sha256 {str(v.get('weights_sha256'))[:12]}")
         slides_t = Table("slide", "cells")
         for sid, n in t["slides"].items():
             slides_t.add_row(sid, str(n))
-        console.print(slides_t)
+        emit(slides_t)
     if "labels" in info:
         lab = info["labels"]
-        console.print(f"labels: {lab['rows']} rows, {lab['classes']} classes (from {', '.join(lab['sources'])})")
+        emit(f"labels: {lab['rows']} rows, {lab['classes']} classes (from {', '.join(lab['sources'])})")
     runs = Table("run", "table", "status", "started", "written", "failed slides")
     for r in info["runs"]:
-        import json as _json
-
-        counts = _json.loads(r.get("counts") or "{}")
+        counts = json.loads(r.get("counts") or "{}")
         runs.add_row(r["run_id"], r.get("table", ""), r.get("status", ""), r.get("started", "")[:19], str(counts.get("written", "")), str(counts.get("slides_failed", "")))
-    console.print(runs)
+    emit(runs)
+
+
+@app.command()
+def doctor(
+    slides: Annotated[list[Path] | None, typer.Argument(help="slide files or folders to check (optional)")] = None,
+    local_backbone: Annotated[str, typer.Option(help="backbone for the nucleus crop")] = "uni2-h",
+    context_backbone: Annotated[str, typer.Option(help="backbone for the context field")] = "dinov3-vitl16",
+    context_px: Annotated[int, typer.Option(help="context input size, as for extract")] = 512,
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel for all slides, as for extract")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    db: Annotated[Path | None, typer.Option(help="where the store will live (free disk space)")] = None,
+    timing: Annotated[bool, typer.Option(help="time both backbones on random crops (tens of seconds for real ones on a CPU)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Preflight: versions, GPU, weights, slides (µm/px), expected time per 10k cells.
+
+    Exits 1 when something would stop `embed extract` (missing weights, a slide that does not
+    open or has no µm/px, a missing package).
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from embedstore.doctor import blocking, run_checks
+
+    with console.status("checking...") as status:
+        checks = run_checks(
+            slides or (), local_backbone=local_backbone, context_backbone=context_backbone,
+            context_px=context_px, mpp=mpp, device=device, db=db, timing=timing,
+            notify=lambda m: status.update(f"checking {m}..."),
+        )  # fmt: skip
+    bad = blocking(checks)
+    if as_json:
+        emit_json({"ok": not bad, "checks": [c.to_dict() for c in checks]})
+    else:
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+        t = Table("", "check", "status", "found", title="embed doctor")
+        for c in checks:
+            detail = escape(c.detail) + (f"\n[dim]fix: {escape(c.fix)}[/]" if c.fix and c.status != "ok" else "")
+            t.add_row(c.group, escape(c.name), f"[{style[c.status]}]{c.status}[/]", detail)
+        emit(t)
+    if bad:
+        console.print(f"[bold red]{len(bad)} problem(s) block a run:[/] {escape(', '.join(c.name for c in bad))}")
+        raise typer.Exit(1)
+    console.print("[green]ready[/]: nothing blocks `embed extract`")
 
 
 @app.command()
@@ -408,6 +488,7 @@ def similar(
     gallery: Annotated[Path | None, typer.Option(help="draw query + neighbour crops to this PNG")] = None,
     slides: Annotated[Path | None, typer.Option(help="slide folder for --gallery (default: as extracted)")] = None,
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the neighbours as JSON")] = False,
 ) -> None:
     """Cells like this one: nearest neighbours of a cell across all slides, with filters."""
     from rich.table import Table
@@ -418,11 +499,14 @@ def similar(
         db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
         tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m, markup=False),
     )  # fmt: skip
-    t = Table("rank", "slide", "cell", "x µm", "y µm", "label", "distance", title=f"cells like {cell} ({vector})")
-    for r in found.iter_rows(named=True):
-        t.add_row(str(r["rank"]), r["slide_id"], r["cell_id"], f"{r['x_um']:.1f}", f"{r['y_um']:.1f}",
-                  str(r.get("label") or "-"), f"{r['distance']:.3g}")  # fmt: skip
-    console.print(t)
+    if as_json:
+        emit_json(found.to_dicts())
+    else:
+        t = Table("rank", "slide", "cell", "x µm", "y µm", "label", "distance", title=f"cells like {cell} ({vector})")
+        for r in found.iter_rows(named=True):
+            t.add_row(str(r["rank"]), r["slide_id"], r["cell_id"], f"{r['x_um']:.1f}", f"{r['y_um']:.1f}",
+                      str(r.get("label") or "-"), f"{r['distance']:.3g}")  # fmt: skip
+        emit(t)
     if out:
         from embedstore.fileio import atomic_path
 
@@ -444,6 +528,7 @@ def audit(
     exclude_near_um: Annotated[float | None, typer.Option(help="same-slide neighbours closer than this (µm) do not vote; default 128 (the context radius) for context vectors, 0 for local")] = None,
     min_share: Annotated[float, typer.Option(help="flag when this share of voters agree on another class")] = 0.75,
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-class summary as JSON")] = False,
 ) -> None:
     """Flag cells whose label disagrees with their neighbours'; write a review queue."""
     from rich.table import Table
@@ -469,16 +554,43 @@ def audit(
             metadata=("slide_id", "cell_id", "label", "suggested", "tissue"),
         )  # fmt: skip
     rates = explore.batch_effect(db, f"{stem}_batch_effect.png", k=k, table=table, vector=vector, root=index_dir)
-    t = Table("class", "labelled", "flagged", "share", "most suggested", title=f"label audit ({vector}, k={k})")
-    for r in summary.iter_rows(named=True):
-        t.add_row(r["class"], str(r["n_labelled"]), str(r["n_flagged"]), f"{r['flagged_share']:.3f}", str(r["most_suggested"] or "-"))
-    console.print(t)
     ratio = rates["ratio"].median()
+    if as_json:
+        emit_json({"classes": summary.to_dicts(), "flagged": flagged.height, "labelled": queue.height,
+                   "same_slide_ratio_median": ratio, "queue": str(out)})  # fmt: skip
+    else:
+        t = Table("class", "labelled", "flagged", "share", "most suggested", title=f"label audit ({vector}, k={k})")
+        for r in summary.iter_rows(named=True):
+            t.add_row(r["class"], str(r["n_labelled"]), str(r["n_flagged"]), f"{r['flagged_share']:.3f}", str(r["most_suggested"] or "-"))
+        emit(t)
     console.print(
         f"{flagged.height} of {queue.height} labelled cells flagged; queue -> {out} (+ .csv"
         f"{', ' + str(stem) + '_geojson/' if flagged.height else ''}); same-slide neighbours "
         f"{ratio:.2f}x chance (median over slides) -> {stem}_batch_effect.png"
     )
+
+
+@app.command()
+def export(
+    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output: .h5ad (AnnData), .zarr (SpatialData) or .csv")],
+    format: Annotated[str | None, typer.Option("--format", help="anndata, spatialdata or csv (default: from the suffix of --out)")] = None,
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    run: Annotated[str | None, typer.Option(help="heads run whose predictions to add (default: the only one stored)")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="that run's directory: class names from its checkpoint")] = None,
+    slide: Annotated[list[str] | None, typer.Option("--slide", help="only this slide (repeatable)")] = None,
+    vectors: Annotated[str, typer.Option(help="vector kinds, comma-separated")] = "local,context",
+    with_vectors: Annotated[bool, typer.Option(help="CSV: add one column per vector dimension")] = False,
+) -> None:
+    """Export cells, vectors, labels and predictions to AnnData, SpatialData or CSV."""
+    from embedstore.export import export as export_cells
+
+    kinds = [v.strip() for v in vectors.split(",") if v.strip()]
+    s = export_cells(db, out, fmt=format, table=table, run=run, run_dir=run_dir, slides=slide,
+                     vectors=kinds, with_vectors=with_vectors)  # fmt: skip
+    pred = f", predictions of run {s['run']} for {s['predicted']}" if s["run"] else ""
+    console.print(f"{s['cells']} cells of {s['slides']} slide(s) -> {s['path']} ({s['format']}; "
+                  f"vectors: {', '.join(s['vectors']) or 'none'}{pred})", markup=False, highlight=False)  # fmt: skip
 
 
 main = run(app)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import console, run
+from cli.common import console, emit, emit_json, run
 
 app = typer.Typer(
     help="NuClass heads on cached vectors: train (local|global|gate), eval, predict.",
@@ -84,6 +84,7 @@ def eval_(
     coverage: Annotated[float, typer.Option(help="conformal level: target share of cells whose set holds the true class")] = 0.9,
     min_label_confidence: Annotated[float, typer.Option(help="score only labels with at least this label_confidence")] = 0.6,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON")] = False,
 ) -> None:
     """Accuracy, macro-F1, per-class F1, ECE, confusion matrices, reliability and baselines."""
     from heads.metrics import rich_results_table
@@ -96,10 +97,18 @@ def eval_(
         temperature=temperature, conformal_level=coverage, labels=labels, device=device, log=_log,
         min_label_confidence=min_label_confidence,
     )  # fmt: skip
+    if as_json:
+        comp = result["complementarity"]
+        emit_json({
+            "on": result["on"], "selection": result["selection"], "out_dir": str(result["out_dir"]),
+            "results": result["table"].to_dicts(), "conformal": result["conformal"],
+            "complementarity": None if comp is None else comp.to_dicts(),
+        })  # fmt: skip
+        return
     title = f"{run_dir} on {result['on']}"
     if result["selection"]:
         title += " [bold red](the cells that chose the model: optimistic)[/]"
-    console.print(rich_results_table(result["table"], title=title))
+    emit(rich_results_table(result["table"], title=title))
     console.print("val F1: the same model on the validation cells that chose it; gap = val F1 - "
                   "macro-F1 (selection optimism plus any val/test difference)", highlight=False)  # fmt: skip
     if result["conformal"] is not None:
@@ -117,7 +126,7 @@ def eval_(
         for name, r in m["per_class"].items():
             r2 = cc["per_class"][name]
             t.add_row(name, str(r["n"]), fmt(r["coverage"]), fmt(r["mean_size"]), fmt(r2["coverage"]), fmt(r2["mean_size"]))
-        console.print(t)
+        emit(t)
         console.print(f"empty sets: {m['empty_share']:.1%} (marginal), {cc['empty_share']:.1%} (per-class)", highlight=False)
     if result["complementarity"] is not None:
         from rich.table import Table
@@ -126,7 +135,7 @@ def eval_(
         for r in result["complementarity"].iter_rows(named=True):
             share = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("only_local", "only_global")]
             comp.add_row(r["class"], str(r["support"]), *share)  # "-": no cells of this class here
-        console.print(comp)
+        emit(comp)
     console.print(f"metrics.json, confusion matrices, reliability.png in {result['out_dir']}")
 
 

@@ -2,8 +2,10 @@
 
 Backends: OpenSlide (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) first; tiffslide (tifffile)
 where OpenSlide cannot open the file or sees only one level of a pyramid it stores in SubIFDs
-(OME-TIFF). Every read returns RGB uint8; area outside the slide is white (a tissue-neutral
-pad, recorded as `PAD_VALUE`) and its share is reported per crop.
+(OME-TIFF); last, plain images (PNG/JPEG tiles, TMA cores, untiled TIFF) decoded into memory
+(`PlainImage`, one level; µm/px of PNG/JPEG only from --mpp). Every read returns RGB uint8; area
+outside the slide is white (a tissue-neutral pad, recorded as `PAD_VALUE`) and its share is
+reported per crop.
 """
 
 from __future__ import annotations
@@ -31,27 +33,34 @@ SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
     ".svslide", ".bif", ".btf", ".qptiff",
 )  # fmt: skip
+#: plain images opened whole into memory (tiles, regions, TMA cores); their DPI is screen DPI
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: largest plain image decoded into memory (RGB bytes); bigger ones must be tiled pyramids
+PLAIN_IMAGE_MAX_BYTES = 2 * 1024**3
 
 
 def slide_id_from_path(path: str | Path) -> str:
     """The slide's id: its file name without the (possibly double) extension."""
     name = Path(path).name
-    for suffix in SLIDE_SUFFIXES:
+    for suffix in SLIDE_SUFFIXES + PLAIN_IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
 
 
 def find_slides(paths: str | Path | list) -> list[Path]:
-    """Slide files among `paths` (files, or directories searched one level deep)."""
+    """Slide files among `paths` (files, or directories searched one level deep).
+
+    A directory's plain images (.png/.jpg/.jpeg: tiles, TMA cores) are taken only when it holds
+    no whole-slide files, so thumbnails and macro images kept next to slides are not slides.
+    """
     items = paths if isinstance(paths, list | tuple) else [paths]
     found: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found += sorted(
-                p for p in item.iterdir()
-                if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)
-            )  # fmt: skip
+            files = sorted(p for p in item.iterdir() if p.is_file())
+            slides = [p for p in files if p.name.lower().endswith(SLIDE_SUFFIXES)]
+            found += slides or [p for p in files if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES)]
         elif item.exists():
             found.append(item)
         else:
@@ -111,6 +120,12 @@ class Slide:
             meta_mpp, source = float(mpp), "override"
         if meta_mpp is None:
             self.close()
+            if backend == "plain" and self.path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+                raise SlideError(
+                    f"{self.path}: a PNG/JPEG image has no µm per pixel (its DPI field is for "
+                    "screens and printers, never the microscope's). Pass --mpp with the µm per "
+                    "pixel it was captured at, e.g. --mpp 0.5 for a 20x scan."
+                )
             raise SlideError(
                 f"{self.path}: no µm per pixel in the file's metadata (looked for "
                 "openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX). Pass --mpp with the "
@@ -121,7 +136,7 @@ class Slide:
             path=str(self.path),
             slide_id=slide_id_from_path(self.path),
             backend=backend,
-            vendor=str(props.get("openslide.vendor", props.get("tiffslide.vendor", "unknown"))),
+            vendor=str(props.get("openslide.vendor", props.get("tiffslide.vendor", props.get("plain.format", "unknown")))),
             width=int(h.dimensions[0]),
             height=int(h.dimensions[1]),
             level_dimensions=tuple((int(w), int(hh)) for w, hh in h.level_dimensions),
@@ -327,11 +342,116 @@ def _open_backend(path: Path):
         errors.append(f"tifffile: {type(exc).__name__}: {exc}")
     if handle is not None:
         return handle, "openslide"
+    if path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES + (".tif", ".tiff")):
+        try:
+            return PlainImage(path), "plain"
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL/tifffile errors vary
+            errors.append(f"plain image: {type(exc).__name__}: {exc}")
     raise SlideError(
         f"{path}: cannot open as a whole-slide image ({'; '.join(errors)}). Supported: the "
-        "formats OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) and tiled "
-        "(OME-)TIFF pyramids; the file may be corrupt or truncated."
+        "formats OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...), tiled "
+        "(OME-)TIFF pyramids and plain PNG/JPEG/TIFF images; the file may be corrupt or truncated."
     )
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(limit: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb limit, raised for one open (our own byte limit applies)."""
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class PlainImage:
+    """A plain image (PNG, JPEG, untiled TIFF) held in memory behind OpenSlide's handle interface.
+
+    One level; `read_region` returns RGBA uint8 like OpenSlide (outside the image: transparent).
+    Only 8-bit grey/RGB(A) images are H&E: 16/32-bit or float single-channel images are label
+    images or masks and are refused, as are images over `PLAIN_IMAGE_MAX_BYTES` decoded.
+    """
+
+    level_count = 1
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.name.lower().endswith((".tif", ".tiff")):
+            self._pixels, fmt = _decode_tiff(path), "TIFF"
+        else:
+            self._pixels, fmt = _decode_pil(path)
+        height, width = self._pixels.shape[:2]
+        self.properties = {"plain.format": fmt, "plain.width": str(width), "plain.height": str(height)}
+        self.dimensions = (width, height)
+        self.level_dimensions = ((width, height),)
+        self.level_downsamples = (1.0,)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if level != 0:
+            raise ValueError(f"a plain image has one level, not level {level}")
+        (x0, y0), (w, h) = location, size
+        out = np.zeros((h, w, 4), dtype=np.uint8)
+        W, H = self.dimensions
+        ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+        if ix1 > ix0 and iy1 > iy0:
+            src = self._pixels[iy0:iy1, ix0:ix1]
+            dst = out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+            dst[..., :3] = src[..., :3] if src.shape[2] >= 3 else src[..., :1]
+            dst[..., 3] = src[..., 3] if src.shape[2] == 4 else 255
+        return out
+
+    def close(self) -> None:
+        self._pixels = None
+
+
+def _check_plain_size(path: Path, width: int, height: int) -> None:
+    nbytes = width * height * 3
+    if nbytes > PLAIN_IMAGE_MAX_BYTES:
+        raise SlideError(
+            f"{path}: a plain image of {width}x{height} px ({nbytes / 1024**3:.1f} GiB decoded) is "
+            f"too large to hold in memory (limit {PLAIN_IMAGE_MAX_BYTES / 1024**3:.1f} GiB); convert "
+            "it to a tiled pyramidal TIFF, e.g. `vips tiffsave IN OUT.tif --tile --pyramid`"
+        )
+
+
+def _as_rgb_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 with C in 1, 3, 4; refuses label images and masks of other types."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise SlideError(f"{path}: an image of shape {arr.shape} is neither grey nor RGB(A)")
+    if arr.dtype != np.uint8:
+        raise SlideError(
+            f"{path}: {arr.dtype} pixels, not 8-bit colour: a label image or mask is not a slide "
+            "(give label images to `embed cells`, not as slides)"
+        )
+    return arr
+
+
+def _decode_pil(path: Path) -> tuple[np.ndarray, str]:
+    with _pil_pixel_limit(None), Image.open(path) as im:
+        _check_plain_size(path, *im.size)
+        fmt = str(im.format or "image")
+        if im.mode in ("P", "PA", "LA", "RGBa", "CMYK", "YCbCr", "1"):
+            im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+        arr = np.asarray(im)
+    return _as_rgb_pixels(path, arr), fmt
+
+
+def _decode_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_plain_size(path, int(page.imagewidth), int(page.imagelength))
+        arr = page.asarray()
+    return _as_rgb_pixels(path, arr)
 
 
 def _plausible(value: float | None) -> float | None:

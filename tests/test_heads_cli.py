@@ -122,7 +122,9 @@ def test_eval_on_val_says_these_cells_chose_the_model(trained, tmp_path):
     db, run = trained
     proc = cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none")
     assert proc.returncode == 0, proc.stderr
-    assert "chose the model" in proc.stderr
+    assert "chose the model" in proc.stdout  # the results table is data: stdout
+    as_json = json.loads(cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none", "--json").stdout)
+    assert as_json["selection"] is True and any("gate" in r["name"] for r in as_json["results"])
     info = json.loads((run / "metrics.json").read_text())["info"]
     assert info["on"] == "val" and info["selection_cells"] is True and "optimistic" in info["warning"]
     # the default is the test split again
@@ -255,7 +257,7 @@ def test_eval_when_a_class_has_no_validation_cells(trained):
     finally:
         store.set_labels(saved.drop("source"), source="cells table")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    comp = proc.stderr[proc.stderr.index("complementarity"):]
+    comp = proc.stdout[proc.stdout.index("complementarity"):]
     cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in comp.splitlines() if ln.count("│") >= 5]
     row = next(c for c in cells if c[0] == gone)
     assert row[1:] == ["0", "-", "-"], row  # no cells: shares shown as "-", not numbers

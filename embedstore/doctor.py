@@ -1,0 +1,256 @@
+"""`embed doctor`: one preflight of this machine, the slides and the backbones before a run.
+
+Each check is a `Check` with a status: "ok", "warn" (the run works, but worse: no GPU) or
+"fail" (the run cannot work: a package missing, weights not found, a slide without µm/px).
+The timing check runs the chosen architectures on random crops (random weights when the real
+ones are absent: the cost of a forward does not depend on the weights) and turns the measured
+per-crop times into an expected extraction time per 10k cells in exact context mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+#: import name -> distribution name; all are required by the package
+REQUIRED_PACKAGES = {
+    "torch": "torch", "timm": "timm", "numpy": "numpy", "polars": "polars", "pyarrow": "pyarrow",
+    "lancedb": "lancedb", "lance": "pylance", "faiss": "faiss-cpu", "openslide": "openslide-python",
+    "tiffslide": "tiffslide", "sklearn": "scikit-learn", "xgboost": "xgboost", "anndata": "anndata",
+    "scanpy": "scanpy",
+}  # fmt: skip
+#: optional extras: reported, never blocking
+OPTIONAL_PACKAGES = {"spatialdata": "spatialdata", "skimage": "scikit-image"}
+#: bytes per stored cell in the store (two float16 vectors of 1536 + 1024 dims plus metadata)
+BYTES_PER_CELL_REAL = (1536 + 1024) * 2 + 200
+CELLS = 10_000
+
+
+@dataclass
+class Check:
+    """One line of the preflight: what was checked, its status, what was found, how to fix."""
+
+    group: str
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _version(module, dist: str) -> str:
+    for name in (dist, dist.replace("-cpu", "-gpu")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return str(getattr(module, "__version__", "?"))
+
+
+def check_packages() -> list[Check]:
+    out = [Check("machine", "python", "ok", f"{platform.python_version()} on {platform.platform()}, "
+                 f"{os.cpu_count()} CPUs, {_ram_gb():.0f} GB RAM")]  # fmt: skip
+    for group, packages in (("packages", REQUIRED_PACKAGES), ("optional", OPTIONAL_PACKAGES)):
+        for mod, dist in packages.items():
+            try:
+                module = importlib.import_module(mod)
+            except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways
+                status = "fail" if group == "packages" else "warn"
+                out.append(Check(group, dist, status, f"cannot import {mod}: {exc}",
+                                 f"pip install {dist}"))  # fmt: skip
+                continue
+            detail = _version(module, dist)
+            if mod == "openslide":
+                detail += f" (OpenSlide library {getattr(module, '__library_version__', '?')})"
+            out.append(Check(group, dist, "ok", detail))
+    return out
+
+
+def _ram_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 2**30
+    except Exception:  # noqa: BLE001
+        return float("nan")
+
+
+def check_gpu(device: str) -> tuple[list[Check], str]:
+    """The GPU (name, memory, CUDA) or a warning; returns the device the timing uses."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        detail = (f"{torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                  f"CUDA {torch.version.cuda}, torch {torch.__version__}")  # fmt: skip
+        dev = "cuda" if device == "auto" else device
+        return [Check("machine", "gpu", "ok", detail)], dev
+    if device.startswith("cuda"):
+        return [Check("machine", "gpu", "fail", f"--device {device} but torch sees no CUDA GPU "
+                      f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})",
+                      "install the CUDA build of torch that matches the driver (nvidia-smi), or use --device cpu")], "cpu"  # fmt: skip
+    return [Check("machine", "gpu", "warn", "no CUDA GPU: extraction runs on the CPU (real "
+                  "backbones take seconds per cell)", "run `embed extract` on a GPU machine for real backbones")], "cpu"  # fmt: skip
+
+
+def check_weights(names: Sequence[str]) -> list[Check]:
+    from . import backbones as B
+
+    out = []
+    for name in dict.fromkeys(names):
+        try:
+            spec = B.get_spec(name)
+        except UserError as exc:
+            out.append(Check("weights", name, "fail", str(exc), "pick a name from `embed backbones`"))
+            continue
+        status = B.weights_status(name)
+        if status.startswith("not found"):
+            out.append(Check("weights", name, "fail", status, B._how_to_get(spec)))
+        elif spec.is_test:
+            out.append(Check("weights", name, "warn", f"{status}: a tiny random test model, not a pathology model"))
+        else:
+            out.append(Check("weights", name, "ok", status))
+    return out
+
+
+def check_slides(paths: Sequence[Path], mpp: float | None) -> list[Check]:
+    from .slides import Slide, find_slides
+
+    try:
+        found = find_slides(list(paths))
+    except UserError as exc:
+        return [Check("slides", ", ".join(map(str, paths)), "fail", str(exc))]
+    if not found:
+        return [Check("slides", ", ".join(map(str, paths)), "fail", "no slide files found",
+                      "point at slide files or a folder holding them")]  # fmt: skip
+    out = []
+    for path in found:
+        try:
+            with Slide(path, mpp=mpp) as s:
+                i = s.info
+                out.append(Check("slides", path.name, "ok",
+                                 f"{i.width} x {i.height} px, {i.mpp:.4f} µm/px ({i.mpp_source}), "
+                                 f"{len(i.level_dimensions)} level(s), {i.backend}"))  # fmt: skip
+        except UserError as exc:
+            fix = "pass --mpp with the scanner's µm per pixel" if "µm per pixel" in str(exc) else ""
+            out.append(Check("slides", path.name, "fail", str(exc), fix))
+    return out
+
+
+def check_disk(db: Path | None, bytes_per_cell: int) -> list[Check]:
+    where = Path(db) if db is not None else Path.cwd()
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    per_m = bytes_per_cell * 1e6 / 1e9
+    status = "ok" if free > 10 * per_m * 1e9 else "warn"
+    return [Check("machine", "disk", status, f"{free / 1e9:.0f} GB free at {probe}; the store "
+                  f"needs about {per_m:.1f} GB per million cells")]  # fmt: skip
+
+
+def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> tuple[float, str]:
+    """Seconds per crop of one backbone forward (random weights if none are found)."""
+    import torch
+
+    from . import backbones as B
+
+    spec = B.get_spec(name)
+    px = input_px or spec.input_px
+    if B.weights_status(name).startswith("not found"):
+        trunk = B._build_trunk(B._entry(name)).eval().requires_grad_(False)
+        model = B.Backbone(spec, trunk, pooling=spec.pooling, input_px=px,
+                           weights_sha256="random", weights_source="random (timing only)").to(device)  # fmt: skip
+        how = "random weights of the same architecture"
+    else:
+        model = B.build_backbone(name, input_px=px, device=device)
+        how = "its weights"
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, px, px, 3), dtype=np.uint8))
+    use_bf16 = torch.device(device).type == "cuda"
+    times = []
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
+        for i in range(6):  # the first call (lazy init, kernel choice) is not timed
+            t = time.perf_counter()
+            model(images)
+            if use_bf16:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            if i >= 1 and sum(times[1:]) > 1.0:  # slow models: one timed call is enough
+                break
+    return min(times[1:]) / batch, how
+
+
+def check_timing(local: str, context: str, context_px: int, device: str) -> list[Check]:
+    """Expected extraction time per 10k cells from measured forwards of both backbones."""
+    from .backbones import get_spec
+
+    small = all(get_spec(n).n_params < 50_000_000 for n in (local, context))
+    batch = 32 if device.startswith("cuda") else 16 if small else 2  # real ViTs: seconds per crop on a CPU
+    try:
+        t_local, how_l = _time_forward(local, None, device, batch)
+        t_ctx, how_c = _time_forward(context, context_px, device, batch)
+    except UserError as exc:
+        return [Check("timing", "extraction", "fail", str(exc))]
+    total = CELLS * (t_local + t_ctx)
+    detail = (f"~{_human(total)} per {CELLS // 1000}k cells on {device} (exact context mode, model "
+              f"time only: {local} {t_local * 1e3:.1f} ms/cell with {how_l}, {context} at "
+              f"{context_px} px {t_ctx * 1e3:.1f} ms/cell with {how_c}; batch {batch})")  # fmt: skip
+    return [Check("timing", "extraction", "ok", detail)]
+
+
+def _human(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_checks(
+    slides: Sequence[Path] = (),
+    *,
+    local_backbone: str = "uni2-h",
+    context_backbone: str = "dinov3-vitl16",
+    context_px: int = 512,
+    mpp: float | None = None,
+    device: str = "auto",
+    db: Path | None = None,
+    timing: bool = True,
+    notify: Callable[[str], None] = lambda _m: None,
+) -> list[Check]:
+    """All checks, in order; `notify` hears which group is running (the timing takes a while)."""
+    notify("packages")
+    checks = check_packages()
+    if any(c.status == "fail" for c in checks):
+        return checks  # without the core packages the rest cannot run
+    gpu, dev = check_gpu(device)
+    checks += gpu
+    test_only = all(n.startswith("test-") for n in (local_backbone, context_backbone))
+    checks += check_disk(db, 1_000 if test_only else BYTES_PER_CELL_REAL)
+    notify("weights")
+    checks += check_weights([local_backbone, context_backbone])
+    if slides:
+        notify("slides")
+        checks += check_slides(slides, mpp)
+    unknown = any(c.group == "weights" and c.detail.startswith("Unknown backbone") for c in checks)
+    if timing and not unknown:
+        notify(f"timing {local_backbone} and {context_backbone} on {dev}")
+        checks += check_timing(local_backbone, context_backbone, context_px, dev)
+    return checks
+
+
+def blocking(checks: Sequence[Check]) -> list[Check]:
+    return [c for c in checks if c.status == "fail"]

@@ -1,0 +1,51 @@
+"""`embed doctor`: the preflight says what blocks a run, how to fix it, and exits non-zero."""
+
+import json
+import os
+import subprocess
+import sys
+
+from embedstore.doctor import blocking, run_checks
+
+TEST = ("--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context")
+
+
+def doctor(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cli.embed", "doctor", *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_ready_machine_with_test_backbones_and_good_slides(synth_small):
+    checks = run_checks([synth_small.out_dir / "slides"], local_backbone="test-vit-local",
+                        context_backbone="test-vit-context", context_px=128)  # fmt: skip
+    assert not blocking(checks), [c for c in checks if c.status == "fail"]
+    slides = [c for c in checks if c.group == "slides"]
+    assert len(slides) == len(synth_small.slides) and all("µm/px" in c.detail for c in slides)
+    (timing,) = [c for c in checks if c.group == "timing"]
+    assert "per 10k cells" in timing.detail and "ms/cell" in timing.detail
+    assert {c.name for c in checks} >= {"torch", "lancedb", "faiss-cpu", "gpu", "disk"}
+
+
+def test_missing_weights_and_a_broken_slide_block_the_run(tmp_path):
+    bad = tmp_path / "slides" / "broken.svs"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a slide at all" * 100)
+    env = {"NUCLASS_WEIGHTS_DIR": str(tmp_path / "weights"), "HF_HOME": str(tmp_path / "hf")}
+    proc = doctor(bad.parent, "--no-timing", "--json", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "block a run" in proc.stderr
+    report = json.loads(proc.stdout)  # data on stdout, the verdict on stderr
+    assert report["ok"] is False
+    failed = {c["name"]: c for c in report["checks"] if c["status"] == "fail"}
+    assert set(failed) == {"uni2-h", "dinov3-vitl16", "broken.svs"}
+    assert "hf download MahmoodLab/UNI2-h" in failed["uni2-h"]["fix"]
+    assert "cannot open" in failed["broken.svs"]["detail"]
+
+
+def test_unknown_backbone_is_one_failed_check_without_timing():
+    proc = doctor("--local-backbone", "no-such-net", "--context-backbone", "test-vit-context", "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert not [c for c in report["checks"] if c["group"] == "timing"]
+    (bad,) = [c for c in report["checks"] if c["status"] == "fail"]
+    assert "Unknown backbone 'no-such-net'" in bad["detail"]
