@@ -56,3 +56,11 @@ bench-context *args:
 # the one-shot GPU benchmark (CPU check: just bench-gpu --device cpu --small)
 bench-gpu *args:
     bash bench/gpu.sh {{args}}
+
+# a real H&E tile (stardist's histo.jpg) through segmentation, embed cells, extract and export (JSON)
+bench-ecosystem *args:
+    python bench/ecosystem.py {{args}}
+
+# "cells like this one": share of neighbours with the query's label, hc-nucleus vs test backbones (JSON)
+bench-neighbours *args:
+    python bench/neighbours.py {{args}}

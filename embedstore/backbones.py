@@ -9,7 +9,9 @@ size, pooling, mean/std, timm configuration).
 Weights follow one path for every entry: the trunk is built on the meta device (no memory, no
 init), the state dict is read from a file (safetensors, or a torch pickle read with
 `weights_only=True`), checked key by key and shape by shape, and assigned. Test entries
-(`test-*`) are tiny and, without a weights file, initialised from a fixed seed.
+(`test-*`) are tiny and, without a weights file, initialised from a fixed seed. Weights-free
+entries (`hc-nucleus`: hand-crafted nucleus features, embedstore.handcrafted) have no file at
+all; their hash covers the feature version and constants.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedstore import handcrafted
 from embedstore.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,6 +81,8 @@ class BackboneSpec:
     is_test: bool = False
     #: seed of the built-in random weights (test entries only)
     seed: int | None = None
+    #: computed features, not a network: no weights file, one vector per crop, no patch tokens
+    weights_free: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", self.name):
@@ -88,6 +93,8 @@ class BackboneSpec:
             raise ValueError(f"test backbone {self.name!r} needs a fixed seed")
         if self.pooling not in self.poolings or not set(self.poolings) <= set(POOLINGS):
             raise ValueError(f"backbone {self.name!r}: bad pooling {self.pooling!r}/{self.poolings}")
+        if self.weights_free and (self.hub_id or self.poolings != ("cls",)):
+            raise ValueError(f"weights-free backbone {self.name!r}: no hub id, pooling 'cls' only")
         if self.input_px % self.patch_px:
             raise ValueError(f"backbone {self.name!r}: input {self.input_px} px not a multiple "
                              f"of the patch size {self.patch_px} px")
@@ -352,6 +359,49 @@ def _test_vit_context(spec: BackboneSpec) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
+# Weights-free entries: computed features, same interface
+
+
+@register_backbone(
+    BackboneSpec(
+        name="hc-nucleus",
+        description="Hand-crafted nucleus features (shape, H/E intensity, chromatin texture, "
+                    "crowding; embedstore.handcrafted), NOT a foundation model; no weights",
+        dim=handcrafted.N_FEATURES,
+        input_px=224,
+        patch_px=224,
+        mean=(0.0, 0.0, 0.0),  # the trunk receives RGB in 0..1
+        std=(1.0, 1.0, 1.0),
+        pooling="cls",
+        poolings=("cls",),
+        n_params=0,
+        licence="none needed (computed features, scikit-image)",
+        timm_name="",
+        weights_free=True,
+    )
+)
+def _hc_nucleus(spec: BackboneSpec) -> nn.Module:
+    return handcrafted.NucleusFeatures()
+
+
+def _weights_free_refusal(spec: BackboneSpec, pooling: str, px: int) -> UserError | None:
+    """Why a weights-free backbone cannot run with these options (None when it can)."""
+    if pooling != "cls":
+        return UserError(
+            f"Backbone {spec.name!r} computes one hand-crafted vector per crop and has no patch "
+            f"tokens, so pooling {pooling!r} (and --context tiled, which pools patch tokens) is "
+            "not available. Use it as --local-backbone, with a ViT context backbone."
+        )
+    if px != spec.input_px:
+        return UserError(
+            f"Backbone {spec.name!r} measures the 56 µm local field at {spec.input_px} px "
+            f"(features in µm); it takes no other input size ({px} px asked). It is a local "
+            "backbone: use it as --local-backbone, not as the context backbone."
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights: where they are, how they are read, how they are checked
 
 
@@ -427,7 +477,9 @@ def find_local_weights(name: str) -> Path | None:
 
 
 def weights_status(name: str) -> str:
-    """One word for a listing: "found: PATH", "built-in (test)" or "not found"."""
+    """One word for a listing: "found: PATH", "built-in (test)", "none needed" or "not found"."""
+    if get_spec(name).weights_free:
+        return "none needed (hand-crafted)"
     if get_spec(name).is_test:
         return "built-in (test)"
     try:
@@ -508,6 +560,11 @@ def _resolve_weights(
     spec: BackboneSpec, weights: str | os.PathLike[str] | None
 ) -> tuple[Path | None, str]:
     """(file to load or None for built-in weights, human-readable source)."""
+    if spec.weights_free:
+        if weights is not None:
+            raise UserError(f"Backbone {spec.name!r} computes hand-crafted features and takes no "
+                            f"weights; drop the weights option ({os.fspath(weights)!r} given).")
+        return None, f"none (hand-crafted features {handcrafted.FEATURES_VERSION})"
     if weights is None:
         if spec.is_test:
             return None, f"built-in (seed {spec.seed})"
@@ -773,6 +830,9 @@ class Backbone(nn.Module):
                    size: int | None = None) -> torch.Tensor:
         """Patch tokens as a float32 grid (B, H/patch, W/patch, dim), resized to `size` px
         (default: the input size) unless `resize=False`."""
+        if self.spec.weights_free:
+            raise UserError(f"Backbone {self.spec.name!r} has no patch tokens (one hand-crafted "
+                            "vector per crop): it cannot feed the tiled context mode.")
         h, w = ((size or self.input_px),) * 2 if resize else images.shape[1:3]
         tokens = self.forward_tokens(images, resize=resize, size=size)[:, self.n_prefix_tokens:]
         p = self.spec.patch_px
@@ -805,16 +865,19 @@ class Backbone(nn.Module):
             "timm_kwargs": {k: _jsonable(v) for k, v in s.timm_kwargs.items()},
             "timm_version": timm.__version__,
             "torch_version": torch.__version__,
+            **({"features_version": self.trunk.version} if s.weights_free else {}),
         }
 
 
 def _check_options(spec: BackboneSpec, pooling: str | None,
                    input_px: int | None) -> tuple[str, int]:
     pooling = spec.pooling if pooling is None else pooling
-    if pooling not in spec.poolings:
+    if pooling not in spec.poolings and not spec.weights_free:
         raise UserError(f"Pooling {pooling!r} is not available for backbone {spec.name!r}: "
                         f"choose one of {', '.join(spec.poolings)}.")
     px = spec.input_px if input_px is None else input_px
+    if spec.weights_free and (refusal := _weights_free_refusal(spec, pooling, px)) is not None:
+        raise refusal
     if isinstance(px, bool) or not isinstance(px, int) or px < spec.patch_px or px % spec.patch_px:
         raise UserError(f"Input size {input_px!r} px is not valid for backbone {spec.name!r}: "
                         f"use a positive multiple of its patch size {spec.patch_px} px "
@@ -842,7 +905,9 @@ def build_backbone(
     path, source = _resolve_weights(spec, weights)
     if path is None:
         trunk = _build_trunk(entry)
-        sha = state_dict_sha256(trunk.state_dict())
+        # a weights-free trunk's "weights" are its feature version and reference constants
+        sha = (handcrafted.fingerprint() if spec.weights_free
+               else state_dict_sha256(trunk.state_dict()))
     else:
         trunk = _load_weights(entry, path, source)
         sha = sha256_file(path)
@@ -856,13 +921,18 @@ def build_backbone(
 
 
 def count_flops(name: str, input_px: int | None = None, batch: int = 1) -> int:
-    """Forward FLOPs per image of the trunk (a multiply-add counts 2), counted on meta."""
+    """Forward FLOPs per image of the trunk (a multiply-add counts 2), counted on meta.
+
+    0 for a weights-free backbone: its numpy features are not torch operations to count.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     entry = _entry(name)
     _, px = _check_options(entry.spec, None, input_px)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if entry.spec.weights_free:
+        return 0
     trunk = _build_trunk(entry, "meta").eval()
     x = torch.empty(batch, 3, px, px, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -171,8 +171,11 @@ def resolve_device(device: str):
 
 
 def build_steps(cfg: ExtractConfig, device) -> list[VectorStep]:
-    from .backbones import build_backbone
+    from .backbones import build_backbone, get_spec
 
+    if get_spec(cfg.context_backbone).weights_free:
+        raise UserError(f"{cfg.context_backbone!r} measures one nucleus in a 56 µm crop: use it as "
+                        "--local-backbone, with a context backbone such as dinov3-vitl16")  # fmt: skip
     local = build_backbone(cfg.local_backbone, weights=cfg.local_weights, device=device)
     tiled = cfg.context == "tiled"
     context = build_backbone(
