@@ -1,8 +1,8 @@
 """The main job end to end on built-in synthetic data, offline (`./justw demo`).
 
 synth slides + Xenium bundles -> ingest the bundles (H&E registration) -> labels from the
-bundles' expression (`embed annotate`: no ground truth is used) -> extract with the
-test backbones into a LanceDB store -> store summary -> train the three heads -> evaluate
+bundles' expression (`embed annotate`: no ground truth is used) -> extract (local: the
+weights-free `hc-nucleus` features by default; context: the random test ViT) into a LanceDB store -> store summary -> train the three heads -> evaluate
 (paths + baselines) -> predict (store, Parquet, GeoJSON) -> "cells like this one" -> label
 audit with planted label flips.
 """
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cells", type=int, default=3000)
     ap.add_argument("--slides", type=int, default=3)
     ap.add_argument("--context-px", type=int, default=256, help="context field size for the test backbone")
+    ap.add_argument("--local-backbone", default="hc-nucleus",
+                    help="hc-nucleus (hand-crafted features, no weights) or test-vit-local (random ViT)")
     ap.add_argument("--flip", type=float, default=0.05, help="share of labels flipped before the audit")
     args = ap.parse_args(argv)
 
@@ -97,9 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary["annotate"] = {"kept": kept.height, "accuracy_kept": acc, "kept_rate": rates}
     summary["registration_max_err_px"] = float(err.max())
 
-    step("3. extract vectors with the test backbones (`embed extract`; random weights, offline)")
+    step(f"3. extract vectors: local {args.local_backbone}, context test-vit-context (`embed extract`; offline)")
     db = out / "store"
-    cfg = ExtractConfig(local_backbone="test-vit-local", context_backbone="test-vit-context",
+    cfg = ExtractConfig(local_backbone=args.local_backbone, context_backbone="test-vit-context",
                         context_input_px=args.context_px, batch_size=32, workers=2)  # fmt: skip
     with ExtractProgress(quiet=False) as events:
         ex = extract(data_dir / "slides", cells_path, db, cfg, on_event=events)
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
         + ", ".join(found["label"].to_list()[1:]))  # fmt: skip
     gallery = explore.gallery(db, found, out / "similar.png")
     log(f"gallery -> {gallery}")
+    share, chance = neighbour_label_share(db, truth, k=20, n_queries=300, seed=args.seed)
+    log(f"do neighbours share the query's class? {share:.3f} of the 20 nearest {args.local_backbone} neighbours "
+        f"of 300 random cells carry its true class (chance {chance:.3f})")  # fmt: skip
+    summary["similar_same_class_share"] = {"local_backbone": args.local_backbone, "k": 20, "share": share, "chance": chance}
 
     step(f"9. label audit with {args.flip:.0%} planted label flips (`embed audit`)")
     store = Store(db)
@@ -170,6 +176,24 @@ def main(argv: list[str] | None = None) -> dict:
     console.rule()
     console.print(f"[green]done[/]: {out / 'summary.json'}; run directory {run_dir} (metrics.json, plots, predictions)")
     return summary
+
+
+def neighbour_label_share(db: Path, truth: pl.DataFrame, *, k: int, n_queries: int, seed: int) -> tuple[float, float]:
+    """Mean share of a random cell's k nearest local-vector neighbours (exact cosine, itself
+    excluded) with its true class, and the chance level sum_c p_c^2."""
+    from embedstore.search import exact_knn
+    from embedstore.store import Store
+
+    loaded = Store(db).load(vectors=("local",))
+    labels = loaded.meta.select("slide_id", "cell_id").join(
+        truth.select("slide_id", "cell_id", "label"), on=["slide_id", "cell_id"], how="left", maintain_order="left",
+    )["label"].to_numpy()  # fmt: skip
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(len(labels), min(n_queries, len(labels)), replace=False))
+    _, ids = exact_knn(loaded.vectors["local"], loaded.vectors["local"][queries], k, query_ids=queries)
+    share = float((labels[ids] == labels[queries][:, None]).mean())
+    freq = np.unique(labels, return_counts=True)[1] / len(labels)
+    return share, float((freq**2).sum())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Store-level search and audit: similar cells, filters, stale indexes, planted label flips."""
 
+import json
 import subprocess
 import sys
 
@@ -97,10 +98,13 @@ def test_audit_finds_planted_flips(tmp_path):
 def test_audit_cli_writes_queue_geojson_and_batch_effect(tmp_path):
     db, _ = clustered_store(tmp_path / "db")
     out = tmp_path / "review" / "queue.parquet"
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "audit", "--db", str(db), "--out", str(out), "-k", "10"],
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "audit", "--db", str(db), "--out", str(out), "-k", "10", "--json"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     q = pl.read_parquet(out)
+    summary = json.loads(proc.stdout)  # data on stdout, the one-line summary on stderr
+    assert summary["labelled"] == q.height and summary["flagged"] == int(q["flagged"].sum())
+    assert sum(c["n_labelled"] for c in summary["classes"]) == q.height
     assert q.height == 240 and q["suspicion"].is_sorted(descending=True, nulls_last=True)
     assert (tmp_path / "review" / "queue.csv").exists()
     assert list((tmp_path / "review" / "queue_geojson").glob("*.geojson"))
