@@ -160,10 +160,15 @@ def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
     cells.write_parquet(tmp_path / "cells.parquet")
     extract(synth.out_dir / "slides", tmp_path / "cells.parquet", db, ExtractConfig(**FAST))
     out = tmp_path / "labels.parquet"
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "annotate", str(synth.out_dir / "xenium"),
-                           "--markers", str(synth.out_dir / "panel.csv"), "--out", str(out), "--db", str(db)],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    # in-process (typer's runner), so numba's JIT of scanpy/umap from the fixture is reused:
+    # a subprocess compiles it all again (~40 s)
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+
+    result = CliRunner().invoke(app, ["annotate", str(synth.out_dir / "xenium"), "--markers",
+                                      str(synth.out_dir / "panel.csv"), "--out", str(out), "--db", str(db)])  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
     frame = pl.read_parquet(out)
     report = tmp_path / "labels_report"
     assert (report / "report.md").exists() and (report / "class_counts.png").stat().st_size > 5000

@@ -108,27 +108,39 @@ def test_backbones_lists_the_registry_filtered_by_pattern():
 def test_listings_are_data_on_stdout_and_json_with_a_flag(extracted_store):
     """Tables and --json go to stdout (so `| grep` and `| python -m json.tool` work), notes to
     stderr; piped stdout is not wrapped at 80 columns."""
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "backbones"], capture_output=True, text=True)
-    ok(proc)
-    assert [ln for ln in proc.stdout.splitlines() if "test-vit-local" in ln]
-    assert "test-vit-local" not in proc.stderr and "pathology models" in proc.stderr
-    rows = json.loads(embed("backbones", "test-*", "--json").stdout)
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+
+    # one real pipe: `embed backbones | grep test-vit-local`
+    proc = subprocess.run(f"{sys.executable} -m cli.embed backbones | grep test-vit-local", shell=True,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1, proc.stderr
+    assert "pathology models" in proc.stderr
+
+    def run(*args):  # in-process (no interpreter start per call); stdout and stderr apart
+        result = CliRunner().invoke(app, list(map(str, args)))
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result
+
+    listed = run("backbones", "test-*")
+    assert "test-vit-local" in listed.stdout and "test-vit-local" not in listed.stderr
+    rows = json.loads(run("backbones", "test-*", "--json").stdout)
     assert {r["name"] for r in rows} == {"test-vit-local", "test-vit-context"}
     assert all(r["is_test"] for r in rows)
 
     db, _ = extracted_store
-    info = embed("info", db, "--json")
-    assert json.loads(info.stdout)["tables"]["cells"]["cells"] == len(Store(db).keys_frame())
-    tool = subprocess.run([sys.executable, "-m", "json.tool"], input=info.stdout, capture_output=True, text=True)
+    info = run("info", db, "--json").stdout
+    assert json.loads(info)["tables"]["cells"]["cells"] == len(Store(db).keys_frame())
+    tool = subprocess.run([sys.executable, "-m", "json.tool"], input=info, capture_output=True, text=True)
     assert tool.returncode == 0
-    human = ok(embed("info", db))
-    assert "table cells" in embed("info", db).stdout and human
+    assert "table cells" in run("info", db).stdout
 
     key = Store(db).keys_frame().row(0, named=True)
-    proc = embed("similar", "--db", db, "--cell", f"{key['slide_id']}:{key['cell_id']}", "-k", 3, "--json")
-    found = json.loads(proc.stdout)
+    result = run("similar", "--db", db, "--cell", f"{key['slide_id']}:{key['cell_id']}", "-k", 3, "--json")
+    found = json.loads(result.stdout)
     assert len(found) == 4 and found[0]["cell_id"] == key["cell_id"] and found[0]["rank"] == 0
-    assert "{" not in proc.stderr  # no data on stderr
+    assert "{" not in result.stderr  # no data on stderr
 
 
 # -- labels ------------------------------------------------------------------------------------

@@ -123,12 +123,13 @@ def test_eval_on_val_says_these_cells_chose_the_model(trained, tmp_path):
     proc = cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none")
     assert proc.returncode == 0, proc.stderr
     assert "chose the model" in proc.stdout  # the results table is data: stdout
-    as_json = json.loads(cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none", "--json").stdout)
-    assert as_json["selection"] is True and any("gate" in r["name"] for r in as_json["results"])
     info = json.loads((run / "metrics.json").read_text())["info"]
     assert info["on"] == "val" and info["selection_cells"] is True and "optimistic" in info["warning"]
-    # the default is the test split again
-    assert cli("eval", "--run", run, "--db", db, "--baselines", "none").returncode == 0
+    # the default is the test split again; --json prints the results on stdout
+    proc = cli("eval", "--run", run, "--db", db, "--baselines", "none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    as_json = json.loads(proc.stdout)
+    assert as_json["selection"] is False and any("gate" in r["name"] for r in as_json["results"])
     info = json.loads((run / "metrics.json").read_text())["info"]
     assert info["on"] == "test" and info["selection_cells"] is False and "warning" not in info
     assert info["conformal"]["level"] == 0.9 and info["conformal"]["marginal"]["n"] == info["cells"]
