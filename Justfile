@@ -9,9 +9,9 @@ default:
 demo out="demo_out" cells="3000" seed="0":
     python -m cli.demo --out {{out}} --cells {{cells}} --seed {{seed}}
 
-# the test suite (no network, no real weights, no GPU needed)
+# the test suite (no network, no real weights, no GPU needed), one worker per core (pytest-xdist)
 test *args:
-    python -m pytest {{args}}
+    python -m pytest -n auto --dist loadfile {{args}}
 
 # lint
 lint:

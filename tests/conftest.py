@@ -3,6 +3,11 @@ import os
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers share the cores: no oversubscription
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
