@@ -28,8 +28,8 @@ from rich.progress import (
 
 from embedstore.errors import UserError
 
-#: progress, logs, warnings and errors (stderr)
-console = Console(stderr=True)
+#: progress, logs, warnings and errors (stderr); piped into a log file, lines are not wrapped
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def _stdout_console() -> Console:

@@ -4,7 +4,7 @@ synth slides + Xenium bundles -> ingest the bundles (H&E registration) -> labels
 bundles' expression (`embed annotate`: no ground truth is used) -> extract (local: the
 weights-free `hc-nucleus` features by default; context: the random test ViT) into a LanceDB store -> store summary -> train the three heads -> evaluate
 (paths + baselines) -> predict (store, Parquet, GeoJSON) -> "cells like this one" -> label
-audit with planted label flips.
+audit with planted label flips -> the run's HTML report.
 """
 
 from __future__ import annotations
@@ -172,9 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
     store.set_labels(labels.drop("source"), source="annotate:xenium-markers")  # put the annotated labels back
     summary["audit"] = {"flipped": len(flipped), "flagged": len(flagged), "precision": precision, "recall": recall}
 
+    step("10. the run's report: one self-contained HTML page (`heads report`)")
+    from heads.report import write_report
+
+    page = write_report(run_dir, db, log=log)
+    summary["report"] = str(page)
+
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.rule()
     console.print(f"[green]done[/]: {out / 'summary.json'}; run directory {run_dir} (metrics.json, plots, predictions)")
+    console.print(f"[bold]report[/]: open {page} in a browser")
     return summary
 
 

@@ -140,6 +140,22 @@ def eval_(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train` (evaluated and predicted)")],
+    db: Annotated[Path, typer.Option(help="LanceDB store the run was predicted on")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default RUN/report.html)")] = None,
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    slides: Annotated[Path | None, typer.Option(help="slide file or folder, when the recorded slide paths moved")] = None,
+) -> None:
+    """One self-contained HTML page of the run: metrics, plots, galleries (runs `eval` if needed)."""
+    from rich.text import Text
+
+    from heads.report import write_report
+
+    emit(Text(str(write_report(run_dir, db, out, table=table, slides=slides, log=_log))))  # no markup
+
+
+@app.command()
 def predict(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
     db: Annotated[Path, typer.Option(help="LanceDB store with the cells to label")],
@@ -155,6 +171,33 @@ def predict(
 
     run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
                 conformal_level=coverage, class_conditional=class_conditional, log=_log)
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
+    db: Annotated[Path, typer.Option(help="LanceDB store the run was trained on")],
+    cell: Annotated[list[str], typer.Option(help="cell to explain, SLIDE:CELL_ID (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for one PNG per cell plus grid.png")],
+    table: Annotated[str, typer.Option(help="vector table")] = "cells",
+    path: Annotated[str, typer.Option(help="local (FiLM head), context (global head) or both")] = "both",
+    target_layer: Annotated[str, typer.Option(help="last-block (input of the last block's attention) or patch-embed")] = "last-block",
+    class_name: Annotated[str | None, typer.Option("--class", help="class to explain (default: the predicted one)")] = None,
+    slides: Annotated[Path | None, typer.Option(help="slide file or folder (default: the paths the extraction recorded)")] = None,
+    local_weights: Annotated[str | None, typer.Option(help="local backbone weights (default: as `embed extract` finds them)")] = None,
+    context_weights: Annotated[str | None, typer.Option(help="context backbone weights")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+) -> None:
+    """Grad-CAM of single predictions: the crop with the heatmap of what drove its class."""
+    from rich.text import Text
+
+    from heads.explain import explain as run_explain
+
+    written = run_explain(run_dir, db, cell, out, table=table, path=path, target_layer=target_layer,
+                          class_name=class_name, slides=slides, device=device, local_weights=local_weights,
+                          context_weights=context_weights, log=_log)  # fmt: skip
+    for p in written:
+        emit(Text(str(p)))
 
 
 main = run(app)
