@@ -64,3 +64,7 @@ bench-ecosystem *args:
 # "cells like this one": share of neighbours with the query's label, hc-nucleus vs test backbones (JSON)
 bench-neighbours *args:
     python bench/neighbours.py {{args}}
+
+# heads report on a 200k-cell run (fake vectors, real slide crops for the galleries): seconds, bytes (JSON)
+bench-report *args:
+    python bench/report.py {{args}}

@@ -1,8 +1,9 @@
 """Benchmark: `heads report` on a synthetic store of N cells; prints JSON {cells, seconds, bytes}.
 
 The store holds random vectors with class structure, labels, a run directory (class list,
-split, metrics.json computed from fake probabilities) and the run's predictions; there are no
-slides, so the galleries are skipped with a note. What is timed is `write_report` alone: the
+split, metrics.json computed from fake probabilities) and the run's predictions. The cells lie
+on real slide files (a small `embed synth` dataset: its slides, their sizes), so the galleries
+read real crops; `--no-slides` leaves them out (skipped with a note). What is timed is `write_report` alone: the
 parts that grow with the cell count (loading predictions, the gate violins, the batch-effect
 index) must stay bounded so a 200k-cell page is as small and about as fast as a small one.
 
@@ -41,19 +42,23 @@ def _proba(rng: np.random.Generator, y: np.ndarray, strength: float) -> np.ndarr
     return (p / p.sum(1, keepdims=True)).astype(np.float32)
 
 
-def make_store(root: Path, n: int, n_slides: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """(db, run dir) of a synthetic run with predictions for every one of `n` cells."""
+def make_store(root: Path, n: int, n_slides: int = 8, seed: int = 0,
+               sizes: dict[str, tuple[int, int]] | None = None) -> tuple[Path, Path]:
+    """(db, run dir) of a synthetic run with predictions for every one of `n` cells; with
+    `sizes` ({slide id: (width, height) px}) the cells lie inside those slides."""
     rng = np.random.default_rng(seed)
     y = rng.choice(
         len(CLASSES),
         n,
         p=np.linspace(2, 0.5, len(CLASSES)) / np.linspace(2, 0.5, len(CLASSES)).sum(),
     )
-    slides = np.array([f"s{i}" for i in rng.integers(0, n_slides, n)])
+    names = sorted(sizes) if sizes else [f"s{i}" for i in range(n_slides)]
+    slides = np.asarray(names)[rng.integers(0, len(names), n)]
+    wh = np.asarray([sizes[s] if sizes else (40000, 40000) for s in names], np.float64)[np.searchsorted(names, slides)]
     ids = np.array([f"c{i:07d}" for i in range(n)])
     centres = rng.normal(size=(len(CLASSES), 32)) * 2
     meta = pl.DataFrame({
-        "slide_id": slides, "cell_id": ids, "x_px": rng.uniform(0, 40000, n), "y_px": rng.uniform(0, 40000, n),
+        "slide_id": slides, "cell_id": ids, "x_px": rng.uniform(0, 1, n) * wh[:, 0], "y_px": rng.uniform(0, 1, n) * wh[:, 1],
         "tissue": np.where(np.arange(n) % 2, "lung", "breast"),
     }).with_columns(x_um=pl.col("x_px") * 0.25, y_um=pl.col("y_px") * 0.25)  # fmt: skip
     db = root / "db"
@@ -116,17 +121,26 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--cells", type=int, default=200_000)
+    ap.add_argument("--no-slides", action="store_true", help="no slide files: galleries skipped")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        db, run = make_store(Path(tmp), args.cells)
+        sizes, slide_dir = None, None
+        if not args.no_slides:
+            from embedstore.slides import Slide
+            from embedstore.synth import make_synthetic
+
+            data = make_synthetic(Path(tmp) / "synth", seed=0, n_cells=400, n_slides=4)
+            slide_dir = data.out_dir / "slides"
+            sizes = {}
+            for path in sorted(slide_dir.iterdir()):
+                with Slide(path) as s:
+                    sizes[s.slide_id] = s.dimensions
+        db, run = make_store(Path(tmp), args.cells, sizes=sizes)
         t = time.perf_counter()
-        out = write_report(run, db, log=lambda m: print(m, file=sys.stderr))
+        out = write_report(run, db, slides=slide_dir, log=lambda m: print(m, file=sys.stderr))
         seconds = time.perf_counter() - t
-        print(
-            json.dumps(
-                {"cells": args.cells, "seconds": round(seconds, 1), "bytes": out.stat().st_size}
-            )
-        )
+        print(json.dumps({"cells": args.cells, "slides": len(sizes or {}), "seconds": round(seconds, 1),
+                          "bytes": out.stat().st_size}))  # fmt: skip
 
 
 if __name__ == "__main__":
