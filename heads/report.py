@@ -214,7 +214,9 @@ def section_results(ctx: Ctx) -> str:
         out.append(note(f"warning: {info['warning']}"))
     rule = info.get("safety_rule")
     if rule:
-        out.append(f"<p>Safety rule: tau {_fmt(rule.get('tau'))}, gamma {_fmt(rule.get('gamma'))}; "
+        policy = (f"tau {_fmt(rule['tau'])}, gamma {_fmt(rule.get('gamma'))}" if rule.get("tau") is not None
+                  else "per-class reliability only (no gate threshold beat it on validation)")
+        out.append(f"<p>Safety rule: {policy}; "
                    f"val accuracy {_fmt(rule.get('val_accuracy'))} (local {_fmt(rule.get('val_accuracy_local'))}, "
                    f"global {_fmt(rule.get('val_accuracy_global'))}).</p>")  # fmt: skip
     return "".join(out)
@@ -601,7 +603,7 @@ figcaption{font-size:13px;color:#555;margin-top:.3em} .note{color:#8a5a00;font-s
 
 def render(ctx: Ctx, bodies: dict[str, str]) -> str:
     """The page: header, table of contents, one <section id=...> per section."""
-    title = f"NuClass run {ctx.run_dir.resolve().name}"
+    title = f"NuClass run: {ctx.run_dir.resolve().name}"
     toc = "".join(f'<li><a href="#{sid}">{html.escape(h)}</a></li>' for sid, h in SECTIONS)
     secs = "".join(
         f'<section id="{sid}"><h2>{html.escape(h)}</h2>{bodies[sid]}</section>'
