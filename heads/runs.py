@@ -167,10 +167,39 @@ def train(
         split = load_split(run_dir, data)
     if scale:
         cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
+    retire_later_stages(run_dir, stage, log=log)
     out = train_stage(stage, data, run_dir, cfg, split=split, log=log)
     save_split(run_dir, data, split)
     fit_posthoc(run_dir, data, split, device=cfg.device, log=log)
     return out
+
+
+#: what a run's evaluation wrote from the models as they were (stale once a stage is retrained)
+EVAL_OUTPUTS = ("metrics.json",)
+
+
+def retire_later_stages(run_dir: Path, stage: str, *, log: Log = print) -> Path | None:
+    """Move the checkpoints of stages after `stage` (and the run's metrics) into
+    RUN/stale/<time>/ before `stage` is retrained: they were trained on top of the old
+    `stage` and would silently be mixed with the new one; moved, not deleted."""
+    import datetime as dt
+
+    if stage == "all":
+        later = ckpt.STAGES
+    else:
+        later = ckpt.STAGES[ckpt.STAGES.index(stage) + 1:]
+    files = [p for s in later if ckpt.has_stage(run_dir, s) for p in ckpt.stage_paths(run_dir, s)]
+    if files or (stage in ckpt.STAGES and ckpt.has_stage(run_dir, stage)):
+        files += [run_dir / name for name in EVAL_OUTPUTS if (run_dir / name).exists()]
+    if not files:
+        return None
+    dest = run_dir / "stale" / dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+    dest.mkdir(parents=True)
+    for f in files:
+        f.rename(dest / f.name)
+    log(f"retraining `{stage}`: the checkpoints built on the old one ({', '.join(sorted({f.stem for f in files}))}) "
+        f"moved to {dest}")  # fmt: skip
+    return dest
 
 
 def fit_posthoc(run_dir: Path, data: CellData, split: Split, *, device: str = "cpu", log: Log = print) -> None:

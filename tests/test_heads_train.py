@@ -407,3 +407,25 @@ def test_training_refuses_bad_labels_and_empty_validation(tmp_path):
     data = CellData.from_arrays(meta.with_columns(split=pl.lit("train")), local, context)
     with pytest.raises(UserError, match="no labelled cells in the validation split"):
         train_stage("local", data, tmp_path, CFG)
+
+
+def test_retraining_a_stage_moves_the_stages_built_on_it_aside(tmp_path):
+    """Retraining `local` must not leave a global/gate trained on the old local head in the
+    run (they would be silently mixed with the new one); they are moved, never deleted."""
+    from heads import checkpoint as ckpt
+    from heads.runs import retire_later_stages
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ckpt.STAGES:
+        for path in ckpt.stage_paths(run, stage):
+            path.write_text(stage)
+    (run / "metrics.json").write_text("{}")
+    assert retire_later_stages(run, "gate", log=print) is not None  # its own metrics are stale
+    assert not (run / "metrics.json").exists() and ckpt.has_stage(run, "gate")
+    dest = retire_later_stages(run, "local", log=print)
+    assert ckpt.has_stage(run, "local") and not ckpt.has_stage(run, "global") and not ckpt.has_stage(run, "gate")
+    moved = sorted(p.name for p in dest.iterdir())
+    assert moved == ["gate.json", "gate.safetensors", "global.json", "global.safetensors"]
+    assert (dest / "gate.json").read_text() == "gate"
+    assert retire_later_stages(run, "global", log=print) is None  # nothing after global is left
