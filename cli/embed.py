@@ -191,10 +191,19 @@ def extract(
     commit_every: Annotated[int, typer.Option(help="cells per store commit")] = 4096,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: part of the vectors' identity")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process), or ray: one slide per task on --ray-workers Ray actors (needs the optional ray extra)")] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: join this cluster (auto, ray://host:10001); default: start Ray on this machine")] = None,
+    ray_workers: Annotated[int, typer.Option(help="--engine ray: Ray actors, each with its own backbones (--workers stays the reader threads of each)")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(help="--engine ray: GPUs per Ray actor (0 on CPU)")] = 0,
 ) -> None:
     """Embed every cell's nucleus crop and context field into the store (resumable)."""
     from embedstore.extract import ExtractConfig
     from embedstore.extract import extract as run_extract
+
+    if engine not in ("local", "ray"):
+        from embedstore.errors import UserError
+
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
 
     cfg = ExtractConfig(
         local_backbone=local_backbone, context_backbone=context_backbone,
@@ -204,11 +213,19 @@ def extract(
         precision=precision, readers=readers, context=context, tile_px=tile_px, tile_overlap_px=tile_overlap_px,
     )  # fmt: skip
     with ExtractProgress(quiet) as events:
-        summary = run_extract(slides, cells, db, cfg, on_event=events)
+        if engine == "ray":
+            from embedstore.distributed import extract_ray
+
+            summary = extract_ray(slides, cells, db, cfg, address=address, workers=ray_workers,
+                                  gpus_per_worker=gpus_per_worker, on_event=events)  # fmt: skip
+        else:
+            summary = run_extract(slides, cells, db, cfg, on_event=events)
     console.print(
         f"stored {summary['written']} new cells ({summary['already_stored']} already there) in "
         f"{summary['seconds']:.1f} s, {summary['cells_per_s']:.1f} cells/s; run {summary['run_id']}"
     )
+    if engine == "ray":
+        console.print(f"on {len(summary['workers'])} Ray workers: {len(summary['run_ids'])} runs (one per slide)")
 
 
 class ExtractProgress:
