@@ -68,3 +68,15 @@ bench-neighbours *args:
 # heads report on a 200k-cell run (fake vectors, real slide crops for the galleries): seconds, bytes (JSON)
 bench-report *args:
     python bench/report.py {{args}}
+
+# Ray (needs the ray extra): extraction 1 vs 2 workers, a big slide in shards, a file:// URI store (JSON)
+bench-ray-extract *args:
+    python bench/ray_extract.py {{args}}
+
+# heads predict on Ray: 1 vs 2 workers against the single-process predict (JSON)
+bench-ray-predict *args:
+    python bench/ray_predict.py {{args}}
+
+# the FAISS index built on Ray: 1 and 2 workers against the single-process build, recall, bytes/row (JSON)
+bench-ray-index *args:
+    python bench/ray_index.py {{args}}

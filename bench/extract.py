@@ -6,8 +6,9 @@
 Default mode (test backbones): cells/s of `embedstore.extract.extract` (region reads, reader
 and cutter threads, batched model calls, batched commits) against a naive pipeline (one
 `read_region` per crop, one model call per batch, no prefetch, same commits), the share of
-wall time spent inside the model forward, and the peak RSS above the baseline for two store
-sizes (it must not grow with the number of cells).
+wall time spent inside the model forward, the peak RSS above the baseline for two store
+sizes, and the RSS along the larger run with its slope over the second half (MB per 1k cells:
+flat memory is a slope near 0, whatever the number of cells).
 
 `--real` (needs a CUDA GPU): UNI2-h and DINOv3 ViT-L/16 with random weights of the exact
 architectures, bf16 autocast; reports cells/s and achieved TFLOP/s against the same two
@@ -44,6 +45,29 @@ from embedstore.extract import (  # noqa: E402
 from embedstore.slides import Slide, find_slides, slide_id_from_path  # noqa: E402
 from embedstore.store import Store  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
+
+
+class RSSTrace:
+    """RSS at every 1/16 of a run (fed by `extract`'s progress events): flat memory means no
+    trend once the pipeline is warm, whatever the number of cells."""
+
+    def __init__(self, total: int):
+        self.proc, self.step, self.done, self.points = psutil.Process(), max(1, total // 16), 0, []
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind != "progress":
+            return
+        self.done += data["n"]
+        if not self.points or self.done - self.points[-1][0] >= self.step:
+            self.points.append((self.done, round(self.proc.memory_info().rss / 1e6, 1)))
+
+    def slope_mb_per_1k(self) -> float | None:
+        """Least-squares slope of RSS against cells done over the second half of the run."""
+        late = [p for p in self.points if p[0] >= self.done / 2]
+        if len(late) < 3:
+            return None
+        x, y = np.array(late, dtype=float).T
+        return round(float(np.polyfit(x / 1000, y, 1)[0]), 2)
 
 
 class PeakRSS:
@@ -138,9 +162,10 @@ def cpu_mode(args) -> dict:
     with PeakRSS() as mem_small:
         extract(slides, small, work / "db_small", cfg, steps=steps)
     clock["model"] = 0.0
+    trace = RSSTrace(cells.height)
     with PeakRSS() as mem_full:
         t = time.perf_counter()
-        summary = extract(slides, cells, work / "db_full", cfg, steps=steps)
+        summary = extract(slides, cells, work / "db_full", cfg, steps=steps, on_event=trace)
         fast_s = time.perf_counter() - t
     model_share = clock["model"] / fast_s
     naive_cells = cells.sample(n=min(len(cells), args.naive_cells), seed=2).sort("slide_id")
@@ -170,6 +195,8 @@ def cpu_mode(args) -> dict:
             f"{small.height}_cells": round(mem_small.above_base_mb, 1),
             f"{summary['written']}_cells": round(mem_full.above_base_mb, 1),
         },
+        "rss_during_full_run_mb": trace.points,
+        "rss_slope_second_half_mb_per_1k_cells": trace.slope_mb_per_1k(),
     }
 
 

@@ -172,7 +172,7 @@ def backbones(
 def extract(
     slides: Annotated[list[Path], typer.Argument(help="slide files or a directory of slides")],
     cells: Annotated[Path, typer.Option(help="normalised cells table (from `embed cells`/`embed synth`)")],
-    db: Annotated[Path, typer.Option(help="LanceDB store directory (created if missing)")],
+    db: Annotated[str, typer.Option(help="LanceDB store: a directory (created if missing) or a URI (s3://, gs://, az://, file://)")],
     local_backbone: Annotated[str, typer.Option(help="backbone for the 224 px nucleus crop")] = "uni2-h",
     context_backbone: Annotated[str, typer.Option(help="backbone for the 256 µm context field")] = "dinov3-vitl16",
     local_weights: Annotated[str | None, typer.Option(help="weights file/dir (or hub name) for the local backbone")] = None,
@@ -191,10 +191,11 @@ def extract(
     commit_every: Annotated[int, typer.Option(help="cells per store commit")] = 4096,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16: part of the vectors' identity")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    engine: Annotated[str, typer.Option(help="local (this process), or ray: one slide per task on --ray-workers Ray actors (needs the optional ray extra)")] = "local",
+    engine: Annotated[str, typer.Option(help="local (this process), or ray: one slide (or --shard-cells band) per task on --ray-workers Ray actors (needs the optional ray extra)")] = "local",
     address: Annotated[str | None, typer.Option(help="--engine ray: join this cluster (auto, ray://host:10001); default: start Ray on this machine")] = None,
     ray_workers: Annotated[int, typer.Option(help="--engine ray: Ray actors, each with its own backbones (--workers stays the reader threads of each)")] = 2,
     gpus_per_worker: Annotated[float, typer.Option(help="--engine ray: GPUs per Ray actor (0 on CPU)")] = 0,
+    shard_cells: Annotated[int, typer.Option(help="--engine ray: a slide with more cells is split into horizontal bands of at most this many, one task each")] = 200_000,
 ) -> None:
     """Embed every cell's nucleus crop and context field into the store (resumable)."""
     from embedstore.extract import ExtractConfig
@@ -217,7 +218,7 @@ def extract(
             from embedstore.distributed import extract_ray
 
             summary = extract_ray(slides, cells, db, cfg, address=address, workers=ray_workers,
-                                  gpus_per_worker=gpus_per_worker, on_event=events)  # fmt: skip
+                                  gpus_per_worker=gpus_per_worker, shard_cells=shard_cells, on_event=events)  # fmt: skip
         else:
             summary = run_extract(slides, cells, db, cfg, on_event=events)
     console.print(
@@ -225,7 +226,7 @@ def extract(
         f"{summary['seconds']:.1f} s, {summary['cells_per_s']:.1f} cells/s; run {summary['run_id']}"
     )
     if engine == "ray":
-        console.print(f"on {len(summary['workers'])} Ray workers: {len(summary['run_ids'])} runs (one per slide)")
+        console.print(f"on {len(summary['workers'])} Ray workers: {summary['tasks']} tasks, {len(summary['run_ids'])} runs (one per task)")
 
 
 class ExtractProgress:
@@ -272,7 +273,7 @@ class ExtractProgress:
 
 @app.command()
 def info(
-    db: Annotated[Path, typer.Argument(help="LanceDB store directory")],
+    db: Annotated[str, typer.Argument(help="LanceDB store: a directory or a URI")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Summarise a store: tables, slides, cells, runs, vector dims, size on disk."""
@@ -358,7 +359,7 @@ def doctor(
 @app.command()
 def labels(
     source: Annotated[Path | None, typer.Argument(help="table with cell ids and label and/or split columns (CSV/Parquet)")] = None,
-    db: Annotated[Path | None, typer.Option(help="LanceDB store directory")] = None,
+    db: Annotated[str | None, typer.Option(help="LanceDB store: a directory or a URI")] = None,
     table: Annotated[str, typer.Option(help="vector table the labels refer to")] = "cells",
     merge: Annotated[bool, typer.Option(help="merge into the stored labels instead of replacing them")] = False,
     restore: Annotated[int | None, typer.Option(help="make this earlier version of the labels current (no SOURCE)")] = None,
@@ -410,7 +411,7 @@ def annotate(
     bundles: Annotated[list[Path], typer.Argument(help="Xenium output bundle(s), or a folder of bundles")],
     markers: Annotated[Path, typer.Option(help="marker panel CSV: class,gene (one row per marker)")],
     out: Annotated[Path, typer.Option(help="labels Parquet (report folder beside it: OUT_report/)")],
-    db: Annotated[Path | None, typer.Option(help="also put the labels into this store (a named label set)")] = None,
+    db: Annotated[str | None, typer.Option(help="also put the labels into this store (a named label set)")] = None,
     name: Annotated[str, typer.Option(help="name of the label set in the store")] = "xenium-markers",
     table: Annotated[str, typer.Option(help="vector table the labels refer to (with --db)")] = "cells",
     clusters: Annotated[Path | None, typer.Option(help="CSV cluster,class naming clusters by hand (after reading the report)")] = None,
@@ -469,11 +470,14 @@ def _search_progress(label: str):
 
 @app.command()
 def index(
-    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    db: Annotated[str, typer.Option(help="LanceDB store: a directory or a URI")],
     vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     kind: Annotated[str, typer.Option(help="auto (by size), flat (exact) or ivf")] = "auto",
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process), or ray: row shards added on --ray-workers Ray workers, merged in row order (needs the optional ray extra)")] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: join this cluster (auto, ray://host:10001); default: start Ray on this machine")] = None,
+    ray_workers: Annotated[int, typer.Option(help="--engine ray: shards indexed at a time, one Ray task (one CPU) each")] = 2,
 ) -> None:
     """Build the FAISS index of a vector next to the store (exact or IVF, tuned by size)."""
     import time
@@ -481,9 +485,19 @@ def index(
     from embedstore.explore import build_index
     from embedstore.explore import index_dir as where
 
+    if engine not in ("local", "ray"):
+        from embedstore.errors import UserError
+
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
     t = time.perf_counter()
-    idx, meta, _ = build_index(db, table=table, vector=vector, kind=kind, root=index_dir,
-                               progress=_search_progress(f"indexing {vector}"))  # fmt: skip
+    bar = _search_progress(f"indexing {vector}")
+    if engine == "ray":
+        from embedstore.index_ray import build_index_ray
+
+        idx, meta = build_index_ray(db, table=table, vector=vector, kind=kind, root=index_dir,
+                                    address=address, workers=ray_workers, progress=bar)  # fmt: skip
+    else:
+        idx, meta, _ = build_index(db, table=table, vector=vector, kind=kind, root=index_dir, progress=bar)
     console.print(
         f"{idx.kind} index of {idx.ntotal} {vector} vectors ({idx.dim}-d, {idx.metric}) "
         f"in {time.perf_counter() - t:.1f} s -> {where(db, table, vector, index_dir)}; "
@@ -493,7 +507,7 @@ def index(
 
 @app.command()
 def similar(
-    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    db: Annotated[str, typer.Option(help="LanceDB store: a directory or a URI")],
     cell: Annotated[str, typer.Option(help="the query cell as SLIDE:CELL_ID")],
     k: Annotated[int, typer.Option("-k", help="number of neighbours")] = 20,
     vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
@@ -536,7 +550,7 @@ def similar(
 
 @app.command()
 def audit(
-    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    db: Annotated[str, typer.Option(help="LanceDB store: a directory or a URI")],
     out: Annotated[Path, typer.Option(help="review queue (.parquet; .csv, GeoJSON and plots beside it)")],
     k: Annotated[int, typer.Option("-k", help="neighbours per cell")] = 20,
     vector: Annotated[str, typer.Option(help="local, context or both")] = "local",
@@ -589,7 +603,7 @@ def audit(
 
 @app.command()
 def export(
-    db: Annotated[Path, typer.Option(help="LanceDB store directory")],
+    db: Annotated[str, typer.Option(help="LanceDB store: a directory or a URI")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output: .h5ad (AnnData), .zarr (SpatialData) or .csv")],
     format: Annotated[str | None, typer.Option("--format", help="anndata, spatialdata or csv (default: from the suffix of --out)")] = None,
     table: Annotated[str, typer.Option(help="vector table")] = "cells",

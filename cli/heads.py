@@ -26,7 +26,7 @@ def _log(msg: str) -> None:
 
 @app.command()
 def train(
-    db: Annotated[Path, typer.Option(help="LanceDB store with the cached vectors")],
+    db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) with the cached vectors")],
     out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints, split, metrics)")],
     stage: Annotated[str, typer.Option(help="local, global, gate or all")] = "all",
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
@@ -72,7 +72,7 @@ def train(
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
-    db: Annotated[Path, typer.Option(help="LanceDB store (the training store, or a cohort's)")],
+    db: Annotated[str, typer.Option(help="LanceDB store, a directory or a URI (the training store, or a cohort's)")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     on: Annotated[str, typer.Option(help="part of the run's split to score: test, val (the cells that chose the model), train, all")] = "test",
     cohort: Annotated[str | None, typer.Option(help="name a held-out cohort: score every labelled cell of --db")] = None,
@@ -142,7 +142,7 @@ def eval_(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train` (evaluated and predicted)")],
-    db: Annotated[Path, typer.Option(help="LanceDB store the run was predicted on")],
+    db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) the run was predicted on")],
     out: Annotated[Path | None, typer.Option(help="HTML file (default RUN/report.html)")] = None,
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     slides: Annotated[Path | None, typer.Option(help="slide file or folder, when the recorded slide paths moved")] = None,
@@ -158,25 +158,53 @@ def report(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
-    db: Annotated[Path, typer.Option(help="LanceDB store with the cells to label")],
+    db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) with the cells to label")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     out: Annotated[Path | None, typer.Option(help="folder for predictions.parquet and geojson/ (default RUN/predictions)")] = None,
     slide: Annotated[list[str] | None, typer.Option(help="only these slides (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     coverage: Annotated[float, typer.Option(help="conformal level of each cell's set of plausible classes")] = 0.9,
     class_conditional: Annotated[bool, typer.Option(help="calibrate the sets per class (coverage per class)")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process), or ray: one slide per task on --ray-workers Ray actors (needs the optional ray extra)")] = "local",
+    address: Annotated[str | None, typer.Option(help="--engine ray: join this cluster (auto, ray://host:10001); default: start Ray on this machine")] = None,
+    ray_workers: Annotated[int, typer.Option(help="--engine ray: Ray actors, each with its own copy of the run's heads")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(help="--engine ray: GPUs per Ray actor (0 on CPU)")] = 0,
+    quiet: Annotated[bool, typer.Option(help="--engine ray: no progress bar")] = False,
 ) -> None:
     """Per-cell class, probabilities, gate value and confidence -> store, Parquet, QuPath GeoJSON."""
-    from heads.runs import predict as run_predict
+    if engine not in ("local", "ray"):
+        from embedstore.errors import UserError
 
-    run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
-                conformal_level=coverage, class_conditional=class_conditional, log=_log)
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
+    if engine == "local":
+        from heads.runs import predict as run_predict
+
+        run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
+                    conformal_level=coverage, class_conditional=class_conditional, log=_log)  # fmt: skip
+        return
+    from cli.common import progress
+    from heads.distributed import predict_ray
+
+    with progress(quiet) as bar:
+        task = {}
+
+        def events(kind: str, data: dict) -> None:
+            if kind == "start":
+                task["id"] = bar.add_task(f"{data['slides']} slides on {ray_workers} Ray workers", total=data["cells"], rate="")
+            elif kind == "progress":
+                bar.update(task["id"], advance=data["n"])
+
+        summary = predict_ray(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
+                              conformal_level=coverage, class_conditional=class_conditional, address=address,
+                              workers=ray_workers, gpus_per_worker=gpus_per_worker, log=_log, on_event=events)  # fmt: skip
+    console.print(f"{summary['cells']} cells in {summary['seconds']:.1f} s, {summary['cells_per_s']:.1f} cells/s "
+                  f"on {len(summary['workers'])} Ray workers", highlight=False)  # fmt: skip
 
 
 @app.command()
 def explain(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
-    db: Annotated[Path, typer.Option(help="LanceDB store the run was trained on")],
+    db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) the run was trained on")],
     cell: Annotated[list[str], typer.Option(help="cell to explain, SLIDE:CELL_ID (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="folder for one PNG per cell plus grid.png")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",

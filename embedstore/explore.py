@@ -21,7 +21,7 @@ from .errors import UserError
 from .fileio import atomic_path
 from .geometry import CONTEXT_CROP
 from .search import CellIndex, VectorSource, check_k, is_stale
-from .store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors
+from .store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors, is_uri
 
 VECTORS = ("local", "context", "both")
 ROWS_FILE = "rows.parquet"
@@ -37,7 +37,7 @@ def check_vector(vector: str) -> str:
 def index_dir(db: str | Path, table: str, vector: str, root: str | Path | None = None) -> Path:
     check_vector(vector)
     if root is None:
-        if "://" in str(db):
+        if is_uri(db):
             raise UserError("the store is remote: give a local --index-dir for the FAISS index")
         root = Path(db) / "_faiss"
     return Path(root) / table / vector
@@ -47,10 +47,12 @@ class StoreSource(VectorSource):
     """Full vectors for re-ranking read from the store on demand (Lance `take` of the
     candidates' rows), so an IVF search needs neither the vectors in memory nor a copy."""
 
-    def __init__(self, store: Store, table: str, vector: str):
+    def __init__(self, store: Store, table: str, vector: str, version: int | None = None):
         check_vector(vector)
         self.kinds = ("local", "context") if vector == "both" else (vector,)
         self.ds = store.open(table).to_lance()
+        if version is not None and self.ds.version != version:  # rows as of that version
+            self.ds = self.ds.checkout_version(version)
         self.n = self.ds.count_rows()
         self._dim = sum(self.ds.schema.field(k).type.list_size for k in self.kinds)
 
@@ -62,7 +64,13 @@ class StoreSource(VectorSource):
         return self.n
 
     def fetch(self, rows: np.ndarray) -> np.ndarray:
-        got = self.ds.take(np.asarray(rows, np.int64), columns=list(self.kinds))
+        return self._vectors(self.ds.take(np.asarray(rows, np.int64), columns=list(self.kinds)))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in a scan (the `Store.load` order): ~2.5x faster than `fetch`."""
+        return self._vectors(self.ds.to_table(columns=list(self.kinds), offset=start, limit=stop - start))
+
+    def _vectors(self, got) -> np.ndarray:
         parts = [arrow_to_vectors(got.column(k)) for k in self.kinds]
         if len(parts) == 1:
             return parts[0]
@@ -107,13 +115,20 @@ def build_index(
     store = Store(db)
     meta, vectors, version = load_vectors(store, table, vector)
     index = CellIndex.build(vectors, kind=kind, progress=progress)
+    save_index(index, meta, db, table=table, vector=vector, version=version, root=root)
+    return index, meta, vectors
+
+
+def save_index(index: CellIndex, meta: pl.DataFrame, db: str | Path, *, table: str, vector: str,
+               version: int, root: str | Path | None = None) -> Path:
+    """Write the index with its rows' keys and the table version `open_index` checks."""
     out = index_dir(db, table, vector, root)
     out.mkdir(parents=True, exist_ok=True)
     faults.point("index.during")
     with atomic_path(out / ROWS_FILE) as tmp:
         meta.select("slide_id", "cell_id").write_parquet(tmp)
     index.save(out, meta={"table": table, "vector": vector, "table_version": version, "n": meta.height})
-    return index, meta, vectors
+    return out
 
 
 def open_index(

@@ -352,9 +352,15 @@ def extract(
     *,
     steps: list[VectorStep] | None = None,
     on_event: Callable[[str, dict], None] | None = None,
+    run_tags: dict | None = None,
+    compact: bool = True,
 ) -> dict:
     """Run the extraction pass; returns a summary dict. Raises ExtractionFailed at the end
-    (after storing every slide that worked) when any slide failed."""
+    (after storing every slide that worked) when any slide failed.
+
+    `run_tags`: extra fields of this run's row in the runs table, written from its first
+    record on (so a run killed mid-way still says e.g. which worker ran it). `compact=False`
+    leaves compaction to the caller (the Ray driver compacts once after all its tasks)."""
     emit = on_event or (lambda kind, data: None)
     cfg.validate()
     if not isinstance(cells, pl.DataFrame):
@@ -375,13 +381,13 @@ def extract(
         "started": dt.datetime.now(dt.UTC).isoformat(), "finished": "",
         "code_version": __version__, "host": platform.node(), "device": str(device),
         "settings": asdict(cfg), "config": config, "slides": {}, "counts": {},
-        "backbones": {s.name: s.provenance() for s in steps},
+        "backbones": {s.name: s.provenance() for s in steps}, **(run_tags or {}),
     }  # fmt: skip
     lock_path = store.run_lock_path(run_id)
     life = LifeLock(lock_path) if lock_path else None  # held while this run lives
     try:
         store.record_run(run)
-        return _run_slides(cells, paths, steps, store, cfg, run, device, emit)
+        return _run_slides(cells, paths, steps, store, cfg, run, device, emit, compact)
     except BaseException as exc:
         if run["status"] == "running":  # crashed or interrupted (Ctrl-C) mid-run
             run["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -396,7 +402,7 @@ def extract(
 
 def _run_slides(
     cells: pl.DataFrame, paths: dict[str, Path], steps: list[VectorStep], store: Store,
-    cfg: ExtractConfig, run: dict, device, emit,
+    cfg: ExtractConfig, run: dict, device, emit, compact: bool = True,
 ) -> dict:
     run_id = run["run_id"]
     slide_ids = cells["slide_id"].unique(maintain_order=True).to_list()
@@ -410,7 +416,8 @@ def _run_slides(
             results.append(result)
             run["slides"][sid] = {k: v for k, v in asdict(result).items() if k != "slide_id"}
             store.record_run(run)
-    store.compact(cfg.table)
+    if compact:
+        store.compact(cfg.table)
     written = sum(r.written for r in results)
     _attach_table_labels(store, cells, cfg.table)
 

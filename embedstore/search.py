@@ -162,8 +162,9 @@ def _prepare(chunk: np.ndarray, metric: str, what: str, offset: int = 0) -> np.n
     return out
 
 
-def _chunks(x: np.ndarray, metric: str, what: str, rows: int = CHUNK_ROWS
+def _chunks(x: np.ndarray, metric: str, what: str, rows: int | None = None
             ) -> Iterator[tuple[int, np.ndarray]]:
+    rows = CHUNK_ROWS if rows is None else rows  # read when called: tests shrink the batches
     for s in range(0, x.shape[0], rows):
         yield s, _prepare(x[s:s + rows], metric, what, s)
 
@@ -428,19 +429,14 @@ class CellIndex:
             raise UserError(f"target_recall={target_recall} must lie in (0, 1].")
         gpu = _resolve_gpu(use_gpu)
         n, d = x.shape
-        if kind == "auto":
-            small = n <= GPU_FLAT_MAX_ROWS if gpu else n * d <= FLAT_MAX_ELEMENTS
-            kind = "flat" if small else "ivf"
-        if kind == "ivf" and n < 64:
-            raise UserError(f"kind='ivf' needs at least 64 rows to train on, got {n}: use "
-                            "kind='flat' (exact, and fast at this size).")
+        kind = resolve_kind(kind, n, d, gpu)
         t0 = time.perf_counter()
         if progress is not None:
             progress(0, n)  # IVF training (k-means) comes first and reports nothing else
         info: dict[str, Any] = {"kind": kind, "metric": metric, "n": n, "dim": d,
                                 "faiss_version": faiss.__version__, "seed": seed}
         if kind == "flat":
-            index = (faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d))
+            index = empty_flat(d, metric)
             for s, xb in _chunks(x, metric, "vectors"):
                 index.add(xb)
                 if progress is not None:
@@ -777,62 +773,174 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bool,
-               progress: Progress | None, target_recall: float, tune_queries: int,
-               info: dict[str, Any], source: VectorSource) -> faiss.Index:
-    n, d = x.shape
-    nlist = default_nlist(n) if nlist is None else int(nlist)
-    if not 1 <= nlist <= n:
-        raise UserError(f"nlist={nlist} must lie in [1, {n}] (the number of rows).")
-    pca = PCA_DIM if d > PCA_DIM else 0
-    quantizer = "hnsw" if nlist >= 1024 else "flat"  # search stays on CPU, GPU or not
-    qkey = f"IVF{nlist}_HNSW32" if quantizer == "hnsw" else f"IVF{nlist}"
-    key = (f"PCA{pca}," if pca else "") + f"{qkey},SQ8"
-    index = faiss.index_factory(d, key, faiss.METRIC_L2)  # L2 == cosine ranking once normalised
+def resolve_kind(kind: str, n: int, d: int, gpu: bool) -> str:
+    """``kind`` with "auto" decided by size (see the module docstring); checks IVF's minimum."""
+    _check_choice(kind, KINDS, "kind")
+    if kind == "auto":
+        small = n <= GPU_FLAT_MAX_ROWS if gpu else n * d <= FLAT_MAX_ELEMENTS
+        kind = "flat" if small else "ivf"
+    if kind == "ivf" and n < 64:
+        raise UserError(f"kind='ivf' needs at least 64 rows to train on, got {n}: use "
+                        "kind='flat' (exact, and fast at this size).")
+    return kind
+
+
+def empty_flat(d: int, metric: str) -> faiss.Index:
+    return faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+
+
+# An IVF build in steps, so that the add pass can also run in shards (embedstore.index_ray):
+# IVFPlan (layout and sampled rows, from n and d only) -> train_ivf (the trained, empty
+# index) -> add_rows over row chunks, in row order or per shard, also feeding TuneTruth ->
+# finish_ivf (search parameters, nprobe tuned against TuneTruth).
+
+
+class IVFPlan:
+    """What an IVF build decides before reading any vector: the factory string and the
+    training and tuning rows, drawn from ``seed`` (sorted row numbers)."""
+
+    def __init__(self, n: int, d: int, nlist: int | None, seed: int, tune_queries: int):
+        nlist = default_nlist(n) if nlist is None else int(nlist)
+        if not 1 <= nlist <= n:
+            raise UserError(f"nlist={nlist} must lie in [1, {n}] (the number of rows).")
+        self.n, self.d, self.nlist, self.seed = n, d, nlist, seed
+        self.pca = PCA_DIM if d > PCA_DIM else 0
+        self.quantizer = "hnsw" if nlist >= 1024 else "flat"  # search stays on CPU, GPU or not
+        qkey = f"IVF{nlist}_HNSW32" if self.quantizer == "hnsw" else f"IVF{nlist}"
+        self.key = (f"PCA{self.pca}," if self.pca else "") + f"{qkey},SQ8"
+        rng = np.random.default_rng(seed)
+        self.n_train = int(min(n, max(24 * nlist, 4 * (self.pca or d))))
+        self.train_rows = np.sort(rng.choice(n, self.n_train, replace=False))
+        nt = int(min(tune_queries, n - 1))
+        self.tune_rows = (np.sort(rng.choice(n, nt, replace=False)) if nt > 0
+                          else np.zeros(0, np.int64))
+        self.tune_k = int(min(TUNE_K + 1, n))  # + 1: a tuning row finds itself
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"factory": self.key, "nlist": self.nlist, "pca_dim": self.pca,
+                "quantizer": self.quantizer, "codes": "SQ8",
+                "refine": "full vectors from the VectorSource", "n_train": self.n_train}
+
+
+def train_ivf(plan: IVFPlan, xt: np.ndarray, gpu: bool) -> faiss.Index:
+    """The trained, empty index (L2: cosine ranks the same once normalised); ``xt`` is the
+    prepared (float32, normalised for cosine) rows ``plan.train_rows``."""
+    index = faiss.index_factory(plan.d, plan.key, faiss.METRIC_L2)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10
-    ivf.cp.seed = seed
+    ivf.cp.seed = plan.seed
     ivf.cp.min_points_per_centroid = 4
     ivf.cp.max_points_per_centroid = 1 << 30  # we subsample ourselves
-    if quantizer == "hnsw":
+    if plan.quantizer == "hnsw":
         faiss.downcast_index(ivf.quantizer).hnsw.efConstruction = 80
     gpu_keep = None
     if gpu:  # k-means on the GPU: the expensive part of training
         gpu_res = faiss.StandardGpuResources()
-        gpu_keep = (gpu_res, faiss.index_cpu_to_gpu(gpu_res, 0, faiss.IndexFlatL2(pca or d)))
+        flat = faiss.IndexFlatL2(plan.pca or plan.d)
+        gpu_keep = (gpu_res, faiss.index_cpu_to_gpu(gpu_res, 0, flat))
         ivf.clustering_index = gpu_keep[1]  # a raw pointer: gpu_keep holds the Python refs
-    rng = np.random.default_rng(seed)
-    n_train = int(min(n, max(24 * nlist, 4 * (pca or d))))
-    train_rows = np.sort(rng.choice(n, n_train, replace=False))
-    xt = _prepare(x[train_rows], metric, "vectors")
     index.train(xt)
-    del xt
-    nt = int(min(tune_queries, n - 1))
-    tune_rows = np.sort(rng.choice(n, nt, replace=False)) if nt > 0 else np.zeros(0, np.int64)
-    tq = _prepare(x[tune_rows], metric, "vectors") if nt else None
-    kt = int(min(TUNE_K + 1, n))
-    heap = faiss.ResultHeap(nt, kt, keep_max=False) if nt else None
-    for s, xb in _chunks(x, metric, "vectors"):
-        index.add(xb)
-        if heap is not None:
-            dist_h, ids_h = faiss.knn(tq, xb, min(kt, xb.shape[0]), metric=faiss.METRIC_L2)
-            heap.add_result(dist_h, ids_h + s)
-        if progress is not None:
-            progress(s + xb.shape[0], n)
     if gpu:
         ivf.clustering_index = None
     del gpu_keep
-    params = {"factory": key, "nlist": nlist, "pca_dim": pca, "quantizer": quantizer,
-              "codes": "SQ8", "refine": "full vectors from the VectorSource", "n_train": n_train}
-    search: dict[str, Any] = {"nprobe": min(8, nlist), "k_factor": 4, "quantizer_ef": 64}
-    info.update(params=params, search=search, target_recall=target_recall, tuned_recall=None,
-                tune_queries=nt)
-    if heap is not None:
-        heap.finalize()
-        valid = heap.I >= 0
-        valid &= heap.I != tune_rows[:, None]
-        _, truth, _ = _compact(heap.D, heap.I, valid, kt - 1)
-        _tune(index, ivf, info, tq, tune_rows, truth, target_recall, source)
+    return index
+
+
+class TuneTruth:
+    """Exact L2 k nearest rows of the tuning queries, fed chunk by chunk as rows are added
+    (the ground truth nprobe is tuned against). A shard's finished heap (:meth:`partial`) is
+    fed into the driver's with :meth:`merge`."""
+
+    def __init__(self, tq: np.ndarray | None, k: int):
+        self.tq, self.k = tq, k
+        self.heap = faiss.ResultHeap(tq.shape[0], k, keep_max=False) if tq is not None else None
+
+    def add(self, xb: np.ndarray, start: int) -> None:
+        if self.heap is not None:
+            dist, ids = faiss.knn(self.tq, xb, min(self.k, xb.shape[0]), metric=faiss.METRIC_L2)
+            self.heap.add_result(dist, ids + start)
+
+    def merge(self, dist: np.ndarray, ids: np.ndarray) -> None:
+        if self.heap is not None:
+            self.heap.add_result(dist, ids)
+
+    def partial(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.heap is None:
+            return None
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
+
+    def truth(self, tune_rows: np.ndarray) -> np.ndarray:
+        """The k - 1 nearest rows of each query other than itself."""
+        self.heap.finalize()
+        valid = (self.heap.I >= 0) & (self.heap.I != tune_rows[:, None])
+        _, truth, _ = _compact(self.heap.D, self.heap.I, valid, self.k - 1)
+        return truth
+
+
+def add_rows(index: faiss.Index, xb: np.ndarray, start: int, truth: TuneTruth | None = None
+             ) -> None:
+    """Add prepared rows ``start .. start + len(xb) - 1`` as ids of the same numbers.
+
+    In row order the ids are implicit (an index numbers rows ntotal, ntotal + 1, ...); a
+    shard's IVF index starts empty at row ``start``, so its ids are passed explicitly. (A
+    shard's flat index keeps no ids: merged in row order, its rows get the right numbers.)
+    """
+    if start == index.ntotal or not _is_ivf(index):
+        index.add(xb)
+    else:
+        index.add_with_ids(xb, np.arange(start, start + xb.shape[0], dtype=np.int64))
+    if truth is not None:
+        truth.add(xb, start)
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def merge_rows(index: faiss.Index, shard: faiss.Index) -> None:
+    """Append ``shard``'s rows to ``index`` (both from the same trained index), emptying it.
+
+    IVF lists are appended to, so merging shards in row order gives the lists (and ids) a
+    sequential add would have; a pre-transform wrapper's own ntotal is kept in step.
+    """
+    if _is_ivf(index):
+        faiss.extract_index_ivf(index).merge_from(faiss.extract_index_ivf(shard), 0)
+        index.ntotal = faiss.extract_index_ivf(index).ntotal
+    else:
+        index.merge_from(shard, 0)
+
+
+def finish_ivf(index: faiss.Index, plan: IVFPlan, info: dict[str, Any], target_recall: float,
+               tq: np.ndarray | None, truth: TuneTruth, source: VectorSource) -> None:
+    """Record the build parameters in ``info`` and tune nprobe (when there are tuning rows)."""
+    nt = int(plan.tune_rows.size)
+    search: dict[str, Any] = {"nprobe": min(8, plan.nlist), "k_factor": 4, "quantizer_ef": 64}
+    info.update(params=plan.params, search=search, target_recall=target_recall,
+                tuned_recall=None, tune_queries=nt)
+    if nt:
+        _tune(index, faiss.extract_index_ivf(index), info, tq, plan.tune_rows,
+              truth.truth(plan.tune_rows), target_recall, source)
+
+
+def _build_ivf(x: np.ndarray, metric: str, nlist: int | None, seed: int, gpu: bool,
+               progress: Progress | None, target_recall: float, tune_queries: int,
+               info: dict[str, Any], source: VectorSource) -> faiss.Index:
+    n, d = x.shape
+    plan = IVFPlan(n, d, nlist, seed, tune_queries)
+    index = train_ivf(plan, _prepare(x[plan.train_rows], metric, "vectors"), gpu)
+    tq = _prepare(x[plan.tune_rows], metric, "vectors") if plan.tune_rows.size else None
+    truth = TuneTruth(tq, plan.tune_k)
+    for s, xb in _chunks(x, metric, "vectors"):
+        add_rows(index, xb, s, truth)
+        if progress is not None:
+            progress(s + xb.shape[0], n)
+    finish_ivf(index, plan, info, target_recall, tq, truth, source)
     return index
 
 

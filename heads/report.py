@@ -633,7 +633,7 @@ def write_report(
     `slides`: a slide file or folder, for stores whose recorded slide paths moved.
     """
     t0 = time.perf_counter()
-    run_dir, db = Path(run_dir), Path(db)
+    run_dir, db = Path(run_dir), str(db)  # a directory or a URI
     classes = check_run(run_dir)
     out = Path(out) if out else run_dir / "report.html"
     ensure_dir(out.parent, "the report")  # a bad --out fails now, not after the work

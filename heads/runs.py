@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ from embedstore.fileio import atomic_path, ensure_dir
 from embedstore.store import DEFAULT_TABLE, Store
 
 from . import checkpoint as ckpt
-from .baselines import run_baselines
 from .calibration import TemperatureScaler, expected_calibration_error
 from .data import CellData
 from .export import predictions_frame, write_geojson, write_parquet
@@ -34,10 +34,9 @@ from .metrics import (
     results_table,
     write_metrics_json,
 )
-from .plots import complementarity_chart, confusion_heatmap, reliability_diagram
 from .posthoc import ConformalSets, apply_safety, fit_safety, load_safety, save_safety, set_coverage
 from .splits import PARTS, Split, SplitConfig, make_split
-from .train import STAGE_CHOICES, TrainConfig, predict_all, train_stage
+from .train import STAGE_CHOICES, Heads, TrainConfig, load_heads, predict_all, train_stage
 
 Log = Callable[[str], None]
 SPLIT_FILE = "split.parquet"
@@ -307,6 +306,11 @@ def evaluate_run(
     Writes metrics.json, per-path confusion matrices (CSV + PNG), the reliability diagram and
     the complementarity table/chart into RUN_DIR (or RUN_DIR/cohort-NAME).
     """
+    # imported here: the baselines (sklearn models, xgboost) and matplotlib take seconds to
+    # import, and `predict` (a Ray worker's start-up included) needs neither
+    from .baselines import run_baselines
+    from .plots import complementarity_chart, confusion_heatmap, reliability_diagram
+
     run_dir = Path(run_dir)
     if not cohort and on not in (*EVAL_ON, "holdout"):
         raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
@@ -440,6 +444,72 @@ def _temperature(p: np.ndarray, y: np.ndarray, p_val: np.ndarray | None, y_val: 
     return {"ece_ts": expected_calibration_error(scaled, y), "temperature": float(np.mean(temps))}
 
 
+@dataclass
+class LoadedRun:
+    """A run's heads, safety rule and conformal calibration, read once: a Ray worker keeps one
+    for all its tasks instead of reloading the checkpoints for every slide."""
+
+    run_dir: Path
+    infos: dict[str, dict[str, Any]]  # trained stage -> its checkpoint JSON
+    heads: Heads
+    rule: dict[str, Any] | None
+    sets_model: ConformalSets | None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.infos["local"]
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Every trained stage of `run_dir` plus its post-hoc rules (not yet checked against cells:
+    `predict_frame` checks each batch of cells as `predict_all(data, run_dir)` would)."""
+    run_dir = Path(run_dir)
+    infos = {s: ckpt.read_info(run_dir, s) for s in ckpt.STAGES if s == "local" or ckpt.has_stage(run_dir, s)}
+    return LoadedRun(run_dir, infos, load_heads(run_dir, None, device), load_safety(run_dir), ConformalSets.load(run_dir))
+
+
+def predict_frame(
+    run_dir: str | Path,
+    db: str | Path,
+    *,
+    table: str = DEFAULT_TABLE,
+    slides: Sequence[str] | None = None,
+    device: str = "cpu",
+    conformal_level: float = 0.9,
+    class_conditional: bool = False,
+    loaded: LoadedRun | None = None,
+) -> pl.DataFrame:
+    """The predictions frame of the stored cells of `slides` (all when None), as `predict`
+    writes it. Every column is a function of the cell alone (conformal draws are keyed by
+    cell), so frames of disjoint slide groups concatenate to the frame of their union.
+
+    `loaded`: the run already read by `load_run` (run_dir is then only its name's source)."""
+    run_dir = Path(run_dir)
+    info = loaded.info if loaded is not None else ckpt.read_info(run_dir, "local")
+    data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
+    if loaded is None:
+        probs = _with_safety(predict_all(data, run_dir, device=device), load_safety(run_dir))
+        sets_model = ConformalSets.load(run_dir)
+    else:
+        for stage, stage_info in loaded.infos.items():
+            ckpt.check_compatible(stage_info, data, where=str(ckpt.stage_paths(run_dir, stage)[1]))
+        probs = _with_safety(predict_all(data, loaded.heads, device=device), loaded.rule)
+        sets_model = loaded.sets_model
+    frame = predictions_frame(
+        data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
+    ).with_columns(run=pl.lit(run_dir.resolve().name))
+    classes = np.asarray(info["classes"], dtype=object)
+    if "p_safety" in probs:
+        frame = frame.with_columns(safety_class=pl.Series(classes[probs["p_safety"].argmax(1)].tolist(), dtype=pl.String))
+    if sets_model is not None and f"p_{sets_model.path}" in probs:
+        sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], cell_keys(data.meta), conformal_level, class_conditional)
+        frame = frame.with_columns(
+            conformal_set=pl.Series(["|".join(classes[row]) for row in sets], dtype=pl.String),
+            set_size=pl.Series(sets.sum(1).astype(np.int32)),
+        )
+    return frame
+
+
 def predict(
     run_dir: str | Path,
     db: str | Path,
@@ -457,25 +527,13 @@ def predict(
 
     When the run has them: `safety_class` (the safety rule's class) and the conformal set at
     `conformal_level` (`conformal_set`: class names joined by "|", `set_size`; an empty set
-    means no class is plausible enough at that level)."""
+    means no class is plausible enough at that level). `heads.distributed.predict_ray` does
+    the same on Ray, one slide per task."""
     run_dir = Path(run_dir)
-    info = ckpt.read_info(run_dir, "local")
+    ckpt.read_info(run_dir, "local")  # no run: fail before making the output folder
     out_dir = ensure_dir(Path(out_dir) if out_dir else run_dir / "predictions", "the predictions")
-    data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
-    probs = _with_safety(predict_all(data, run_dir, device=device), load_safety(run_dir))
-    frame = predictions_frame(
-        data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
-    ).with_columns(run=pl.lit(run_dir.resolve().name))
-    classes = np.asarray(info["classes"], dtype=object)
-    if "p_safety" in probs:
-        frame = frame.with_columns(safety_class=pl.Series(classes[probs["p_safety"].argmax(1)].tolist(), dtype=pl.String))
-    sets_model = ConformalSets.load(run_dir)
-    if sets_model is not None and f"p_{sets_model.path}" in probs:
-        sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], cell_keys(data.meta), conformal_level, class_conditional)
-        frame = frame.with_columns(
-            conformal_set=pl.Series(["|".join(classes[row]) for row in sets], dtype=pl.String),
-            set_size=pl.Series(sets.sum(1).astype(np.int32)),
-        )
+    frame = predict_frame(run_dir, db, table=table, slides=slides, device=device,
+                          conformal_level=conformal_level, class_conditional=class_conditional)  # fmt: skip
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         write_parquet(frame, tmp)
     write_geojson(frame, out_dir / "geojson")

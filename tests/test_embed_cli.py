@@ -266,3 +266,35 @@ def test_store_that_does_not_exist(tmp_path):
     db, out = tmp_path / "no-such-db", tmp_path / "review" / "q.parquet"
     usage_error(embed("audit", "--db", db, "--out", out), str(db), "no store")
     assert not db.exists() and not out.parent.exists()
+
+
+def test_a_store_given_as_a_uri_works_through_the_cli(synth_small, tmp_path, monkeypatch):
+    """`--db file://...` (the object-store path: no file lock, keyed merge-inserts) through
+    extract, a rerun that adds nothing, info and index (which needs a local --index-dir)."""
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+
+    monkeypatch.chdir(tmp_path)  # a URI mistaken for a path would make ./file:/... here
+
+    cells = pl.read_parquet(synth_small.cells_path).group_by("slide_id", maintain_order=True).head(12)
+    cells.write_parquet(tmp_path / "cells.parquet")
+    uri = f"file://{tmp_path / 'db'}"
+    extract = ["extract", synth_small.out_dir / "slides", "--cells", tmp_path / "cells.parquet", "--db", uri,
+               "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context",
+               "--context-px", 64, "--batch-size", 8, "--commit-every", 8, "--quiet"]  # fmt: skip
+
+    def run(*args):
+        result = CliRunner().invoke(app, list(map(str, args)))
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result
+
+    assert f"stored {cells.height} new cells" in run(*extract).stderr
+    assert f"stored 0 new cells ({cells.height} already there)" in run(*extract).stderr
+    assert json.loads(run("info", uri, "--json").stdout)["tables"]["cells"]["cells"] == cells.height
+    assert not (tmp_path / "file:").exists()  # the URI was not taken for a relative directory
+    assert not Store(uri).local
+    refused = CliRunner().invoke(app, ["index", "--db", uri])
+    assert refused.exit_code != 0 and "--index-dir" in str(refused.exception)
+    run("index", "--db", uri, "--index-dir", tmp_path / "idx")
+    assert (tmp_path / "idx" / "cells" / "local").is_dir()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from embedstore.extract import ExtractConfig, extract
-from embedstore.store import Store, StoreError, vectors_to_arrow
+from embedstore.store import Store, StoreError, cells_schema, vectors_to_arrow
 
 from .conftest import FAST
 
@@ -100,6 +100,44 @@ def test_append_new_skips_keys_another_writer_stored(tmp_path):
     # stored 96 rows for 64 cells when it was not)
     assert mine.append_new("cells", _rows(rng, ["c12", "c15"])) == 1
     assert _rows_and_keys(tmp_path / "db") == (16, 16)
+
+
+_URI_WRITER = """
+import sys, time
+import numpy as np
+from embedstore.store import Store
+from tests.test_no_loss import _rows
+uri, seed, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+store, rng = Store(uri), np.random.default_rng(seed)
+while time.time() < start:
+    time.sleep(0.001)
+written = 0
+for i in range(25):  # batches overlapping each other and the other writers' batches
+    written += store.append_new("cells", _rows(rng, [f"c{j}" for j in range(5 * i, 5 * i + 10)]))
+print(written)
+"""
+
+
+def test_writers_of_a_uri_store_store_each_key_once_without_a_lock(tmp_path):
+    """A URI store (s3://, gs://, here file://) has no flock: three processes append
+    overlapping keys at the same moment and the primary-key merge-insert must still store each
+    key once. The table starts as one made before the key was declared (upgraded on write)."""
+    uri = f"file://{tmp_path / 'db'}"
+    store = Store(uri, create=True)
+    assert not store.local
+    schema = cells_schema({"local": 8, "context": 4}, {"test": 1})
+    old = pa.schema([f.remove_metadata() if f.name in ("slide_id", "cell_id") else f for f in schema], metadata=schema.metadata)
+    store.db.create_table("cells", schema=old)  # as made before the key was declared
+    store.append("cells", _rows(np.random.default_rng(9), ["c0", "c1", "c2"]))
+    assert not any(Store(uri).open("cells").schema.field(k).metadata for k in ("slide_id", "cell_id"))
+    start = str(__import__("time").time() + 5)  # all three start together, after their imports
+    cmds = [[sys.executable, "-c", _URI_WRITER, uri, str(i), start] for i in range(3)]
+    procs = _run_together(*cmds)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    n_keys = 5 * 24 + 10  # c0 .. c129
+    assert _rows_and_keys(uri) == (n_keys, n_keys)
+    assert sum(int(p.stdout) for p in procs) == n_keys - 3  # c0..c2 were there before
+    assert Store(uri).open("cells").schema.field("cell_id").metadata  # the key is now declared
 
 
 def test_duplicate_rows_are_reported_and_removed_by_a_rerun(tmp_path):

@@ -1,5 +1,6 @@
 """`extract` on Ray: same rows and vectors as one process, provenance per worker, a worker
-killed with kill -9 mid-slide is restarted and its slide retried without loss or duplicates."""
+killed with kill -9 mid-slide is restarted and its slide retried without loss or duplicates,
+one slide split into spatial shards, and a URI store (no file lock) written by two workers."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def test_ray_stores_what_one_process_stores_and_names_the_workers(cohort, cluste
     by_worker = {}
     for r in runs.iter_rows(named=True):
         by_worker.setdefault(workers[r["run_id"]]["actor_id"], set()).update(json.loads(r["slides"]))
-    assert by_worker == {a: set(s) for a, s in summary["slides_by_worker"].items()}
+    assert by_worker == {a: set(s) for a, s in summary["tasks_by_worker"].items()}
+    assert set(runs["ray_task"]) == set(cohort_slides(cohort))
     assert sorted(summary["run_ids"]) == sorted(runs["run_id"]) and set(runs["ray_job"]) == {summary["run_id"]}
 
 
@@ -125,8 +127,37 @@ def test_a_worker_killed_mid_slide_is_restarted_and_nothing_is_lost_or_doubled(c
     finished = runs.filter(pl.col("status") == "finished")
     assert sorted(s for r in finished["slides"] for s in json.loads(r)) == sorted(cohort_slides(cohort))
     assert killed[0] not in {json.loads(w)["pid"] for w in finished["worker"]}  # restarted: a new pid
+    # the killed run names the worker it died in (tagged from its first record on)
+    dead = runs.filter(pl.col("status") == "interrupted")
+    assert [json.loads(w)["pid"] for w in dead["worker"]] == killed and set(dead["ray_task"]) == {victim["slide"]}
     retry = json.loads(finished.filter(pl.col("slides").str.contains(victim["slide"]))["slides"][0])[victim["slide"]]
     assert retry["already"] > 0 and retry["written"] > 0  # resumed where the kill left it, not redone
+
+
+def test_a_big_slide_is_split_into_spatial_shards_with_the_whole_slides_vectors(cohort, cluster, tmp_path):
+    """Bands of one slide on both workers; in tiled context mode (the case where a shard could
+    differ: the tile grid is anchored to the slide, not the shard) the vectors equal one pass."""
+    from embedstore.distributed import extract_ray, spatial_shards
+
+    cfg = ExtractConfig(**CFG, context="tiled", context_pooling="mean", tile_px=256, tile_overlap_px=64)
+    cells = pl.read_parquet(cohort.cells_path)
+    one = cells.filter(pl.col("slide_id") == cells["slide_id"][0])
+    bands = spatial_shards(one, 12)
+    assert len(bands) == -(-one.height // 12) >= 3 and sum(b.height for b in bands) == one.height
+    assert all(a["y_px"].max() <= b["y_px"].min() for a, b in zip(bands, bands[1:], strict=False))  # top to bottom
+    extract(cohort.out_dir / "slides", one, tmp_path / "whole", cfg)
+    events: list[tuple[str, dict]] = []
+    summary = extract_ray(cohort.out_dir / "slides", one, tmp_path / "bands", cfg, workers=2, shard_cells=12,
+                          on_event=lambda k, d: events.append((k, d)))  # fmt: skip
+    assert summary["tasks"] == len(bands) and summary["slides_done"] == 1
+    labels = [d["task"] for k, d in events if k == "ray_task"]
+    assert labels == [f"{one['slide_id'][0]}#{i + 1}/{len(bands)}" for i in range(len(bands))]
+    assert len({d["actor_id"] for k, d in events if k == "ray_task"}) == 2  # both workers on one slide
+    worst, same = _compare(_vectors(tmp_path / "bands"), _vectors(tmp_path / "whole"))
+    print(f"tiled, {summary['tasks']} bands: min cosine {worst:.7f}, bit-identical {same}")
+    assert worst >= 0.9999
+    runs = Store(tmp_path / "bands").runs()
+    assert sorted(runs["ray_task"]) == sorted(labels) and set(runs["status"]) == {"finished"}
 
 
 def _stored(db, slide_id: str) -> int:
@@ -137,17 +168,23 @@ def cohort_slides(cohort) -> list[str]:
     return pl.read_parquet(cohort.cells_path)["slide_id"].unique().to_list()
 
 
-def test_cli_engine_ray(cohort, cluster, tmp_path):
-    db = tmp_path / "db"
+def test_cli_engine_ray_into_a_uri_store_without_a_file_lock(cohort, cluster, reference, tmp_path):
+    """`embed extract --engine ray --db file://...`: the object-store write path (no flock,
+    keyed merge-inserts) with two workers stores the single-process rows and vectors once."""
+    uri = f"file://{tmp_path / 'db'}"
     cmd = [sys.executable, "-m", "cli.embed", "extract", str(cohort.out_dir / "slides"), "--cells", str(cohort.cells_path),
-           "--db", str(db), "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context",
-           "--context-px", "64", "--batch-size", "8", "--commit-every", "16", "--quiet",
+           "--db", uri, "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context",
+           "--context-px", "64", "--batch-size", "8", "--commit-every", "8", "--quiet",
            "--engine", "ray", "--ray-workers", "2", "--address", cluster]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "on 2 Ray workers" in out.stdout + out.stderr
-    keys = Store(db).keys_frame()
-    assert keys.height == keys.unique().height > 200
+    assert "on 2 Ray workers: 6 tasks" in out.stdout + out.stderr
+    assert not Store(uri).local
+    _, ref = reference
+    worst, _ = _compare(_vectors(uri), ref)
+    assert worst >= 0.9999
+    again = extract(cohort.out_dir / "slides", cohort.cells_path, uri, ExtractConfig(**CFG))
+    assert again["written"] == 0 and again["already_stored"] == ref.height
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch, cohort, tmp_path):
