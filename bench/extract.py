@@ -7,8 +7,8 @@ Default mode (test backbones): cells/s of `embedstore.extract.extract` (region r
 and cutter threads, batched model calls, batched commits) against a naive pipeline (one
 `read_region` per crop, one model call per batch, no prefetch, same commits), the share of
 wall time spent inside the model forward, the peak RSS above the baseline for two store
-sizes, and the RSS along the larger run with its slope over the second half (MB per 1k cells:
-flat memory is a slope near 0, whatever the number of cells).
+sizes, and the RSS along the larger run by quarter of its cells (min, median, max: flat memory
+means no climb from the first quarter to the last, whatever the number of cells).
 
 `--real` (needs a CUDA GPU): UNI2-h and DINOv3 ViT-L/16 with random weights of the exact
 architectures, bf16 autocast; reports cells/s and achieved TFLOP/s against the same two
@@ -48,26 +48,29 @@ from embedstore.synth import make_synthetic  # noqa: E402
 
 
 class RSSTrace:
-    """RSS at every 1/16 of a run (fed by `extract`'s progress events): flat memory means no
-    trend once the pipeline is warm, whatever the number of cells."""
+    """RSS at every progress event of a run, summarised per quarter of the cells.
+
+    RSS swings by a few hundred MB within a run (transient batch and region buffers), so a
+    single peak says little; flat memory means the quarters' medians and maxima do not climb
+    from the first quarter to the last, whatever the number of cells."""
 
     def __init__(self, total: int):
-        self.proc, self.step, self.done, self.points = psutil.Process(), max(1, total // 16), 0, []
+        self.proc, self.total, self.done, self.points = psutil.Process(), total, 0, []
 
     def __call__(self, kind: str, data: dict) -> None:
-        if kind != "progress":
-            return
-        self.done += data["n"]
-        if not self.points or self.done - self.points[-1][0] >= self.step:
-            self.points.append((self.done, round(self.proc.memory_info().rss / 1e6, 1)))
+        if kind == "progress":
+            self.done += data["n"]
+            self.points.append((self.done, self.proc.memory_info().rss / 1e6))
 
-    def slope_mb_per_1k(self) -> float | None:
-        """Least-squares slope of RSS against cells done over the second half of the run."""
-        late = [p for p in self.points if p[0] >= self.done / 2]
-        if len(late) < 3:
-            return None
-        x, y = np.array(late, dtype=float).T
-        return round(float(np.polyfit(x / 1000, y, 1)[0]), 2)
+    def quarters(self) -> list[dict]:
+        out = []
+        for q in range(4):
+            lo, hi = q * self.total / 4, (q + 1) * self.total / 4
+            mb = np.array([r for c, r in self.points if lo < c <= hi])
+            if mb.size:
+                out.append({"cells": f"{int(lo)}-{int(hi)}", "samples": int(mb.size), "min_mb": round(float(mb.min())),
+                            "median_mb": round(float(np.median(mb))), "max_mb": round(float(mb.max()))})  # fmt: skip
+        return out
 
 
 class PeakRSS:
@@ -142,7 +145,7 @@ def naive_extract(slides_dir: Path, cells: pl.DataFrame, db: Path, steps: list[V
 
 def cpu_mode(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2,
+    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=args.slides,
                          density_per_mm2=args.density, level_step=args.level_step)  # fmt: skip
     cells = pl.read_parquet(res.cells_path)
     cfg = ExtractConfig(
@@ -195,8 +198,8 @@ def cpu_mode(args) -> dict:
             f"{small.height}_cells": round(mem_small.above_base_mb, 1),
             f"{summary['written']}_cells": round(mem_full.above_base_mb, 1),
         },
-        "rss_during_full_run_mb": trace.points,
-        "rss_slope_second_half_mb_per_1k_cells": trace.slope_mb_per_1k(),
+        "rss_by_quarter_of_full_run": (quarters := trace.quarters()),
+        "rss_median_last_minus_first_quarter_mb": quarters[-1]["median_mb"] - quarters[0]["median_mb"] if quarters else None,
     }
 
 
@@ -240,7 +243,7 @@ def real_mode(args) -> dict:
         pure_rate = n_iter * bs / (time.perf_counter() - t)
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_real_"))
-    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=2,
+    res = make_synthetic(work / "data", seed=0, n_cells=args.cells, n_slides=args.slides,
                          density_per_mm2=args.density, level_step=args.level_step)  # fmt: skip
     cfg = ExtractConfig(local_backbone="uni2-h", context_backbone="dinov3-vitl16", batch_size=bs,
                         workers=args.workers, device="cuda", commit_every=4096)  # fmt: skip
@@ -273,6 +276,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--cells", type=int, default=3000)
     ap.add_argument("--naive-cells", type=int, default=400, help="cells timed through the naive pipeline")
+    ap.add_argument("--slides", type=int, default=2, help="synthetic slides the cells are spread over")
     ap.add_argument("--density", type=float, default=2000.0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
