@@ -3,6 +3,9 @@
 NUCLASS_KILL_AT="commit.during:2" SIGKILLs this process the 2nd time it reaches the point
 `commit.during`. A point whose name ends in `.during` arms a timer instead, which fires
 0..NUCLASS_KILL_MS ms (default 10) later: while the write that follows the point is under way.
+With NUCLASS_KILL_ONCE=PATH the count is ignored across processes: the first process to reach
+the point while PATH is absent creates it and dies, all others carry on (a task retried in a
+new worker process then runs through).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def point(name: str) -> None:
     if target != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] != int(nth or 1):
+    if _hits[name] != int(nth or 1) and not os.environ.get("NUCLASS_KILL_ONCE"):
         return
     if name.endswith(".during"):
         delay = random.uniform(0, float(os.environ.get("NUCLASS_KILL_MS", "10"))) / 1000
@@ -33,4 +36,10 @@ def point(name: str) -> None:
 
 
 def _die() -> None:
+    once = os.environ.get("NUCLASS_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
     os.kill(os.getpid(), signal.SIGKILL)

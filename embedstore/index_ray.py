@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 import polars as pl
 
-from . import search
+from . import faults, search
 from .distributed import _ray, _start
 from .errors import UserError
 from .explore import StoreSource, load_vectors, save_index
@@ -199,6 +199,7 @@ def add_shard(job: _Job, empty: np.ndarray, tq: np.ndarray | None, tune_k: int, 
         for a, b in _batches(start, stop, job.chunk_rows):
             xb = _prepare(source.read(a, b), METRIC, "vectors", a)
             add_rows(index, xb, a, truth)
+            faults.point("index.shard")  # kill tests: a worker dying mid-task
     return faiss.serialize_index(index), truth.partial()
 
 

@@ -4,6 +4,7 @@ same tuned nprobe; byte-identical when both add the same batches on one thread),
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import faiss
@@ -24,12 +25,28 @@ DELETED = ("c00007", "c01500", "c02999")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray for the module (build_index_ray joins it and leaves it running)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+def cluster(tmp_path_factory):
+    """One local Ray for the module (build_index_ray joins it and leaves it running).
+
+    Its workers carry a failpoint: the first to reach `index.shard` after the test removes the
+    marker file KILL_MARK (the file exists, so the point is disarmed, until then) SIGKILLs
+    itself mid-task."""
+    mark = tmp_path_factory.mktemp("kill") / "killed"
+    mark.touch()
+    env = {"NUCLASS_KILL_AT": "index.shard:1", "NUCLASS_KILL_ONCE": str(mark)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by Ray's worker processes only: this one read it at import
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    yield ray.get_runtime_context().gcs_address, mark
     ray.shutdown()
 
 
@@ -86,7 +103,7 @@ def test_ivf_matches_single_process(cluster, db, tmp_path, monkeypatch):
     with search._omp_threads(1):
         ref, meta, _ = explore.build_index(db, vector="local", kind="ivf", root=tmp_path / "ref")
         got, meta2 = build_index_ray(db, vector="local", kind="ivf", root=tmp_path / "ray",
-                                     address=cluster, workers=2, shard_rows=1000)  # fmt: skip
+                                     address=cluster[0], workers=2, shard_rows=1000)  # fmt: skip
     assert meta2.equals(meta) and got.info["build"]["shards"] == 3
     assert got.info["search"] == ref.info["search"]  # same tuned nprobe and k_factor
     assert got.info["tuned_recall"] == ref.info["tuned_recall"]
@@ -106,7 +123,7 @@ def test_ivf_hnsw_quantizer_odd_shards(cluster, db):
     _, vectors, _ = explore.load_vectors(store, "cells", "both")
     ref = CellIndex.build(vectors, kind="ivf", nlist=1024, use_gpu=False)
     got, _ = build_index_ray(db, vector="both", kind="ivf", nlist=1024, root=db.parent / "hnsw",
-                             address=cluster, workers=2, shard_rows=700)  # fmt: skip
+                             address=cluster[0], workers=2, shard_rows=700)  # fmt: skip
     assert got.info["params"]["quantizer"] == "hnsw" and got.info["build"]["shards"] == 5
     assert got.info["search"] == ref.info["search"]
     a, b = _bytes(ref), _bytes(got)
@@ -117,7 +134,7 @@ def test_ivf_hnsw_quantizer_odd_shards(cluster, db):
 def test_flat(cluster, db, tmp_path):
     ref, meta, _ = explore.build_index(db, vector="context", kind="flat", root=tmp_path / "ref")
     got, _ = build_index_ray(db, vector="context", kind="flat", root=tmp_path / "ray",
-                             address=cluster, workers=2, shard_rows=1100)  # fmt: skip
+                             address=cluster[0], workers=2, shard_rows=1100)  # fmt: skip
     assert got.kind == "flat" and got.info["build"]["shards"] == 3
     assert np.array_equal(_bytes(got), _bytes(ref))
     _same_neighbours(ref, got, meta.height)
@@ -130,7 +147,7 @@ def test_cli_and_errors(cluster, db, tmp_path):
     from cli.embed import app
 
     out = CliRunner().invoke(app, ["index", "--db", str(db), "--vector", "context", "--index-dir",
-                                   str(tmp_path), "--engine", "ray", "--address", cluster])  # fmt: skip
+                                   str(tmp_path), "--engine", "ray", "--address", cluster[0]])  # fmt: skip
     assert out.exit_code == 0, out.output
     index, _, _ = explore.open_index(db, vector="context", root=tmp_path, rebuild=False)
     assert index.info["build"]["engine"] == "ray"
@@ -138,3 +155,15 @@ def test_cli_and_errors(cluster, db, tmp_path):
         build_index_ray(db, workers=0)
     with pytest.raises(UserError, match="--engine"):
         CliRunner().invoke(app, ["index", "--db", str(db), "--engine", "spark"], catch_exceptions=False)
+
+
+def test_a_worker_killed_mid_shard_is_retried_and_the_index_is_the_same(cluster, db, tmp_path):
+    address, mark = cluster
+    ref, meta, _ = explore.build_index(db, vector="context", kind="ivf", root=tmp_path / "ref")
+    mark.unlink()  # arm: the first task to add a batch SIGKILLs its worker process
+    got, _ = build_index_ray(db, vector="context", kind="ivf", root=tmp_path / "ray",
+                             address=address, workers=2, shard_rows=1000)  # fmt: skip
+    assert mark.exists()  # a worker died mid-shard; Ray ran its shard again
+    assert got.ntotal == meta.height and got.info["build"]["shards"] == 3  # every row once
+    assert got.info["search"] == ref.info["search"]
+    _same_neighbours(ref, got, meta.height)
