@@ -485,16 +485,13 @@ def predict_frame(
 
     `loaded`: the run already read by `load_run` (run_dir is then only its name's source)."""
     run_dir = Path(run_dir)
-    info = loaded.info if loaded is not None else ckpt.read_info(run_dir, "local")
+    run = loaded if loaded is not None else load_run(run_dir, device)
+    info = run.info
     data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
-    if loaded is None:
-        probs = _with_safety(predict_all(data, run_dir, device=device), load_safety(run_dir))
-        sets_model = ConformalSets.load(run_dir)
-    else:
-        for stage, stage_info in loaded.infos.items():
-            ckpt.check_compatible(stage_info, data, where=str(ckpt.stage_paths(run_dir, stage)[1]))
-        probs = _with_safety(predict_all(data, loaded.heads, device=device), loaded.rule)
-        sets_model = loaded.sets_model
+    for stage, stage_info in run.infos.items():  # these cells against every trained stage
+        ckpt.check_compatible(stage_info, data, where=str(ckpt.stage_paths(run_dir, stage)[1]))
+    probs = _with_safety(predict_all(data, run.heads, device=device), run.rule)
+    sets_model = run.sets_model
     frame = predictions_frame(
         data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
     ).with_columns(run=pl.lit(run_dir.resolve().name))
