@@ -206,21 +206,16 @@ def cpu_mode(args) -> dict:
 def real_mode(args) -> dict:
     import torch
 
-    from embedstore.backbones import Backbone, _build_trunk, _entry, count_flops, get_spec
+    from embedstore.backbones import build_random_backbone, count_flops
 
     if not torch.cuda.is_available():
         raise SystemExit("--real needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    def random_backbone(name: str, input_px: int) -> Backbone:
-        trunk = _build_trunk(_entry(name), device).eval().requires_grad_(False)
-        spec = get_spec(name)
-        return Backbone(spec, trunk, pooling=spec.pooling, input_px=input_px,
-                        weights_sha256="random", weights_source="random (benchmark)").to(device)  # fmt: skip
-
-    local = random_backbone("uni2-h", 224)
-    context = random_backbone("dinov3-vitl16", args.context_px)
+    local = build_random_backbone("uni2-h", input_px=224, device=device, source="random (benchmark)")
+    context = build_random_backbone("dinov3-vitl16", input_px=args.context_px, device=device,
+                                    source="random (benchmark)")
     from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP
 
     steps = [VectorStep("local", LOCAL_CROP.resized(224), local),

@@ -44,22 +44,14 @@ def log(msg: str) -> None:
 
 def backbones(small: bool, device, context_px: int):
     """(local, context) encoders: the real architectures with random weights, or the test ones."""
-    import torch
-
-    from embedstore.backbones import Backbone, _build_trunk, _entry, build_backbone, get_spec
+    from embedstore.backbones import build_backbone, build_random_backbone
 
     if small:
         return (build_backbone("test-vit-local", device=device),
                 build_backbone("test-vit-context", input_px=context_px, pooling="mean", device=device))  # fmt: skip
-
-    def random(name: str, px: int, pooling: str) -> Backbone:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            trunk = _build_trunk(_entry(name), device).eval().requires_grad_(False)
-        return Backbone(get_spec(name), trunk, pooling=pooling, input_px=px,
-                        weights_sha256="random", weights_source="random (benchmark)").to(device)  # fmt: skip
-
-    return random("uni2-h", 224, "cls"), random("dinov3-vitl16", context_px, "mean")
+    return (build_random_backbone("uni2-h", input_px=224, pooling="cls", device=device, source="random (benchmark)"),
+            build_random_backbone("dinov3-vitl16", input_px=context_px, pooling="mean", device=device,
+                                  source="random (benchmark)"))  # fmt: skip
 
 
 def pure_rate(model, px: int, batch: int, device, precision: str, seconds: float, *, tokens: bool = False) -> float:

@@ -920,6 +920,37 @@ def build_backbone(
     return model
 
 
+def build_random_backbone(
+    name: str,
+    *,
+    pooling: str | None = None,
+    input_px: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    source: str = "random (timing only)",
+) -> Backbone:
+    """The exact architecture of `name` with seeded random weights, for timing and FLOPs only.
+
+    Never for embeddings that are stored: its `weights_sha256` is "random" and its weights
+    source says so. Real entries build on `device` directly (no CPU copy of a 1B-parameter
+    trunk) from `seed`; test entries keep their own seeded init. The registry's parameter
+    count is checked as in `build_backbone`.
+    """
+    entry = _entry(name)
+    pooling, px = _check_options(entry.spec, pooling, input_px)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = _build_trunk(entry, device).eval().requires_grad_(False)
+    model = Backbone(entry.spec, trunk, pooling=pooling, input_px=px, weights_sha256="random",
+                     weights_source=source)
+    return model.to(device).eval()
+
+
+def how_to_get_weights(name: str) -> str:
+    """What a user does to obtain the (gated) weights of `name`."""
+    return _how_to_get(get_spec(name))
+
+
 def count_flops(name: str, input_px: int | None = None, batch: int = 1) -> int:
     """Forward FLOPs per image of the trunk (a multiply-add counts 2), counted on meta.
 

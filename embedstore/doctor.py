@@ -118,7 +118,7 @@ def check_weights(names: Sequence[str]) -> list[Check]:
             continue
         status = B.weights_status(name)
         if status.startswith("not found"):
-            out.append(Check("weights", name, "fail", status, B._how_to_get(spec)))
+            out.append(Check("weights", name, "fail", status, B.how_to_get_weights(name)))
         elif spec.is_test:
             out.append(Check("weights", name, "warn", f"{status}: a tiny random test model, not a pathology model"))
         else:
@@ -171,9 +171,7 @@ def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> t
     spec = B.get_spec(name)
     px = input_px or spec.input_px
     if B.weights_status(name).startswith("not found"):
-        trunk = B._build_trunk(B._entry(name)).eval().requires_grad_(False)
-        model = B.Backbone(spec, trunk, pooling=spec.pooling, input_px=px,
-                           weights_sha256="random", weights_source="random (timing only)").to(device)  # fmt: skip
+        model = B.build_random_backbone(name, input_px=px, device=device)
         how = "random weights of the same architecture"
     else:
         model = B.build_backbone(name, input_px=px, device=device)

@@ -474,3 +474,23 @@ def test_count_flops_real_model_is_plausible() -> None:
     tokens = 9 + 16 * 16
     assert 2 * 681e6 * tokens * 0.9 < flops < 2 * 681e6 * tokens * 1.5
     assert math.isfinite(flops / 1e12)
+
+
+def test_random_backbone_is_marked_seeded_and_checked() -> None:
+    """Timing-only models: the registry's architecture, seeded, and never passed off as weights."""
+    x = torch.stack(list(images(bb.get_spec("test-vit-local").input_px).values()))
+    rng = torch.get_rng_state()
+    a = bb.build_random_backbone("test-vit-local", seed=3)
+    b = bb.build_random_backbone("test-vit-local", seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert a.weights_sha256 == "random" and a.weights_source == "random (timing only)"
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    m = bb.build_random_backbone("test-vit-context", input_px=64, pooling="mean")
+    assert (m.input_px, m.pooling) == (64, "mean")
+    with pytest.raises(UserError, match="Pooling 'max'"):
+        bb.build_random_backbone("test-vit-local", pooling="max")
+
+
+def test_how_to_get_weights_names_the_licence_page() -> None:
+    spec = bb.get_spec("uni2-h")
+    assert f"https://huggingface.co/{spec.repo_id}" in bb.how_to_get_weights("uni2-h")
