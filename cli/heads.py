@@ -146,13 +146,15 @@ def report(
     out: Annotated[Path | None, typer.Option(help="HTML file (default RUN/report.html)")] = None,
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     slides: Annotated[Path | None, typer.Option(help="slide file or folder, when the recorded slide paths moved")] = None,
+    index_dir: Annotated[Path | None, typer.Option(help="where FAISS indexes live (default DB/_faiss; for a URI store a temporary one)")] = None,
 ) -> None:
     """One self-contained HTML page of the run: metrics, plots, galleries (runs `eval` if needed)."""
     from rich.text import Text
 
     from heads.report import write_report
 
-    emit(Text(str(write_report(run_dir, db, out, table=table, slides=slides, log=_log))))  # no markup
+    page = write_report(run_dir, db, out, table=table, slides=slides, index_dir=index_dir, log=_log)
+    emit(Text(str(page)))  # no markup
 
 
 @app.command()

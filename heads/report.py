@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
-from embedstore.store import DEFAULT_TABLE, Store, StoreError
+from embedstore.store import DEFAULT_TABLE, Store, StoreError, is_uri
 
 from . import checkpoint as ckpt
 
@@ -70,13 +70,14 @@ class Ctx:
     """What the sections read: the run, its metrics, and its cells with predictions."""
 
     run_dir: Path
-    db: Path
+    db: str  # a directory or a URI
     table: str
     classes: list[str]
     metrics: dict[str, Any]
     cells: pl.DataFrame  # predictions joined with coordinates and labels, one row per cell
     slides: str | Path | None
     log: Log
+    index_dir: Path | None = None  # FAISS indexes (default DB/_faiss; a temporary one for URI stores)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -447,8 +448,12 @@ def section_batch_effect(ctx: Ctx) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "batch.png"
+        root = ctx.index_dir
+        if root is None and is_uri(ctx.db):  # no DB/_faiss next to a remote store: build one here
+            root = Path(tmp) / "faiss"
+            ctx.log("report: the store is remote and no --index-dir was given; building a temporary index")
         try:
-            rates = batch_effect(ctx.db, out, table=ctx.table, notify=ctx.log)
+            rates = batch_effect(ctx.db, out, table=ctx.table, root=root, notify=ctx.log)
         except (UserError, ValueError, RuntimeError) as exc:
             return note(f"batch effect not computed: {exc}")
         uri = file_uri(out)
@@ -626,11 +631,14 @@ def write_report(
     *,
     table: str = DEFAULT_TABLE,
     slides: str | Path | None = None,
+    index_dir: str | Path | None = None,
     log: Log = print,
 ) -> Path:
     """Write the run's HTML report (default RUN/report.html, atomically); returns its path.
 
     `slides`: a slide file or folder, for stores whose recorded slide paths moved.
+    `index_dir`: where FAISS indexes live (as `embed index --index-dir`); default DB/_faiss,
+    and for a store given as a URI a temporary index, built for this page only.
     """
     t0 = time.perf_counter()
     run_dir, db = Path(run_dir), str(db)  # a directory or a URI
@@ -643,7 +651,7 @@ def write_report(
         )
     cells = load_cells(run_dir, db, table)
     metrics = load_metrics(run_dir, db, table, log)
-    ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log)
+    ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None)
     bodies = {}
     for sid, build in BUILDERS.items():
         t = time.perf_counter()

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html import escape as html_escape
 
 import pytest
 from PIL import Image
@@ -136,13 +137,19 @@ def test_missing_metrics_are_made_by_eval(predicted, monkeypatch):
 
 
 def test_cli_prints_the_path(predicted, tmp_path):
+    """The store given as a URI: every section drawn, the batch effect from a temporary index."""
     db, run, _ = predicted
     out = tmp_path / "sub" / "page.html"
-    proc = subprocess.run([sys.executable, "-m", "cli.heads", "report", "--run", str(run), "--db", str(db), "--out", str(out)],
+    uri = db.resolve().as_uri()
+    proc = subprocess.run([sys.executable, "-m", "cli.heads", "report", "--run", str(run), "--db", uri, "--out", str(out)],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out) and out.stat().st_size > 100_000
     assert "MB in" in proc.stderr  # size and time logged on stderr
+    assert "building a temporary index" in proc.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "not computed" not in text and "not drawn" not in text, re.findall(r"not (?:computed|drawn)[^<]*", text)
+    assert html_escape(uri) in text
 
 
 def test_page_in_a_real_browser_loads_every_figure(predicted, page, tmp_path):
