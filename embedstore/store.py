@@ -554,12 +554,30 @@ class Store:
             absent = [f for f in table.schema if f.name not in arrow.schema.names]
             for f in absent:  # e.g. a run without a gate into a table that has the columns
                 arrow = arrow.append_column(f, pa.nulls(arrow.num_rows, f.type))
+            if self.local and not self._has_predictions_of(table, arrow):
+                table.add(arrow)  # nothing to replace, and the lock keeps it so: a plain append
+                return
             (
                 table.merge_insert(["run", "slide_id", "cell_id"])
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
                 .execute(arrow)
             )
+
+    @staticmethod
+    def _has_predictions_of(table, rows: pa.Table) -> bool:
+        """Whether `table` holds any row of the runs (and slides) in `rows`.
+
+        The merge on (run, slide_id, cell_id) joins every stored key, so its cost grows with
+        the table (bench/predictions.py: ~0.2 s per million rows); this filtered count reads
+        two columns and lets a first write of a (run, slide) skip the merge.
+        """
+        runs = pc.unique(rows["run"]).to_pylist()
+        slides = pc.unique(rows["slide_id"]).to_pylist()
+        flt = sql_in("run", runs)
+        if len(slides) <= 1000:  # else the run alone: any row of it sends the write to the merge
+            flt += " AND " + sql_in("slide_id", slides)
+        return table.count_rows(filter=flt) > 0
 
     def predictions(self, run: str | None = None) -> pl.DataFrame:
         if not self.has("predictions"):

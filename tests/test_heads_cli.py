@@ -1,6 +1,7 @@
 """`heads train | eval | predict` on a store extracted from synthetic slides."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,10 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def trained(extracted_store, tmp_path_factory):
-    db, _ = extracted_store
+    """A run trained through the CLI, on a copy of the session's store: this module writes
+    predictions, which other modules sharing the session store (one xdist worker) must not see."""
+    db = tmp_path_factory.mktemp("heads_cli") / "db"
+    shutil.copytree(extracted_store[0], db)
     run = tmp_path_factory.mktemp("run") / "r"
     proc = cli("train", "--db", db, "--out", run, *QUICK, *GUARD)
     assert proc.returncode == 0, proc.stderr
