@@ -77,6 +77,9 @@ bench-ray-extract *args:
 bench-ray-predict *args:
     python bench/ray_predict.py {{args}}
 
+bench-predictions *args:
+    python bench/predictions.py {{args}}
+
 # the FAISS index built on Ray: 1 and 2 workers against the single-process build, recall, bytes/row (JSON)
 bench-ray-index *args:
     python bench/ray_index.py {{args}}
