@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +75,6 @@ VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "miniblock", "lance-e
 #: (1024 rows: ~5 MB per batch; 4096 or more decoded slower, with more page faults)
 LOAD_BATCH_ROWS = {"0.1": 65536, "legacy": 65536}
 LOAD_BATCH_ROWS_V2 = 1024
-#: threads copying record batches into the output arrays
-LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: glibc malloc settings applied before the first load (`_reuse_read_buffers`): Lance's page
 #: and batch buffers (up to ~25 MB) then come from the heap and are reused between reads
 #: instead of being mmapped and page-faulted afresh each time. Measured (2.2 miniblock,
@@ -615,25 +612,24 @@ class Store:
         meta_cols = [c for c in META_COLUMNS if c in ds.schema.names]
         flt = " AND ".join(filters) or None
         # vectors: record batches streamed straight into preallocated arrays (one copy, bounded
-        # memory; the copies run on a few threads), metadata in a second scan of the same
-        # version: mixing the string columns into the vector scan made loads ~2x slower in 2.2
+        # memory), copied on this thread while Lance decodes the next ones on its own; metadata
+        # in a second scan of the same version, run alongside: mixing the string columns into
+        # the vector scan made loads ~2x slower in 2.2
         _reuse_read_buffers()
         n = ds.count_rows(filter=flt)
         arrays = {v: np.empty((n, ds.schema.field(v).type.list_size), dtype) for v in vectors}
-        pos, pending = 0, deque()
+        pos = 0
         batch_rows = LOAD_BATCH_ROWS.get(str(ds.data_storage_version), LOAD_BATCH_ROWS_V2)
-        if vectors:
-            scan = ds.scanner(columns=list(vectors), filter=flt, batch_size=batch_rows)
-            with ThreadPoolExecutor(LOAD_THREADS) as pool:
-                for batch in scan.to_batches():
+        with ThreadPoolExecutor(1) as pool:
+            meta_scan = pool.submit(lambda: ds.to_table(columns=meta_cols, filter=flt).to_batches())
+            if vectors:
+                for batch in ds.scanner(columns=list(vectors), filter=flt, batch_size=batch_rows).to_batches():
+                    if pos + batch.num_rows > n:
+                        break  # cannot happen on one version; reported below
                     for v in vectors:
-                        pending.append(pool.submit(_copy_rows, arrays[v], pos, batch.column(v)))
+                        _copy_rows(arrays[v], pos, batch.column(v))
                     pos += batch.num_rows
-                    while len(pending) > 4 * LOAD_THREADS:
-                        pending.popleft().result()
-                for fut in pending:
-                    fut.result()
-        metas = ds.to_table(columns=meta_cols, filter=flt).to_batches()
+            metas = meta_scan.result()
         if (vectors and pos != n) or sum(b.num_rows for b in metas) != n:
             raise StoreError(f"table {name!r} changed while loading ({pos} rows read, {n} expected); retry")
         meta = pl.from_arrow(pa.Table.from_batches(metas, schema=pa.schema([ds.schema.field(c) for c in meta_cols])))
