@@ -1,11 +1,12 @@
 """Store throughput per Lance file format: write and load rows x (1536 + 1024) float16 vectors.
 
-    python bench/store.py [--rows 500000] [--formats 2.2-miniblock,2.2-fullzip,legacy]
+    python bench/store.py [--rows 500000] [--formats 2.2-miniblock,2.2-fullzip,legacy] [--cold]
 
 For each format (one store on disk at a time), writes the same rows through `Store.append` in
 extraction-sized commits, compacts, then loads all vectors with `Store.load` (the training and
 search path) against `numpy.load` of the same arrays from .npy files, interleaved in the same
-run (the first load of each only warms the page cache; medians of the rest). Prints JSON.
+run (the first load of each only warms the page cache; medians of the rest). `--cold` drops
+the page cache before every load instead, so both read from disk. Prints JSON.
 """
 
 from __future__ import annotations
@@ -89,7 +90,14 @@ def write_store(db: Path, fmt: str, rows: int, commit: int, npy: dict | None) ->
             "file_version": str(store.open("cells").to_lance().data_storage_version)}  # fmt: skip
 
 
-def time_loads(db: Path, work: Path, rows: int, repeats: int) -> dict:
+def drop_page_cache() -> None:
+    """Write dirty pages and drop the clean page cache (Linux, root): the next read is from disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
+def time_loads(db: Path, work: Path, rows: int, repeats: int, cold: bool = False) -> dict:
     """Store.load against numpy.load of the same arrays, interleaved; medians (first run warms).
 
     Also times Lance's scan of the vector columns alone, batches decoded and dropped (the
@@ -115,6 +123,8 @@ def time_loads(db: Path, work: Path, rows: int, repeats: int) -> dict:
     faults: dict[str, list[int]] = {k: [] for k in times}
     for rep in range(repeats + 1):
         for name, fn in (("store", load_store), ("npy", load_npy), ("scan_only", scan_only)):
+            if cold:
+                drop_page_cache()
             f, c, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
             arrays = fn()
             elapsed, cpu_s = time.perf_counter() - t, time.process_time() - c
@@ -149,6 +159,8 @@ def main() -> None:
     ap.add_argument("--commit", type=int, default=8192, help="rows per store commit")
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="timed loads of each kind (medians)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every load (Linux, needs root): loads from disk")  # fmt: skip
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
     args = ap.parse_args()
     formats = [f for f in args.formats.split(",") if f]
@@ -157,7 +169,12 @@ def main() -> None:
         raise SystemExit(f"unknown format(s) {unknown}: choose from {', '.join(FORMATS)}")
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
     work.mkdir(parents=True, exist_ok=True)
-    result = {"rows": args.rows, "dims": DIMS, "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as exc:
+            raise SystemExit(f"--cold needs root on Linux to drop the page cache: {exc}") from None
+    result = {"rows": args.rows, "dims": DIMS, "page_cache": "dropped before each load" if args.cold else "warm", "load_avg_start": [round(v, 2) for v in os.getloadavg()],
               "default_format": {"version": store_mod.STORAGE_VERSION, "vector_field_meta": store_mod.VECTOR_FIELD_META},
               "formats": {}}  # fmt: skip
     try:
@@ -171,7 +188,7 @@ def main() -> None:
                 for m in npy.values():
                     m.flush()
                 del npy
-            entry.update(time_loads(work / "db", work, args.rows, args.repeats))
+            entry.update(time_loads(work / "db", work, args.rows, args.repeats, cold=args.cold))
             entry["load_avg_after_loads"] = [round(v, 2) for v in os.getloadavg()]
             entry["goal_bytes_per_cell_le_5500"] = entry["bytes_on_disk_per_cell"] <= 5500
             result["formats"][fmt] = entry

@@ -57,18 +57,19 @@ PREDICTION_COLUMNS = [
 ]  # fmt: skip
 VECTOR_KINDS = ("local", "context")
 #: Lance file format of new vector tables, chosen by bench/store.py (issue 11): 2.2, the stable
-#: format of pylance 14. The legacy (0.1) format read fastest but is deprecated (no longer
-#: writable after Lance 0.34). In 2.2 the encoding matters more than the version: a vector
+#: format of pylance 14. The legacy (0.1) format read fastest but is deprecated (Lance lists it
+#: as writable up to 0.34 only). In 2.2 the encoding matters more than the version: a vector
 #: column in "fullzip" layout (Lance's choice for wide rows) loaded 5-8x slower than numpy,
 #: "miniblock" without compression about 2x, read in small record batches. Tables keep the
 #: format they were created with; NUCLASS_LANCE_FORMAT overrides it for new tables.
 #: Load speed vs numpy.load, 200k rows, 2-core shared VM (pylance 14.0.2, bench/store.py):
-#: 2.2 miniblock 0.32x (0.15x before the malloc settings and 1024-row batches below; single
-#: loads 0.40-0.45x), legacy 0.40-0.62x. Lance's scan of the vector columns alone (batches
-#: dropped, no copy) already costs 2-2.5x numpy.load's CPU and reaches only 0.55-0.85x of its
-#: speed, so 0.5x is out of reach in 2.x here (the copy into the arrays adds ~0.2 s per GB);
-#: 2.1, fullzip without compression, larger batches, per-column or per-fragment parallel
-#: scans, readahead knobs and to_table + one zero-copy view measured no better.
+#: 2.2 miniblock 0.46-0.48x with a warm page cache (0.15x before the malloc settings and
+#: 1024-row batches below), 0.90x from disk; legacy 0.35-0.55x. Warm loads are CPU-bound:
+#: Lance's scan of the vector columns alone (batches dropped) costs about 2x numpy.load's CPU,
+#: and with the copy into the arrays and the metadata a load takes 0.71-0.77 CPU-s against
+#: numpy's 0.19-0.21, which caps the ratio at ~0.55x on 2 cores; 2.1, fullzip without
+#: compression, larger batches, copy thread pools, per-column or per-fragment parallel scans,
+#: readahead knobs and to_table + one zero-copy view measured no better.
 STORAGE_VERSION = os.environ.get("NUCLASS_LANCE_FORMAT", "2.2")
 VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "miniblock", "lance-encoding:compression": "none"}
 #: rows per record batch when loading: large for the legacy format, cache-sized for 2.x
