@@ -82,6 +82,10 @@ LOAD_BATCH_ROWS_V2 = 1024
 #: 200k rows): page faults per load 80-180k -> 20-35k, load ~15-25% faster. These are the
 #: values glibc's dynamic threshold grows to by itself at most, fixed from the start, so
 #: at most 64 MB of freed memory per arena stays mapped. NUCLASS_MALLOPT=0 leaves malloc alone.
+#: the predictions table's `run` and `slide_id` get scalar indexes at this many rows, and rows
+#: are folded into them at this many unindexed: the check before each write then costs ~1 ms
+#: instead of a scan of two columns (~60 ms per million rows; bench/predictions.py)
+PREDICTIONS_INDEX_ROWS = 500_000
 MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
 #: in a local store directory: the writers' lock and the live runs' lock files
@@ -174,6 +178,20 @@ def _reuse_read_buffers() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+
+
+def _index_predictions(ds) -> None:
+    """Scalar indexes on the predictions table's `run` and `slide_id` once it holds
+    PREDICTIONS_INDEX_ROWS rows, with newer rows folded in whenever that many are unindexed."""
+    have = {tuple(i.field_names): i.name for i in ds.describe_indices()}
+    missing = [c for c in ("run", "slide_id") if (c,) not in have]
+    if missing:
+        if ds.count_rows() >= PREDICTIONS_INDEX_ROWS:
+            for column in missing:  # few runs: a bitmap; thousands of slides: a B-tree
+                ds.create_scalar_index(column, index_type="BITMAP" if column == "run" else "BTREE")
+        return
+    if ds.stats.index_stats(have[("slide_id",)])["num_unindexed_rows"] >= PREDICTIONS_INDEX_ROWS:
+        ds.optimize.optimize_indices()
 
 
 def config_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -554,21 +572,24 @@ class Store:
                 arrow = arrow.append_column(f, pa.nulls(arrow.num_rows, f.type))
             if self.local and not self._has_predictions_of(table, arrow):
                 table.add(arrow)  # nothing to replace, and the lock keeps it so: a plain append
-                return
-            (
-                table.merge_insert(["run", "slide_id", "cell_id"])
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute(arrow)
-            )
+            else:
+                (
+                    table.merge_insert(["run", "slide_id", "cell_id"])
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(arrow)
+                )
+            if self.local:
+                _index_predictions(table.to_lance())
 
     @staticmethod
     def _has_predictions_of(table, rows: pa.Table) -> bool:
         """Whether `table` holds any row of the runs (and slides) in `rows`.
 
         The merge on (run, slide_id, cell_id) joins every stored key, so its cost grows with
-        the table (bench/predictions.py: ~0.2 s per million rows); this filtered count reads
-        two columns and lets a first write of a (run, slide) skip the merge.
+        the table (bench/predictions.py: ~0.2 s per million rows); this filtered count lets a
+        first write of a (run, slide) skip the merge, and reads scalar indexes once the table
+        is big (`_index_predictions`).
         """
         runs = pc.unique(rows["run"]).to_pylist()
         slides = pc.unique(rows["slide_id"]).to_pylist()

@@ -1,5 +1,6 @@
-"""`Store.load`: every stored vector comes back, in the metadata's row order, across record
-batches and fragments, in either dtype and with filters."""
+"""The store's reads and writes: `Store.load` returns every stored vector in the metadata's row
+order (across record batches and fragments, in either dtype, with filters); the predictions
+table keeps one row per (run, slide, cell) before and after its scalar indexes exist."""
 
 from __future__ import annotations
 
@@ -47,3 +48,41 @@ def test_load_returns_every_vector_in_row_order(tmp_path, monkeypatch):
     keys = list(zip(some.meta["slide_id"], some.meta["cell_id"], strict=True))
     np.testing.assert_array_equal(some.vectors["context"], np.stack([truth[k][1] for k in keys]))
     assert store.load(tissues=["breast"], dtype=np.float16).meta.height == 130
+
+
+def _predictions(slide: str, n: int, run: str = "r1", value: float = 0.5):
+    import polars as pl
+
+    return pl.DataFrame({"run": [run] * n, "slide_id": [slide] * n, "cell_id": [f"c{i:05d}" for i in range(n)],
+                         "pred_class": ["a"] * n, "pred_confidence": [value] * n, "prob_a": [value] * n,
+                         "prob_b": [1 - value] * n})  # fmt: skip
+
+
+def test_predictions_are_indexed_and_rewrites_stay_one_row_per_cell(tmp_path, monkeypatch):
+    """Past PREDICTIONS_INDEX_ROWS the write check reads scalar indexes; first writes append,
+    rewrites replace, before and after the indexes exist and with rows not yet indexed."""
+    monkeypatch.setattr(store_mod, "PREDICTIONS_INDEX_ROWS", 50)
+    store = Store(tmp_path / "db", create=True)
+    store.write_predictions(_predictions("s0", 30))
+    ds = store.db.open_table("predictions").to_lance()
+    assert ds.describe_indices() == []  # 30 rows: below the threshold
+    store.write_predictions(_predictions("s1", 30))
+    indexed = {i.field_names[0] for i in store.db.open_table("predictions").to_lance().describe_indices()}
+    assert indexed == {"run", "slide_id"}
+    store.write_predictions(_predictions("s0", 30, value=0.9))  # a rerun: replaced, through the index
+    store.write_predictions(_predictions("s2", 40))  # new rows, unindexed until 50 are
+    store.write_predictions(_predictions("s2", 45, value=0.8))  # rewrite of unindexed rows + 5 new
+    store.write_predictions(_predictions("s1", 30, run="r2"))  # another run, same cells
+    got = store.predictions()
+    assert got.height == 30 + 30 + 45 + 30
+    assert got.select("run", "slide_id", "cell_id").n_unique() == got.height
+    by = {(r, s): v for r, s, v in got.group_by("run", "slide_id").agg(pl_mean("pred_confidence")).iter_rows()}
+    assert by == {("r1", "s0"): 0.9, ("r1", "s1"): 0.5, ("r1", "s2"): 0.8, ("r2", "s1"): 0.5}
+    stats = store.db.open_table("predictions").to_lance().stats.index_stats("slide_id_idx")
+    assert stats["num_unindexed_rows"] < 50  # folded in once 50 were waiting
+
+
+def pl_mean(column: str):
+    import polars as pl
+
+    return pl.col(column).mean().round(6)
