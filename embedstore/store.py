@@ -580,7 +580,11 @@ class Store:
                     .execute(arrow)
                 )
             if self.local:
-                _index_predictions(table.to_lance())
+                try:
+                    _index_predictions(table.to_lance())
+                except (OSError, RuntimeError, ValueError) as exc:  # the rows are written already
+                    warnings.warn(f"predictions table: scalar indexes not updated ({exc}); "
+                                  "writes stay correct, only slower", stacklevel=2)  # fmt: skip
 
     @staticmethod
     def _has_predictions_of(table, rows: pa.Table) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from embedstore import store as store_mod
 from embedstore.store import Store, vectors_to_arrow
@@ -86,3 +87,15 @@ def pl_mean(column: str):
     import polars as pl
 
     return pl.col(column).mean().round(6)
+
+
+def test_a_failed_index_update_warns_and_keeps_the_rows(tmp_path, monkeypatch):
+    def broken(ds):
+        raise RuntimeError("disk full while writing the index")
+
+    monkeypatch.setattr(store_mod, "_index_predictions", broken)
+    store = Store(tmp_path / "db", create=True)
+    store.write_predictions(_predictions("s0", 10))
+    with pytest.warns(UserWarning, match="scalar indexes not updated .disk full"):
+        store.write_predictions(_predictions("s1", 10))
+    assert store.predictions().height == 20
