@@ -76,16 +76,16 @@ VECTOR_FIELD_META = {"lance-encoding:structural-encoding": "miniblock", "lance-e
 #: (1024 rows: ~5 MB per batch; 4096 or more decoded slower, with more page faults)
 LOAD_BATCH_ROWS = {"0.1": 65536, "legacy": 65536}
 LOAD_BATCH_ROWS_V2 = 1024
+#: the predictions table's `run` and `slide_id` get scalar indexes at this many rows, and rows
+#: are folded into them at this many unindexed: the check before each write then costs ~1 ms
+#: instead of a scan of two columns (~60 ms per million rows; bench/predictions.py)
+PREDICTIONS_INDEX_ROWS = 500_000
 #: glibc malloc settings applied before the first load (`_reuse_read_buffers`): Lance's page
 #: and batch buffers (up to ~25 MB) then come from the heap and are reused between reads
 #: instead of being mmapped and page-faulted afresh each time. Measured (2.2 miniblock,
 #: 200k rows): page faults per load 80-180k -> 20-35k, load ~15-25% faster. These are the
 #: values glibc's dynamic threshold grows to by itself at most, fixed from the start, so
 #: at most 64 MB of freed memory per arena stays mapped. NUCLASS_MALLOPT=0 leaves malloc alone.
-#: the predictions table's `run` and `slide_id` get scalar indexes at this many rows, and rows
-#: are folded into them at this many unindexed: the check before each write then costs ~1 ms
-#: instead of a scan of two columns (~60 ms per million rows; bench/predictions.py)
-PREDICTIONS_INDEX_ROWS = 500_000
 MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
 #: in a local store directory: the writers' lock and the live runs' lock files
@@ -178,6 +178,22 @@ def _reuse_read_buffers() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+
+
+def _has_predictions_of(table, rows: pa.Table) -> bool:
+    """Whether `table` holds any row of the runs (and slides) in `rows`.
+
+    The merge on (run, slide_id, cell_id) joins every stored key, so its cost grows with the
+    table (bench/predictions.py: ~0.2 s per million rows); this filtered count lets a first
+    write of a (run, slide) skip the merge, and reads scalar indexes once the table is big
+    (`_index_predictions`).
+    """
+    runs = pc.unique(rows["run"]).to_pylist()
+    slides = pc.unique(rows["slide_id"]).to_pylist()
+    flt = sql_in("run", runs)
+    if len(slides) <= 1000:  # else the run alone: any row of it sends the write to the merge
+        flt += " AND " + sql_in("slide_id", slides)
+    return table.count_rows(filter=flt) > 0
 
 
 def _index_predictions(ds) -> None:
@@ -570,7 +586,7 @@ class Store:
             absent = [f for f in table.schema if f.name not in arrow.schema.names]
             for f in absent:  # e.g. a run without a gate into a table that has the columns
                 arrow = arrow.append_column(f, pa.nulls(arrow.num_rows, f.type))
-            if self.local and not self._has_predictions_of(table, arrow):
+            if self.local and not _has_predictions_of(table, arrow):
                 table.add(arrow)  # nothing to replace, and the lock keeps it so: a plain append
             else:
                 (
@@ -585,22 +601,6 @@ class Store:
                 except (OSError, RuntimeError, ValueError) as exc:  # the rows are written already
                     warnings.warn(f"predictions table: scalar indexes not updated ({exc}); "
                                   "writes stay correct, only slower", stacklevel=2)  # fmt: skip
-
-    @staticmethod
-    def _has_predictions_of(table, rows: pa.Table) -> bool:
-        """Whether `table` holds any row of the runs (and slides) in `rows`.
-
-        The merge on (run, slide_id, cell_id) joins every stored key, so its cost grows with
-        the table (bench/predictions.py: ~0.2 s per million rows); this filtered count lets a
-        first write of a (run, slide) skip the merge, and reads scalar indexes once the table
-        is big (`_index_predictions`).
-        """
-        runs = pc.unique(rows["run"]).to_pylist()
-        slides = pc.unique(rows["slide_id"]).to_pylist()
-        flt = sql_in("run", runs)
-        if len(slides) <= 1000:  # else the run alone: any row of it sends the write to the merge
-            flt += " AND " + sql_in("slide_id", slides)
-        return table.count_rows(filter=flt) > 0
 
     def predictions(self, run: str | None = None) -> pl.DataFrame:
         if not self.has("predictions"):
