@@ -28,7 +28,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.annotate import AnnotateConfig, annotate, read_expression  # noqa: E402
+from embedstore.annotate.recipe import AnnotateConfig, annotate, read_expression  # noqa: E402
 from embedstore.synth.bundle import KINDS, expression, write_10x_h5  # noqa: E402
 from embedstore.synth.spec import CLASSES, annotation_panel, gene_panel  # noqa: E402
 

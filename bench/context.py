@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore import extract as extract_mod  # noqa: E402
-from embedstore import tiled as tiled_mod  # noqa: E402
-from embedstore.extract import ExtractConfig, extract  # noqa: E402
+from embedstore.extract import pipeline as extract_mod  # noqa: E402
+from embedstore.extract import tiled as tiled_mod  # noqa: E402
+from embedstore.extract.pipeline import ExtractConfig, extract  # noqa: E402
 from embedstore.store import Store  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
 

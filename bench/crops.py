@@ -24,7 +24,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP  # noqa: E402
-from embedstore.slides import Slide  # noqa: E402
+from embedstore.io.slides import Slide  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
 
 

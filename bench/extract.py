@@ -3,7 +3,7 @@
     python bench/extract.py [--cells 3000] [--batch-size 32]      # test backbones, CPU
     python bench/extract.py --real --cells 4000                    # UNI2-h + DINOv3, GPU
 
-Default mode (test backbones): cells/s of `embedstore.extract.extract` (region reads, reader
+Default mode (test backbones): cells/s of `embedstore.extract.pipeline.extract` (region reads, reader
 and cutter threads, batched model calls, batched commits) against a naive pipeline (one
 `read_region` per crop, one model call per batch, no prefetch, same commits), the share of
 wall time spent inside the model forward, the peak RSS above the baseline for two store
@@ -33,7 +33,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.extract import (  # noqa: E402
+from embedstore.extract.pipeline import (  # noqa: E402
     ExtractConfig,
     VectorStep,
     _rows,
@@ -42,7 +42,7 @@ from embedstore.extract import (  # noqa: E402
     resolve_device,
     vector_config,
 )
-from embedstore.slides import Slide, find_slides, slide_id_from_path  # noqa: E402
+from embedstore.io.slides import Slide, find_slides, slide_id_from_path  # noqa: E402
 from embedstore.store import Store  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
 
@@ -206,7 +206,7 @@ def cpu_mode(args) -> dict:
 def real_mode(args) -> dict:
     import torch
 
-    from embedstore.backbones import build_random_backbone, count_flops
+    from embedstore.extract.backbones import build_random_backbone, count_flops
 
     if not torch.cuda.is_available():
         raise SystemExit("--real needs a CUDA GPU")

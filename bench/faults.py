@@ -120,7 +120,7 @@ class Cohort:
         self.ref_pred = self.copy_ref("pred_ref")
         runs.predict(self.run, self.ref_pred, out_dir=work / "pred_ref_out", log=lambda m: None)
         self.ref_proba = self.predictions(self.ref_pred)
-        from embedstore import explore
+        from embedstore.search import explore
 
         self.ref_similar = explore.similar(self.ref_pred, self.first_cell(), k=10)["cell_id"].to_list()
 
@@ -212,7 +212,7 @@ def trial_predict(c: Cohort, db: Path, kills: list[tuple]) -> dict:
 
 
 def trial_index(c: Cohort, db: Path, kills: list[tuple]) -> dict:
-    from embedstore import explore
+    from embedstore.search import explore
 
     out = new_tally()
     args = ("embed", "index", "--db", db, "--vector", "local")

@@ -32,10 +32,16 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.extract import ExtractConfig, VectorStep, extract, resolve_device, resolve_precision  # noqa: E402
+from embedstore.extract.pipeline import (  # noqa: E402
+    ExtractConfig,
+    VectorStep,
+    extract,
+    resolve_device,
+    resolve_precision,
+)
+from embedstore.extract.tiled import TileGrid  # noqa: E402
 from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
-from embedstore.tiled import TileGrid  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -44,7 +50,7 @@ def log(msg: str) -> None:
 
 def backbones(small: bool, device, context_px: int):
     """(local, context) encoders: the real architectures with random weights, or the test ones."""
-    from embedstore.backbones import build_backbone, build_random_backbone
+    from embedstore.extract.backbones import build_backbone, build_random_backbone
 
     if small:
         return (build_backbone("test-vit-local", device=device),
@@ -82,7 +88,7 @@ def pure_rate(model, px: int, batch: int, device, precision: str, seconds: float
 
 
 def model_rates(local, context, args, device, precision: str) -> dict:
-    from embedstore.backbones import count_flops
+    from embedstore.extract.backbones import count_flops
 
     names = {"local": local.spec.name, "context": context.spec.name}
     runs = {"local_224": (local, 224, False), f"context_{args.context_px}": (context, args.context_px, False),
@@ -150,7 +156,7 @@ def pipeline(slides: Path, cells: pl.DataFrame, db: Path, steps, args, device) -
     cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, device=str(device), commit_every=4096)
     extract(slides, cells.head(args.batch_size), db.with_name(db.name + "_warm"), cfg, steps=steps)
     tiles = {"n": 0}
-    from embedstore import tiled
+    from embedstore.extract import tiled
 
     inner = tiled.TiledContext._compute
 

@@ -7,8 +7,8 @@ Default image: /tmp/histo/histo.jpg, the 500x300 H&E tile shipped in the stardis
 (public), taken at 0.5 µm/px. Nuclei are found in the whole tile with the module's own
 segmentation; every nucleus at least half a local field (28 µm) from the edge gets the 56 µm
 crop the extraction would cut, resized to 224 px by `Backbone.preprocess`, and its raw
-features. The centre is their median, the scale IQR/1.349 (embedstore.handcrafted
-`reference_constants`). Paste the --python output into embedstore/handcrafted.py and bump
+features. The centre is their median, the scale IQR/1.349 (embedstore.extract.handcrafted
+`reference_constants`). Paste the --python output into embedstore/extract/handcrafted.py and bump
 FEATURES_VERSION when the numbers change.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedstore import handcrafted as hc
-from embedstore.backbones import build_backbone
+from embedstore.extract import handcrafted as hc
+from embedstore.extract.backbones import build_backbone
 
 DEFAULT_IMAGE = Path("/tmp/histo/histo.jpg")
 

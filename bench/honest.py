@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default="logreg,xgboost,knn")
     args = ap.parse_args(argv)
 
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.synth import make_synthetic
 
     t_start = time.perf_counter()

@@ -28,7 +28,7 @@ LOCALS = ("hc-nucleus", "test-vit-local")
 
 def timed_extract(data, local: str, db: Path) -> float:
     """Extract `data` with `local` as the local backbone; seconds spent in its forward."""
-    from embedstore.extract import ExtractConfig, build_steps, extract, resolve_device
+    from embedstore.extract.pipeline import ExtractConfig, build_steps, extract, resolve_device
 
     cfg = ExtractConfig(local_backbone=local, context_backbone="test-vit-context",
                         context_input_px=128, batch_size=32, workers=2, device="cpu")
@@ -51,7 +51,7 @@ def timed_extract(data, local: str, db: Path) -> float:
 def same_label_share(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray,
                      k: int) -> tuple[float, dict[str, float]]:
     """Mean share of each query's k nearest neighbours with its label, overall and per class."""
-    from embedstore.search import exact_knn
+    from embedstore.search.index import exact_knn
 
     _, ids = exact_knn(vectors, vectors[queries], k, metric="cosine", query_ids=queries)
     hits = (labels[ids] == labels[queries][:, None]).mean(1)

@@ -24,14 +24,14 @@ from pathlib import Path
 
 
 def _cfg():
-    from embedstore.extract import ExtractConfig
+    from embedstore.extract.pipeline import ExtractConfig
 
     return ExtractConfig(local_backbone="test-vit-local", context_backbone="test-vit-context",
                          context_input_px=64, batch_size=16, workers=1, commit_every=64)  # fmt: skip
 
 
 def _ping_ms(ray, n: int = 50) -> float:
-    from embedstore.distributed import _SlideWorker
+    from embedstore.extract.distributed import _SlideWorker
 
     worker = ray.remote(_SlideWorker).options(num_cpus=1).remote(_cfg(), 1)
     ray.get(worker.ping.remote())
@@ -45,7 +45,7 @@ def _ping_ms(ray, n: int = 50) -> float:
 
 
 def _one(syn, db, workers: int, cells=None, shard_cells: int = 200_000) -> dict:
-    from embedstore.distributed import extract_ray
+    from embedstore.extract.distributed import extract_ray
 
     s = extract_ray(syn.out_dir / "slides", syn.cells_path if cells is None else cells, db, _cfg(), workers=workers,
                     shard_cells=shard_cells)  # fmt: skip
@@ -64,7 +64,7 @@ def main() -> None:
     import ray
     import torch
 
-    from embedstore.extract import extract
+    from embedstore.extract.pipeline import extract
     from embedstore.synth import make_synthetic
 
     torch.set_num_threads(1)

@@ -32,8 +32,9 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from embedstore import explore, search  # noqa: E402
-from embedstore.index_ray import build_index_ray  # noqa: E402
+from embedstore.search import explore  # noqa: E402
+from embedstore.search import index as search
+from embedstore.search.distributed import build_index_ray  # noqa: E402
 from embedstore.store import Store, vectors_to_arrow  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def recall(index, rows: np.ndarray, truth: np.ndarray) -> float:
 def warm(ray, workers: int) -> None:
     @ray.remote(num_cpus=1)
     def ready() -> int:
-        import embedstore.index_ray  # noqa: F401  (the imports a task pays once per worker)
+        import embedstore.search.distributed  # noqa: F401  (the imports a task pays once per worker)
 
         return os.getpid()
 

@@ -33,7 +33,7 @@ def _build(
     ids (`cell_copies` times per slide) and every slide again under new slide ids."""
     import polars as pl
 
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.store import Store
     from embedstore.synth import make_synthetic
     from heads.runs import train

@@ -126,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sizes, slide_dir = None, None
         if not args.no_slides:
-            from embedstore.slides import Slide
+            from embedstore.io.slides import Slide
             from embedstore.synth import make_synthetic
 
             data = make_synthetic(Path(tmp) / "synth", seed=0, n_cells=400, n_slides=4)

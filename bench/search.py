@@ -39,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedstore.audit import label_audit, same_slide_rate  # noqa: E402
-from embedstore.search import CellIndex, exact_knn  # noqa: E402
+from embedstore.search.audit import label_audit, same_slide_rate  # noqa: E402
+from embedstore.search.index import CellIndex, exact_knn  # noqa: E402
 
 
 def log(msg: str) -> None:

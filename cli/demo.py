@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from cli.embed import ExtractProgress
-    from embedstore import explore
-    from embedstore.annotate import AnnotateConfig
-    from embedstore.cells import CellReport
-    from embedstore.extract import ExtractConfig, extract
-    from embedstore.ingest import ingest_xenium
+    from embedstore.annotate.recipe import AnnotateConfig
+    from embedstore.extract.pipeline import ExtractConfig, extract
+    from embedstore.io.cells import CellReport
+    from embedstore.io.ingest import ingest_xenium
+    from embedstore.search import explore
     from embedstore.store import Store
     from embedstore.synth import make_synthetic
     from heads import runs
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary["cells"] = cells.height
 
     step("2b. labels from the Xenium expression with a marker panel (`embed annotate`)")
-    from embedstore.annotate import annotate, read_panel
-    from embedstore.annotate_report import write_report
+    from embedstore.annotate.recipe import annotate, read_panel
+    from embedstore.annotate.report import write_report
 
     ann, samples = annotate([data_dir / "xenium"], data_dir / "panel.csv", log=log)
     ann.write_parquet(out / "labels.parquet")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 def neighbour_label_share(db: Path, truth: pl.DataFrame, *, k: int, n_queries: int, seed: int) -> tuple[float, float]:
     """Mean share of a random cell's k nearest local-vector neighbours (exact cosine, itself
     excluded) with its true class, and the chance level sum_c p_c^2."""
-    from embedstore.search import exact_knn
+    from embedstore.search.index import exact_knn
     from embedstore.store import Store
 
     loaded = Store(db).load(vectors=("local",))

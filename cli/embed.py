@@ -81,10 +81,10 @@ def cells(
     offset_px: Annotated[str, typer.Option(help="segmenter outputs: X,Y subtracted after --scale (the slide's corner in a parent image)")] = "0,0",
 ) -> None:
     """Normalise cell centroids from a table, Xenium bundle(s) or a segmenter's output into one cells.parquet."""
-    from embedstore.cells import CellReport
     from embedstore.errors import CellsError
-    from embedstore.ingest import ingest_table, ingest_xenium
-    from embedstore.segmenters import FORMATS, detect_format, ingest_detections
+    from embedstore.io.cells import CellReport
+    from embedstore.io.ingest import ingest_table, ingest_xenium
+    from embedstore.io.segmenters import FORMATS, detect_format, ingest_detections
 
     on_bad = "error" if strict else "drop"
     if fmt not in FORMATS:
@@ -146,7 +146,7 @@ def backbones(
     """List the backbone registry: name, dims, input size, pooling, weights found."""
     from rich.table import Table
 
-    from embedstore.backbones import get_spec, list_backbones, weights_status
+    from embedstore.extract.backbones import get_spec, list_backbones, weights_status
 
     rows = []
     for name in list_backbones(pattern):
@@ -198,8 +198,8 @@ def extract(
     shard_cells: Annotated[int, typer.Option(help="--engine ray: a slide with more cells is split into horizontal bands of at most this many, one task each")] = 200_000,
 ) -> None:
     """Embed every cell's nucleus crop and context field into the store (resumable)."""
-    from embedstore.extract import ExtractConfig
-    from embedstore.extract import extract as run_extract
+    from embedstore.extract.pipeline import ExtractConfig
+    from embedstore.extract.pipeline import extract as run_extract
 
     if engine not in ("local", "ray"):
         from embedstore.errors import UserError
@@ -215,7 +215,7 @@ def extract(
     )  # fmt: skip
     with ExtractProgress(quiet) as events:
         if engine == "ray":
-            from embedstore.distributed import extract_ray
+            from embedstore.extract.distributed import extract_ray
 
             summary = extract_ray(slides, cells, db, cfg, address=address, workers=ray_workers,
                                   gpus_per_worker=gpus_per_worker, shard_cells=shard_cells, on_event=events)  # fmt: skip
@@ -374,8 +374,8 @@ def labels(
     analysis/clustering/gene_expression_graphclust/clusters.csv with
     --slide-id S --cell-id-col Barcode --label-col Cluster.
     """
-    from embedstore.cells import read_table
     from embedstore.errors import CellsError, UserError
+    from embedstore.io.cells import read_table
     from embedstore.store import Store
 
     if db is None:
@@ -423,8 +423,8 @@ def annotate(
     report: Annotated[bool, typer.Option(help="write the report (figures + report.md)")] = True,
 ) -> None:
     """Label cells from Xenium expression with a marker panel (the paper's recipe, via scanpy)."""
-    from embedstore.annotate import AnnotateConfig, read_panel
-    from embedstore.annotate import annotate as run_annotate
+    from embedstore.annotate.recipe import AnnotateConfig, read_panel
+    from embedstore.annotate.recipe import annotate as run_annotate
     from embedstore.fileio import atomic_path, ensure_dir
 
     cfg = AnnotateConfig(min_counts=min_counts, resolution=resolution, min_confidence=min_confidence, seed=seed)
@@ -436,7 +436,7 @@ def annotate(
     console.print(f"{frame.height} cells, {frame['label'].is_not_null().sum()} labelled, "
                   f"{int(frame['kept'].sum())} kept -> {out}")  # fmt: skip
     if report:
-        from embedstore.annotate_report import write_report
+        from embedstore.annotate.report import write_report
 
         md = write_report(frame, results, read_panel(markers), out.with_name(out.stem + "_report"), cfg)
         console.print(f"report -> {md}")
@@ -482,8 +482,8 @@ def index(
     """Build the FAISS index of a vector next to the store (exact or IVF, tuned by size)."""
     import time
 
-    from embedstore.explore import build_index
-    from embedstore.explore import index_dir as where
+    from embedstore.search.explore import build_index
+    from embedstore.search.explore import index_dir as where
 
     if engine not in ("local", "ray"):
         from embedstore.errors import UserError
@@ -492,7 +492,7 @@ def index(
     t = time.perf_counter()
     bar = _search_progress(f"indexing {vector}")
     if engine == "ray":
-        from embedstore.index_ray import build_index_ray
+        from embedstore.search.distributed import build_index_ray
 
         idx, meta = build_index_ray(db, table=table, vector=vector, kind=kind, root=index_dir,
                                     address=address, workers=ray_workers, progress=bar)  # fmt: skip
@@ -524,7 +524,7 @@ def similar(
     """Cells like this one: nearest neighbours of a cell across all slides, with filters."""
     from rich.table import Table
 
-    from embedstore import explore
+    from embedstore.search import explore
 
     found = explore.similar(
         db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
@@ -564,9 +564,9 @@ def audit(
     """Flag cells whose label disagrees with their neighbours'; write a review queue."""
     from rich.table import Table
 
-    from embedstore import explore
     from embedstore.fileio import atomic_path
-    from embedstore.geojson import write_geojson
+    from embedstore.io.geojson import write_geojson
+    from embedstore.search import explore
 
     queue, summary = explore.audit(
         db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, exclude_near_um=exclude_near_um, root=index_dir,
@@ -614,7 +614,7 @@ def export(
     with_vectors: Annotated[bool, typer.Option(help="CSV: add one column per vector dimension")] = False,
 ) -> None:
     """Export cells, vectors, labels and predictions to AnnData, SpatialData or CSV."""
-    from embedstore.export import export as export_cells
+    from embedstore.io.export import export as export_cells
 
     kinds = [v.strip() for v in vectors.split(",") if v.strip()]
     s = export_cells(db, out, fmt=format, table=table, run=run, run_dir=run_dir, slides=slide,

@@ -107,7 +107,7 @@ def check_gpu(device: str) -> tuple[list[Check], str]:
 
 
 def check_weights(names: Sequence[str]) -> list[Check]:
-    from . import backbones as B
+    from .extract import backbones as B
 
     out = []
     for name in dict.fromkeys(names):
@@ -127,7 +127,7 @@ def check_weights(names: Sequence[str]) -> list[Check]:
 
 
 def check_slides(paths: Sequence[Path], mpp: float | None) -> list[Check]:
-    from .slides import Slide, find_slides
+    from .io.slides import Slide, find_slides
 
     try:
         found = find_slides(list(paths))
@@ -166,7 +166,7 @@ def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> t
     """Seconds per crop of one backbone forward (random weights if none are found)."""
     import torch
 
-    from . import backbones as B
+    from .extract import backbones as B
 
     spec = B.get_spec(name)
     px = input_px or spec.input_px
@@ -193,7 +193,7 @@ def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> t
 
 def check_timing(local: str, context: str, context_px: int, device: str) -> list[Check]:
     """Expected extraction time per 10k cells from measured forwards of both backbones."""
-    from .backbones import get_spec
+    from .extract.backbones import get_spec
 
     small = all(get_spec(n).n_params < 50_000_000 for n in (local, context))
     batch = 32 if device.startswith("cuda") else 16 if small else 2  # real ViTs: seconds per crop on a CPU

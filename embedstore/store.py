@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import faults, locking
-from .cells import check_splits, check_unique_keys, clean_text_columns
 from .errors import UserError
+from .io.cells import check_splits, check_unique_keys, clean_text_columns
 
 CONFIG_KEY = b"nuclass.vector_config"
 DEFAULT_TABLE = "cells"

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import polars as pl
 
-from embedstore.distributed import _ray, _start
 from embedstore.errors import UserError
+from embedstore.extract.distributed import _ray, _start
 from embedstore.fileio import atomic_path, ensure_dir
 from embedstore.store import DEFAULT_TABLE, Store, store_location
 

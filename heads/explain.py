@@ -206,7 +206,7 @@ def _vector_config(config: dict, kind: str) -> dict:
 
 def load_backbone(vec_cfg: dict, kind: str, weights: str | Path | None, device: Any) -> Any:
     """The backbone that made the stored `kind` vectors, or a UserError saying why not."""
-    from embedstore.backbones import build_backbone, get_spec
+    from embedstore.extract.backbones import build_backbone, get_spec
 
     name = vec_cfg["backbone"]
     if get_spec(name).weights_free:
@@ -228,8 +228,8 @@ def load_backbone(vec_cfg: dict, kind: str, weights: str | Path | None, device: 
 
 
 def _slide_paths(db: str | Path, slides: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
-    from embedstore.explore import slide_paths
-    from embedstore.slides import find_slides, slide_id_from_path
+    from embedstore.io.slides import find_slides, slide_id_from_path
+    from embedstore.search.explore import slide_paths
 
     paths = slide_paths(db)
     if slides is not None:
@@ -298,9 +298,9 @@ def compute(
     log: Log = _stderr,
 ) -> list[CellExplanation]:
     """Grad-CAM of each cell ("SLIDE:CELL_ID") through the wanted paths (no files written)."""
-    from embedstore.explore import parse_cell
-    from embedstore.extract import resolve_device
-    from embedstore.slides import Slide
+    from embedstore.extract.pipeline import resolve_device
+    from embedstore.io.slides import Slide
+    from embedstore.search.explore import parse_cell
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

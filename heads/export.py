@@ -1,5 +1,5 @@
 """Exports of per-cell predictions: a polars frame, Parquet, and QuPath-importable GeoJSON
-(point detections classified by the predicted class; format in `embedstore.geojson`)."""
+(point detections classified by the predicted class; format in `embedstore.io.geojson`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from embedstore import geojson
 from embedstore.errors import UserError
-from embedstore.geojson import class_colors  # noqa: F401 - part of this module's API
+from embedstore.io import geojson
+from embedstore.io.geojson import class_colors  # noqa: F401 - part of this module's API
 from heads.calibration import check_proba
 
 #: columns `predictions_frame` needs from the cell metadata
@@ -127,7 +127,7 @@ _METADATA = ("slide_id", "cell_id", "pred_source", "local_class", "global_class"
 
 def write_geojson(frame: pl.DataFrame, path: str | Path, **kwargs: Any) -> list[Path]:
     """A predictions frame as QuPath GeoJSON (classification = predicted class); see
-    `embedstore.geojson.write_geojson` for `path` and the other options."""
+    `embedstore.io.geojson.write_geojson` for `path` and the other options."""
     if "pred_class" not in frame.columns:
         raise UserError("predictions frame lacks `pred_class`: build it with predictions_frame")
     kwargs.setdefault("measurements", _MEASUREMENTS)

@@ -444,7 +444,7 @@ def section_complementarity(ctx: Ctx) -> str:
 
 
 def section_batch_effect(ctx: Ctx) -> str:
-    from embedstore.explore import batch_effect
+    from embedstore.search.explore import batch_effect
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "batch.png"
@@ -492,8 +492,8 @@ def gallery_picks(
 
 
 def _slide_files(db: Path, slides: str | Path | None) -> dict[str, Path]:
-    from embedstore.explore import slide_paths
-    from embedstore.slides import find_slides, slide_id_from_path
+    from embedstore.io.slides import find_slides, slide_id_from_path
+    from embedstore.search.explore import slide_paths
 
     paths = slide_paths(db)
     if slides is not None:
@@ -536,7 +536,7 @@ def _tile(slide: Any, rec: dict[str, Any]) -> str:
 
 def section_galleries(ctx: Ctx) -> str:
     from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP
-    from embedstore.slides import Slide
+    from embedstore.io.slides import Slide
 
     files = _slide_files(ctx.db, ctx.slides)
     if not files:

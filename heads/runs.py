@@ -65,7 +65,7 @@ def load_cell_data(
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
-        from embedstore.cells import check_unique_keys, clean_text_columns, read_table
+        from embedstore.io.cells import check_unique_keys, clean_text_columns, read_table
 
         lab = read_table(labels)
         missing = [c for c in ("slide_id", "cell_id", "label") if c not in lab.columns]

@@ -48,7 +48,7 @@ def extracted_store(synth_small, tmp_path_factory):
 
     Tests that change its labels must restore them.
     """
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
 
     db = tmp_path_factory.mktemp("store") / "db"
     cfg = ExtractConfig(**FAST, commit_every=100)

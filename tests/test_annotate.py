@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.annotate import (
+from embedstore.annotate.recipe import (
     annotate,
     class_scores,
     read_expression,
@@ -150,7 +150,7 @@ def test_missing_panel_genes_warn_and_hand_naming_wins(synth, tmp_path):
 
 
 def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.store import Store
     from heads.runs import load_cell_data
     from tests.conftest import FAST

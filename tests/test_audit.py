@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from embedstore.errors import UserError
-from embedstore.search import CellIndex
+from embedstore.search.audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
+from embedstore.search.index import CellIndex
 
 
 def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, latent: int = 16

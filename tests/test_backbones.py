@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from embedstore import backbones as bb
 from embedstore.errors import UserError
+from embedstore.extract import backbones as bb
 
 REAL = {"uni2-h": (681_394_176, 1536, 9), "dinov3-vitl16": (303_079_424, 1024, 5)}
 TEST = ("test-vit-local", "test-vit-context")

@@ -92,7 +92,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 
 def test_backbones_lists_the_registry_filtered_by_pattern():
-    from embedstore.backbones import get_spec, list_backbones
+    from embedstore.extract.backbones import get_spec, list_backbones
 
     # one call (each costs a torch import): the pattern keeps the test entries and drops the rest
     assert {"test-vit-local", "test-vit-context"} < set(list_backbones())
@@ -211,7 +211,7 @@ INDEX_LINE = re.compile(r"(\w+) index of (\d+) (\w+) vectors \((\d+)-d, (\w+)\)"
 
 
 def test_index_builds_and_reports_what_it_built(tmp_path):
-    from embedstore.search import CellIndex
+    from embedstore.search.index import CellIndex
 
     db, _ = clustered_store(tmp_path / "db")
     store = Store(db)

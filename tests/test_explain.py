@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from embedstore.backbones import build_backbone
 from embedstore.errors import UserError
-from embedstore.slides import Slide
+from embedstore.extract.backbones import build_backbone
+from embedstore.io.slides import Slide
 from embedstore.store import Store
 from heads import checkpoint as ckpt
 from heads import explain as ex

@@ -9,8 +9,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from embedstore import explore
 from embedstore.errors import UserError
+from embedstore.search import explore
 from embedstore.store import Store, StoreError, vectors_to_arrow
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore import export as ex
 from embedstore.errors import UserError
+from embedstore.io import export as ex
 from embedstore.store import Store
 from heads import checkpoint
 from heads.export import predictions_frame

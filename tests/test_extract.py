@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.extract import ExtractConfig, extract
+from embedstore.extract.pipeline import ExtractConfig, extract
 from embedstore.store import Store, StoreError
 
 from .conftest import FAST
@@ -159,8 +159,8 @@ def test_each_stored_vector_belongs_to_its_cell(extracted, synth_small, one_torc
     Catches vectors written against the wrong rows of a batch."""
     import torch
 
-    from embedstore.extract import build_steps
-    from embedstore.slides import Slide
+    from embedstore.extract.pipeline import build_steps
+    from embedstore.io.slides import Slide
 
     db, _ = extracted
     stored = Store(db).load()

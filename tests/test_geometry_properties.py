@@ -24,9 +24,9 @@ from embedstore.geometry import (
     px_to_um,
     um_to_px,
 )
-from embedstore.slides import PAD_VALUE, Region, Slide
+from embedstore.io.slides import PAD_VALUE, Region, Slide
+from embedstore.io.xenium import check_alignment, he_px_to_xenium, xenium_to_he_px
 from embedstore.synth import write_pyramid
-from embedstore.xenium import check_alignment, he_px_to_xenium, xenium_to_he_px
 
 # no example database: nothing is written into the repository
 FAST = settings(max_examples=60, deadline=None, database=None)

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from embedstore import backbones as bb
-from embedstore import handcrafted as hc
 from embedstore.errors import UserError
+from embedstore.extract import backbones as bb
+from embedstore.extract import handcrafted as hc
 
 NAME = "hc-nucleus"
 PX = 224
@@ -142,7 +142,7 @@ def test_refusals(kwargs: dict, match: str) -> None:
 
 
 def test_refused_as_tiled_or_512px_context() -> None:
-    from embedstore.extract import ExtractConfig, build_steps
+    from embedstore.extract.pipeline import ExtractConfig, build_steps
 
     for cfg in (ExtractConfig(local_backbone="test-vit-local", context_backbone=NAME,
                               context="tiled"),
@@ -172,7 +172,7 @@ def test_runs_on_cuda(model: bb.Backbone) -> None:
 
 
 def test_extract_stores_hand_crafted_vectors(synth_small, tmp_path: Path) -> None:
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.store import Store
 
     from .conftest import FAST

@@ -7,10 +7,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.cells import validate_cells
 from embedstore.errors import AlignmentError, CellsError
-from embedstore.ingest import ingest_table, ingest_xenium
-from embedstore.xenium import check_alignment, read_alignment, read_feature_matrix, xenium_to_he_px
+from embedstore.io.cells import validate_cells
+from embedstore.io.ingest import ingest_table, ingest_xenium
+from embedstore.io.xenium import (
+    check_alignment,
+    read_alignment,
+    read_feature_matrix,
+    xenium_to_he_px,
+)
 
 
 def _bundle_copy(synth, tmp_path, i=0):
@@ -47,7 +52,7 @@ def test_the_alignment_is_non_trivial(synth_small):
 def test_round_trip_he_xenium():
     m = np.array([[1.1, -0.2, 500.0], [0.2, 1.1, 80.0], [0, 0, 1]])
     x, y = np.array([0.0, 100.5, 4000.0]), np.array([0.0, 7.25, 3000.0])
-    from embedstore.xenium import he_px_to_xenium
+    from embedstore.io.xenium import he_px_to_xenium
 
     xu, yu = he_px_to_xenium(x, y, m, 0.2125)
     bx, by = xenium_to_he_px(xu, yu, m, 0.2125)

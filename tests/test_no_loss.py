@@ -11,7 +11,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from embedstore.extract import ExtractConfig, extract
+from embedstore.extract.pipeline import ExtractConfig, extract
 from embedstore.store import Store, StoreError, cells_schema, vectors_to_arrow
 
 from .conftest import FAST
@@ -210,7 +210,7 @@ def test_runs_of_dead_processes_read_interrupted(tmp_path):
 
 
 def test_a_crash_mid_run_marks_the_run_failed(synth_small, tmp_path):
-    from embedstore.extract import build_steps, resolve_device
+    from embedstore.extract.pipeline import build_steps, resolve_device
 
     cfg = ExtractConfig(**FAST)
     steps = build_steps(cfg, resolve_device("cpu"))

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.extract import ExtractConfig, extract
+from embedstore.extract.pipeline import ExtractConfig, extract
 from embedstore.store import Store, arrow_to_vectors
 
 ray = pytest.importorskip("ray")
@@ -71,7 +71,7 @@ def _compare(got: pl.DataFrame, ref: pl.DataFrame) -> tuple[float, bool]:
 
 
 def test_ray_stores_what_one_process_stores_and_names_the_workers(cohort, cluster, reference, tmp_path):
-    from embedstore.distributed import extract_ray
+    from embedstore.extract.distributed import extract_ray
 
     events: list[tuple[str, dict]] = []
     db = tmp_path / "db"
@@ -100,7 +100,7 @@ def test_ray_stores_what_one_process_stores_and_names_the_workers(cohort, cluste
 
 
 def test_a_worker_killed_mid_slide_is_restarted_and_nothing_is_lost_or_doubled(cohort, cluster, reference, tmp_path):
-    from embedstore.distributed import extract_ray
+    from embedstore.extract.distributed import extract_ray
 
     db = tmp_path / "db"
     killed: list[int] = []
@@ -137,7 +137,7 @@ def test_a_worker_killed_mid_slide_is_restarted_and_nothing_is_lost_or_doubled(c
 def test_a_big_slide_is_split_into_spatial_shards_with_the_whole_slides_vectors(cohort, cluster, tmp_path):
     """Bands of one slide on both workers; in tiled context mode (the case where a shard could
     differ: the tile grid is anchored to the slide, not the shard) the vectors equal one pass."""
-    from embedstore.distributed import extract_ray, spatial_shards
+    from embedstore.extract.distributed import extract_ray, spatial_shards
 
     cfg = ExtractConfig(**CFG, context="tiled", context_pooling="mean", tile_px=256, tile_overlap_px=64)
     cells = pl.read_parquet(cohort.cells_path)
@@ -188,8 +188,8 @@ def test_cli_engine_ray_into_a_uri_store_without_a_file_lock(cohort, cluster, re
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch, cohort, tmp_path):
-    from embedstore.distributed import extract_ray
     from embedstore.errors import UserError
+    from embedstore.extract.distributed import extract_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install \.\[ray\]"):
@@ -197,6 +197,6 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, cohort, tmp_p
 
 
 def test_the_default_install_does_not_import_ray():
-    code = "import sys, cli.embed, embedstore.extract, embedstore.store; print('ray' in sys.modules)"
+    code = "import sys, cli.embed, embedstore.extract.pipeline, embedstore.store; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

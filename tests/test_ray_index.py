@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embedstore import explore, search
 from embedstore.errors import UserError
-from embedstore.index_ray import build_index_ray
-from embedstore.search import CellIndex
+from embedstore.search import explore
+from embedstore.search import index as search
+from embedstore.search.distributed import build_index_ray
+from embedstore.search.index import CellIndex
 from embedstore.store import Store, vectors_to_arrow
 
 ray = pytest.importorskip("ray")

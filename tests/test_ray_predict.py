@@ -52,7 +52,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_torch_thread):
     """A labelled 4-slide store and a tiny run trained on it (all three stages): (db, run dir)."""
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.synth import make_synthetic
     from heads import runs
     from heads.splits import SplitConfig

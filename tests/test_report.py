@@ -26,7 +26,7 @@ def predicted(tmp_path_factory):
     """A small store (2 slides, 240 cells) with a trained, evaluated and predicted run."""
     import torch
 
-    from embedstore.extract import ExtractConfig, extract
+    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.synth import make_synthetic
     from tests.conftest import FAST
 

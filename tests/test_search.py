@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embedstore.errors import UserError
-from embedstore.search import CellIndex, exact_knn, gpu_available, is_stale
+from embedstore.search.index import CellIndex, exact_knn, gpu_available, is_stale
 
 
 def clustered(n: int, dim: int, n_clusters: int = 30, seed: int = 0, latent: int = 16,
@@ -29,7 +29,7 @@ def recall(approx: np.ndarray, truth: np.ndarray) -> float:
 
 def brute_force(data: np.ndarray, queries: np.ndarray, metric: str = "cosine") -> np.ndarray:
     """Every (query, row) score in float64, straight from the raw vectors: cosine similarity
-    or squared Euclidean distance. Shares nothing with `embedstore.search`."""
+    or squared Euclidean distance. Shares nothing with `embedstore.search.index`."""
     x, q = data.astype(np.float64), queries.astype(np.float64)
     if metric == "l2":
         return (q**2).sum(1)[:, None] - 2 * q @ x.T + (x**2).sum(1)[None, :]

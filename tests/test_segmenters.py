@@ -14,19 +14,19 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from embedstore import segmenters as S
-from embedstore import slides as slides_mod
 from embedstore.errors import CellsError, SlideError
-from embedstore.geojson import write_geojson
 from embedstore.geometry import CropSpec
-from embedstore.segmenters import (
+from embedstore.io import segmenters as S
+from embedstore.io import slides as slides_mod
+from embedstore.io.geojson import write_geojson
+from embedstore.io.segmenters import (
     area_centroid,
     detect_format,
     ingest_detections,
     label_centroids,
     slide_id_for,
 )
-from embedstore.slides import Slide, find_slides
+from embedstore.io.slides import Slide, find_slides
 
 # an L made of [0,4]x[0,1] (area 4) and [0,1]x[1,3] (area 2), moved to (1000, 2000):
 # area centroid (1.5, 1.0) + offset; the vertex mean would be (1.667, 1.333) + offset

@@ -4,7 +4,7 @@ import pytest
 
 from embedstore.errors import SlideError
 from embedstore.geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
-from embedstore.slides import PAD_VALUE, Slide, find_slides, slide_id_from_path
+from embedstore.io.slides import PAD_VALUE, Slide, find_slides, slide_id_from_path
 from embedstore.synth import write_pyramid
 
 
@@ -31,7 +31,7 @@ def test_mpp_from_each_kind_of_file(slide_files, fmt, backend, source):
 
 
 def test_ome_physical_size_is_read_when_backends_say_nothing(tmp_path, gradient_image):
-    from embedstore.slides import _ome_mpp
+    from embedstore.io.slides import _ome_mpp
 
     path = tmp_path / "x.ome.tif"
     write_pyramid(path, gradient_image, 0.5031, "ome", compression="zlib")

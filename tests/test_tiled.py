@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from embedstore.errors import UserError
-from embedstore.extract import ExtractConfig, extract
+from embedstore.extract.pipeline import ExtractConfig, extract
+from embedstore.extract.tiled import TiledContext, TileGrid
 from embedstore.geometry import CONTEXT_CROP, CropSpec
-from embedstore.slides import Slide, find_slides
+from embedstore.io.slides import Slide, find_slides
 from embedstore.store import Store
-from embedstore.tiled import TiledContext, TileGrid
 from tests.conftest import FAST
 
 

@@ -39,11 +39,13 @@ import faiss
 import numpy as np
 import polars as pl
 
-from . import faults, search
-from .distributed import _ray, _start
-from .errors import UserError
+from .. import faults
+from ..errors import UserError
+from ..extract.distributed import _ray, _start
+from ..store import DEFAULT_TABLE, Store, StoreError, store_location
+from . import index as search
 from .explore import StoreSource, load_vectors, save_index
-from .search import (
+from .index import (
     CHUNK_ROWS,
     CellIndex,
     IVFPlan,
@@ -57,7 +59,6 @@ from .search import (
     resolve_kind,
     train_ivf,
 )
-from .store import DEFAULT_TABLE, Store, StoreError, store_location
 
 METRIC = "cosine"  # what build_index builds
 SHARD_ROWS = 32 * CHUNK_ROWS  # 1,048,576 rows a task: ~280 MB of SQ8 codes and ids

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from ..errors import CellsError
 from . import cells as C
-from .errors import CellsError
 from .slides import SLIDE_SUFFIXES, find_slides
 
 #: formats `embed cells` reads; the last three are read here

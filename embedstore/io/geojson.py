@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 #: prefix of per-class probability columns (written as "prob <class>" measurements)

@@ -10,7 +10,7 @@ Weights follow one path for every entry: the trunk is built on the meta device (
 init), the state dict is read from a file (safetensors, or a torch pickle read with
 `weights_only=True`), checked key by key and shape by shape, and assigned. Test entries
 (`test-*`) are tiny and, without a weights file, initialised from a fixed seed. Weights-free
-entries (`hc-nucleus`: hand-crafted nucleus features, embedstore.handcrafted) have no file at
+entries (`hc-nucleus`: hand-crafted nucleus features, embedstore.extract.handcrafted) have no file at
 all; their hash covers the feature version and constants.
 """
 
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedstore import handcrafted
 from embedstore.errors import UserError
+from embedstore.extract import handcrafted
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -366,7 +366,7 @@ def _test_vit_context(spec: BackboneSpec) -> nn.Module:
     BackboneSpec(
         name="hc-nucleus",
         description="Hand-crafted nucleus features (shape, H/E intensity, chromatin texture, "
-                    "crowding; embedstore.handcrafted), NOT a foundation model; no weights",
+                    "crowding; embedstore.extract.handcrafted), NOT a foundation model; no weights",
         dim=handcrafted.N_FEATURES,
         input_px=224,
         patch_px=224,

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .cells import CellsError
-from .errors import UserError
+from ..errors import UserError
+from ..io.cells import CellsError
 
 GEX = "Gene Expression"
 Log = Callable[[str], None]
@@ -67,7 +67,7 @@ class AnnotateConfig:
 
 def read_panel(path: str | Path) -> dict[str, list[str]]:
     """`class,gene` rows (one per marker) -> {class: [genes]}. Refuses a class with one gene."""
-    from .cells import read_table
+    from ..io.cells import read_table
 
     table = read_table(path)
     missing = [c for c in ("class", "gene") if c not in table.columns]
@@ -129,7 +129,7 @@ def read_expression(root: str | Path) -> Any:
 
 def read_cluster_map(path: str | Path) -> dict[str, str | None]:
     """`cluster,class` rows (cluster as SAMPLE:ID, or ID for one sample); empty class: unnamed."""
-    from .cells import read_table
+    from ..io.cells import read_table
 
     table = read_table(path)
     if not {"cluster", "class"} <= set(table.columns):
@@ -149,7 +149,7 @@ def read_synonyms(path: str | Path) -> dict[str, str | None]:
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object {{raw name: class}}")
         return {str(k): (None if v is None else str(v)) for k, v in data.items()}
-    from .cells import read_table
+    from ..io.cells import read_table
 
     table = read_table(path)
     if not {"raw", "class"} <= set(table.columns):
@@ -437,8 +437,8 @@ def annotate_bundle(
 ) -> SampleResult:
     """One Xenium bundle -> labels with slide_id and (when the bundle has its H&E and
     alignment) the registered H&E position of each cell."""
-    from . import xenium as X
-    from .ingest import ingest_xenium
+    from ..io import xenium as X
+    from ..io.ingest import ingest_xenium
 
     root = Path(root)
     bundle = X.open_bundle(root)

@@ -7,7 +7,7 @@ already stored, so a killed run resumes with each cell stored exactly once.
 
 A vector kind is a `VectorStep` (a crop spec plus a backbone); the context step is one such
 step. `exact` mode (the paper's): one centred field per cell. `tiled` mode: the context step
-carries a `TileGrid`, and its vectors are pooled from shared tiles (embedstore.tiled) one band of
+carries a `TileGrid`, and its vectors are pooled from shared tiles (embedstore.extract.tiled) one band of
 tiles at a time, while the per-cell steps run on that band's cells.
 """
 
@@ -29,14 +29,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from . import __version__
-from .cells import read_table, validate_cells
-from .errors import SlideError, UserError
-from .geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
-from .locking import LifeLock
+from .. import __version__
+from ..errors import SlideError, UserError
+from ..geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
+from ..io.cells import read_table, validate_cells
+from ..io.slides import PAD_VALUE, Slide, find_slides, group_by_region
+from ..locking import LifeLock
+from ..store import DEFAULT_TABLE, Store, vectors_to_arrow
 from .readers import READERS, in_processes, make_pool, read_regions
-from .slides import PAD_VALUE, Slide, find_slides, group_by_region
-from .store import DEFAULT_TABLE, Store, vectors_to_arrow
 from .tiled import OVERLAP_PX, TILE_PX, TiledContext, TileGrid
 
 #: backbone provenance that is recorded per run but does not define the vectors
@@ -63,7 +63,7 @@ class ExtractConfig:
     region_um: float = 512.0
     commit_every: int = 4096
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16
-    readers: str = "threads"  # threads or processes (see embedstore.readers)
+    readers: str = "threads"  # threads or processes (see embedstore.extract.readers)
     context: str = "exact"  # exact (one field per cell) or tiled (shared tiles, mean-pooled)
     tile_px: int = TILE_PX  # tiled mode: tile side at the context scale
     tile_overlap_px: int = OVERLAP_PX
@@ -111,7 +111,7 @@ class VectorStep:
 
     name: str
     crop: CropSpec  # field size in µm and the pixel size delivered to the backbone
-    backbone: object  # embedstore.backbones.Backbone
+    backbone: object  # embedstore.extract.backbones.Backbone
     precision: str = "fp32"  # fp32, or bf16 (autocast)
     tiling: TileGrid | None = None  # tiled context mode: vectors pooled from shared tiles
 
@@ -202,7 +202,7 @@ def vector_config(steps: list[VectorStep]) -> dict:
 
 
 def slide_paths_by_id(slides) -> dict[str, Path]:
-    from .slides import slide_id_from_path
+    from ..io.slides import slide_id_from_path
 
     out: dict[str, Path] = {}
     for path in find_slides(slides):

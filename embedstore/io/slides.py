@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import SlideError
-from .geometry import CropSpec, ReadPlan, is_close_mpp
+from ..errors import SlideError
+from ..geometry import CropSpec, ReadPlan, is_close_mpp
 
 #: value used for area outside the slide (white: tissue-neutral background)
 PAD_VALUE = 255

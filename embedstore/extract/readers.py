@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .geometry import ReadPlan
-from .slides import Region, Slide
+from ..errors import UserError
+from ..geometry import ReadPlan
+from ..io.slides import Region, Slide
 
 READERS = ("threads", "processes")
 

@@ -19,7 +19,7 @@ a GPU, where exact batched search is cheap.
 SQ8 codes (256 bytes/row, so a probe scans little memory); the best ``k * k_factor`` candidates
 are re-ranked with their full vectors read from a :class:`VectorSource`: the caller's array (a
 ``np.memmap`` works: only the candidates' rows are read) or the store itself (Lance ``take``,
-see ``embedstore.explore.StoreSource``). The index holds no copy of the vectors: ~264 bytes per
+see ``embedstore.search.explore.StoreSource``). The index holds no copy of the vectors: ~264 bytes per
 row (codes + ids), so 10M cells fit in ~2.7 GB. For cosine the
 index works in L2 on the normalised vectors (same ranking, ``sim = 1 - d / 2``), because PCA
 preserves L2, not inner products. nprobe is tuned at build time on a sample of the data's own
@@ -789,7 +789,7 @@ def empty_flat(d: int, metric: str) -> faiss.Index:
     return faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
 
 
-# An IVF build in steps, so that the add pass can also run in shards (embedstore.index_ray):
+# An IVF build in steps, so that the add pass can also run in shards (embedstore.search.distributed):
 # IVFPlan (layout and sampled rows, from n and d only) -> train_ivf (the trained, empty
 # index) -> add_rows over row chunks, in row order or per shard, also feeding TuneTruth ->
 # finish_ivf (search parameters, nprobe tuned against TuneTruth).

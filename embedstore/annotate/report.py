@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from .annotate import AnnotateConfig, SampleResult, cluster_order  # noqa: E402
+from .recipe import AnnotateConfig, SampleResult, cluster_order  # noqa: E402
 
 
 def _umap_png(res: SampleResult, path: Path, cfg: AnnotateConfig, umap_cells: int) -> Path | None:

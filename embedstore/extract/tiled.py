@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .geometry import CropSpec
+from ..errors import UserError
+from ..geometry import CropSpec
 
 #: defaults, in context-scale pixels (at 0.5 µm/px: 512 µm tiles, 64 µm kept on each side)
 TILE_PX = 1024

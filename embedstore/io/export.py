@@ -62,9 +62,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from .errors import UserError
-from .fileio import atomic_path, ensure_dir
-from .store import DEFAULT_TABLE, PREDICTION_COLUMNS, VECTOR_KINDS, Store, StoreError
+from ..errors import UserError
+from ..fileio import atomic_path, ensure_dir
+from ..store import DEFAULT_TABLE, PREDICTION_COLUMNS, VECTOR_KINDS, Store, StoreError
 
 if TYPE_CHECKING:
     import anndata

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from embedstore.errors import UserError
-from embedstore.search import CellIndex, Progress
+from embedstore.search.index import CellIndex, Progress
 
 
 def _check_vectors(index: CellIndex, vectors: Any) -> np.ndarray:

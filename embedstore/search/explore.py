@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import faults
+from .. import faults
+from ..errors import UserError
+from ..fileio import atomic_path
+from ..geometry import CONTEXT_CROP
+from ..store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors, is_uri
 from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
-from .errors import UserError
-from .fileio import atomic_path
-from .geometry import CONTEXT_CROP
-from .search import CellIndex, VectorSource, check_k, is_stale
-from .store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors, is_uri
+from .index import CellIndex, VectorSource, check_k, is_stale
 
 VECTORS = ("local", "context", "both")
 ROWS_FILE = "rows.parquet"
@@ -324,8 +324,8 @@ def gallery(
     """The query crop beside its neighbours' crops, read from the slides, with labels."""
     from matplotlib.figure import Figure
 
-    from .geometry import CropSpec
-    from .slides import Slide, find_slides, slide_id_from_path
+    from ..geometry import CropSpec
+    from ..io.slides import Slide, find_slides, slide_id_from_path
 
     paths = slide_paths(db)
     if slides is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .errors import CellsError
+from ..errors import CellsError
 
 REQUIRED = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue"]
 OPTIONAL = ["label", "label_confidence", "split"]

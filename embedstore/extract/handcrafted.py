@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .geometry import LOCAL_CROP
+from ..geometry import LOCAL_CROP
 
 #: bump on any change of the features, their computation or the reference constants
 FEATURES_VERSION = "hc-nucleus-1"

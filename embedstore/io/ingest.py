@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ..errors import CellsError, SlideError
 from . import cells as C
 from . import xenium as X
-from .errors import CellsError, SlideError
 from .slides import Slide, find_slides, slide_id_from_path
 
 

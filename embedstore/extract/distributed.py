@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .cells import read_table, validate_cells
-from .errors import UserError
-from .extract import ExtractConfig, ExtractionFailed, extract, slide_paths_by_id
-from .store import Store, sql_in, store_location
+from ..errors import UserError
+from ..io.cells import read_table, validate_cells
+from ..store import Store, sql_in, store_location
+from .pipeline import ExtractConfig, ExtractionFailed, extract, slide_paths_by_id
 
 #: how often the driver polls the store's stored-cell count for the progress bar
 POLL_S = 0.5
@@ -54,7 +54,7 @@ class _SlideWorker:
     def __init__(self, cfg: ExtractConfig, threads: int):
         import torch
 
-        from .extract import build_steps, resolve_device
+        from .pipeline import build_steps, resolve_device
 
         torch.set_num_threads(max(1, threads))
         self.cfg = cfg

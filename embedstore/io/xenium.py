@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .errors import AlignmentError, CellsError
+from ..errors import AlignmentError, CellsError
 
 PIXEL_SIZE_DEFAULT_UM = 0.2125
 #: relative tolerance between the slide's µm/px and the one implied by the alignment
