@@ -29,8 +29,8 @@ from pathlib import Path
 import polars as pl
 
 from embedstore.errors import UserError
-from embedstore.extract.distributed import _ray, _start
 from embedstore.fileio import atomic_path, ensure_dir
+from embedstore.raycluster import import_ray, start_ray
 from embedstore.store import DEFAULT_TABLE, Store, store_location
 
 from . import checkpoint as ckpt
@@ -147,7 +147,7 @@ def predict_ray(
     and `done` (the summary). Returns the summary: cells, slides, seconds, cells_per_s,
     startup_seconds, task_seconds, workers, slides_by_worker (actor id -> slide ids), out.
     """
-    ray = _ray()
+    ray = import_ray()
     emit = on_event or (lambda kind, data: None)
     if workers < 1:
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
@@ -162,7 +162,7 @@ def predict_ray(
     ids = counts["slide_id"].to_list()
     tasks = [ids[i : i + slides_per_task] for i in range(0, len(ids), slides_per_task)]
     per_slide = dict(counts.iter_rows())
-    started = _start(ray, address, workers)
+    started = start_ray(ray, address, workers)
     try:
         t0 = time.perf_counter()
         actor = ray.remote(_PredictWorker).options(

@@ -21,7 +21,6 @@ import os
 import platform
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import polars as pl
 
 from ..errors import UserError
 from ..io.cells import read_table, validate_cells
+from ..raycluster import import_ray, start_ray
 from ..store import Store, sql_in, store_location
 from .pipeline import ExtractConfig, ExtractionFailed, extract, slide_paths_by_id
 
@@ -38,14 +38,6 @@ from .pipeline import ExtractConfig, ExtractionFailed, extract, slide_paths_by_i
 POLL_S = 0.5
 #: a slide with more cells than this is split into spatial shards, one task each
 SHARD_CELLS = 200_000
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError as exc:
-        raise UserError("--engine ray needs Ray: pip install .[ray]  (or pip install 'ray>=2.9')") from exc
-    return ray
 
 
 class _SlideWorker:
@@ -105,25 +97,6 @@ def spatial_shards(cells: pl.DataFrame, max_cells: int) -> list[pl.DataFrame]:
     return [ordered[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def _start(ray, address: str | None, workers: int) -> bool:
-    """Start a local Ray (or join `address`); True when this call started it."""
-    if ray.is_initialized():
-        return False
-    with warnings.catch_warnings():  # lance/lancedb warn at fork; Ray's fork is followed by exec
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.filterwarnings("ignore", "lance is not fork-safe")
-        _init(ray, address, workers)
-    return True
-
-
-def _init(ray, address: str | None, workers: int) -> None:
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # GPUs are detected by Ray; every worker gets a CPU slot even on a small machine
-        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-
-
 def _stored(store: Store, table: str, slide_ids: list[str]) -> int | None:
     """Rows stored for these slides (None while the table is missing or being compacted)."""
     try:
@@ -161,7 +134,7 @@ def extract_ray(
     `ray_task` (task label, slide id and actor id, as a task is handed to a worker).
     Returns a summary like `extract`'s, with `run_ids`, `tasks` and `tasks_by_worker`.
     """
-    ray = _ray()
+    ray = import_ray()
     emit = on_event or (lambda kind, data: None)
     cfg.validate()
     if workers < 1:
@@ -172,7 +145,7 @@ def extract_ray(
     paths = slide_paths_by_id(slides)
     db = store_location(db)
     tasks = _tasks(cells, paths, slides, shard_cells)
-    started = _start(ray, address, workers)
+    started = start_ray(ray, address, workers)
     try:
         pool = _make_workers(ray, cfg, workers, gpus_per_worker, cpus_per_worker, max_retries)
         return _Driver(ray, db, cfg, cells, emit, poll_s).run(pool, tasks)

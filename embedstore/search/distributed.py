@@ -41,7 +41,7 @@ import polars as pl
 
 from .. import faults
 from ..errors import UserError
-from ..extract.distributed import _ray, _start
+from ..raycluster import import_ray, start_ray
 from ..store import DEFAULT_TABLE, Store, StoreError, store_location
 from . import index as search
 from .explore import StoreSource, load_vectors, save_index
@@ -90,7 +90,7 @@ def build_index_ray(
     `shard_rows` mirror). `workers`: shards added at a time (local Ray started with at least
     that many CPUs, or the cluster at `address`); `progress(done_rows, n_rows)` as shards merge.
     """
-    ray = _ray()
+    ray = import_ray()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
@@ -128,7 +128,7 @@ def build_index_ray(
         empty = empty_flat(d, METRIC)
     truth = TuneTruth(tq, plan.tune_k if plan else 1)
     job = _Job(db, table, vector, version, n, shard_rows, search.CHUNK_ROWS)
-    started = _start(ray, address, workers)
+    started = start_ray(ray, address, workers)
     try:
         phases("ray_start")
         index = _add_shards(ray, job, empty, tq, truth, workers, progress)
