@@ -609,8 +609,13 @@ class Store:
         return pl.from_arrow(ds.to_table(filter=f"run = {_sql_str(run)}" if run else None))
 
     # -- reading ------------------------------------------------------------------------------
-    def keys_frame(self, name: str = DEFAULT_TABLE) -> pl.DataFrame:
-        tb = self.open(name).to_lance().to_table(columns=["slide_id", "cell_id"])
+    def keys_frame(self, name: str = DEFAULT_TABLE, slides: list[str] | None = None) -> pl.DataFrame:
+        """(slide_id, cell_id) of every stored row, or of the rows of `slides`."""
+        ds = self.open(name).to_lance()
+        if slides is not None and not slides:
+            return pl.from_arrow(ds.schema.empty_table().select(["slide_id", "cell_id"]))
+        flt = sql_in("slide_id", sorted(set(slides))) if slides is not None else None
+        tb = ds.to_table(columns=["slide_id", "cell_id"], filter=flt)
         return pl.from_arrow(tb)
 
     def load(

@@ -51,6 +51,21 @@ def test_load_returns_every_vector_in_row_order(tmp_path, monkeypatch):
     assert store.load(tissues=["breast"], dtype=np.float16).meta.height == 130
 
 
+
+def test_keys_frame_of_some_slides(tmp_path):
+    """The keys of the slides asked for and no others (extraction attaches a cells table's labels
+    through it, so it must not read the whole table nor miss a slide)."""
+    rng = np.random.default_rng(1)
+    store = Store(tmp_path / "db", create=True)
+    store.cells_table("cells", {"local": 24, "context": 8}, {"test": 1})
+    for slide, n in (("s0", 5), ("s1", 7), ("s'2", 3)):
+        store.append("cells", _rows(slide, 0, n, rng)[0])
+    assert store.keys_frame("cells").height == 15
+    some = store.keys_frame("cells", ["s1", "s'2", "s1"])
+    assert some.columns == ["slide_id", "cell_id"] and some.height == 10 and set(some["slide_id"]) == {"s1", "s'2"}
+    none = store.keys_frame("cells", [])
+    assert none.height == 0 and none.columns == ["slide_id", "cell_id"]
+
 def _predictions(slide: str, n: int, run: str = "r1", value: float = 0.5):
     import polars as pl
 

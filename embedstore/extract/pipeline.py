@@ -452,7 +452,7 @@ def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
     if not cols:
         return
     with store.writing():  # another writer's labels (or compaction) cannot slip in between
-        frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table), on=["slide_id", "cell_id"], how="semi")
+        frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table, cells["slide_id"].unique().to_list()), on=["slide_id", "cell_id"], how="semi")
         labelled = store.labels()
         if labelled is not None:
             frame = frame.join(labelled.select("slide_id", "cell_id"), on=["slide_id", "cell_id"], how="anti")
