@@ -190,6 +190,18 @@ def test_bad_rows_go_through_the_usual_report(tmp_path):
         ingest_detections(path, tissue="lung")
 
 
+
+def test_names_shared_by_many_objects_are_not_ids(tmp_path):
+    """QuPath names detections by class ("Tumor"): as ids they would merge distinct cells."""
+    feats = [_feature({"type": "Point", "coordinates": [i, i]}, name=("Tumor", "Stroma")[i % 2], cls="x") for i in range(6)]
+    path = _write_json(tmp_path / "S4.geojson", {"type": "FeatureCollection", "features": feats})
+    frame, report = ingest_detections(path, mpp=0.5, tissue="lung")
+    assert frame.height == 6 and sorted(frame["cell_id"]) == [f"f{i}" for i in range(6)] and not report.dropped
+    assert any("properties.name repeats" in n for n in report.notes), report.notes
+    feats = [_feature({"type": "Point", "coordinates": [i, i]}, name=f"n{i}") for i in range(3)]  # unique: used
+    frame, _ = ingest_detections(_write_json(tmp_path / "S5.geojson", feats), mpp=0.5, tissue="lung")
+    assert sorted(frame["cell_id"]) == ["n0", "n1", "n2"]
+
 # -- CellViT -------------------------------------------------------------------------------------
 def _cellvit_cells():
     return {

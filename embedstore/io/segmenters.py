@@ -234,18 +234,35 @@ def object_type(feat: Mapping) -> str | None:
     return str(t).lower() if t is not None else None
 
 
-def feature_id(feat: Mapping, index: int) -> str:
-    """Our exports' metadata.cell_id, else the Feature id, properties.name/.id, else `f<index>`."""
+#: where a Feature's cell id is looked for, in order
+ID_SOURCES = ("metadata.cell_id", "Feature id", "properties.name", "properties.id")
+
+
+def _id_candidates(feat: Mapping) -> list[str | None]:
     props = _props(feat)
     meta = props.get("metadata")
-    candidates = (
-        meta.get("cell_id") if isinstance(meta, Mapping) else None,
-        feat.get("id"), props.get("name"), props.get("id"),
-    )  # fmt: skip
-    for value in candidates:
-        if value is not None and str(value).strip() and str(value) not in _QUPATH_V02_IDS:
-            return str(value).strip()
-    return f"f{index}"
+    raw = (meta.get("cell_id") if isinstance(meta, Mapping) else None, feat.get("id"), props.get("name"), props.get("id"))
+    out = [None if v is None else str(v).strip() for v in raw]
+    return [v if v and v not in _QUPATH_V02_IDS else None for v in out]
+
+
+def feature_ids(feats: Sequence[Mapping], chosen: Sequence[int]) -> tuple[list[str], str | None]:
+    """One id per chosen feature: its first candidate among ID_SOURCES, else `f<index>` (its
+    place in the file); and a note when names were passed over.
+
+    properties.name is a display name: QuPath names objects by their class ("Tumor", "Stroma"),
+    and taking those as ids would merge distinct cells, so names are used only when no two
+    features share one. A repeat of a real id field (the Feature id) is a duplicate cell and
+    goes through the usual bad-row rule.
+    """
+    cand = [_id_candidates(feats[i]) for i in chosen]
+    name = ID_SOURCES.index("properties.name")
+    names = [c[name] for c in cand if c[name] is not None]
+    use_names = len(set(names)) == len(names)
+    ids = [next((v for k, v in enumerate(c) if v is not None and (use_names or k != name)), f"f{i}")
+           for i, c in zip(chosen, cand, strict=True)]  # fmt: skip
+    note = None if use_names else f"properties.name repeats ({len(names) - len(set(names))} times), so it was not used as a cell id"
+    return ids, note
 
 
 def feature_label(feat: Mapping) -> str | None:
@@ -316,7 +333,10 @@ def read_geojson(
     xy: list[np.ndarray] = []
     labels: list[str | None] = []
     unsupported: Counter = Counter()
-    for i in chosen:
+    base_ids, id_note = feature_ids(feats, chosen)
+    if id_note:
+        notes.append(id_note)
+    for i, base in zip(chosen, base_ids, strict=True):
         feat = feats[i]
         geom = feat.get("geometry")
         # QuPath writes a cell's nucleus beside "geometry"; accept it among the properties too
@@ -328,7 +348,6 @@ def read_geojson(
             unsupported[geom.get("type") if isinstance(geom, Mapping) else "no"] += 1
             continue
         pts, split = got
-        base = feature_id(feat, i)
         ids += [f"{base}-{j}" for j in range(len(pts))] if split else [base]
         xy.append(pts)
         labels += [feature_label(feat)] * len(pts)
