@@ -386,7 +386,7 @@ def labels(
         n = Store(db).restore_labels(restore)
         console.print(f"labels restored to version {restore}: {n} label rows are current")
         return
-    frame = read_table(source)
+    frame = read_table(source, text=[cell_id_col])
     rename = {c: new for c, new in ((cell_id_col, "cell_id"), (label_col, "label"), (split_col, "split")) if c in frame.columns and c != new}
     frame = frame.rename(rename)
     if slide_id is not None:

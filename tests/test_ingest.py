@@ -221,3 +221,44 @@ def test_tables_with_other_delimiters_are_read(tmp_path, sep):
     assert frame.row(0, named=True) == {
         "slide_id": "s", "cell_id": "1", "x_px": 42.0, "y_px": 81.0, "x_um": 10.5, "y_um": 20.25, "tissue": "lung"
     }  # fmt: skip
+
+
+def _tiff_slide(path, size=64, mpp=0.5):
+    import tifffile
+
+    rgb = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_tables_as_other_tools_write_them(tmp_path):
+    """Ids verbatim ("01" is not "1"), R's NA, Greek μ, Windows-1252 files, QuPath's Image column
+    holding file names, decomposed Unicode file names, and a folder holding other TIFFs."""
+    import unicodedata
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    nfd = unicodedata.normalize("NFD", "café")
+    _tiff_slide(slides / f"{nfd}.tif")
+    (slides / "café_labels.tif").write_bytes(b"not a slide")  # never opened: no table names it
+    path = tmp_path / "cells.csv"
+    path.write_text("slide_id,cell_id,x_px,y_px,tissue\n" + "".join(
+        f"café,{cid},{x},10,lung\n" for cid, x in (("1", 5), ("01", 6), ("001", 7), ("2", "NA"))))  # fmt: skip
+    frame, report = ingest_table(path, slides=slides)
+    assert sorted(frame["cell_id"]) == ["001", "01", "1"] and set(frame["slide_id"]) == {nfd}
+    assert report.dropped == {"NaN or infinite centroid": 1}
+    # QuPath's measurement export: Windows-1252, "Image" with the file name, µm in the header
+    qupath = tmp_path / "measurements.tsv"
+    qupath.write_bytes("Image\tObject ID\tCentroid X µm\tCentroid Y µm\n".encode("cp1252")
+                       + "".join(f"café.tif\t{i:04d}\t{2 + i}\t3\n" for i in range(3)).encode("cp1252"))  # fmt: skip
+    frame, report = ingest_table(qupath, slides=slides, tissue="lung")
+    assert frame["cell_id"].to_list() == ["0000", "0001", "0002"] and not report.dropped
+    np.testing.assert_allclose(frame["x_px"].to_numpy(), [4.0, 6.0, 8.0])  # µm / 0.5 µm/px
+    greek = tmp_path / "greek.csv"
+    greek.write_text("id,Centroid X \u03bcm,Centroid Y \u03bcm\n7,1.5,2\n")
+    frame, _ = ingest_table(greek, slides=slides / f"{nfd}.tif", tissue="lung")  # one slide: its id
+    assert frame.row(0, named=True)["x_px"] == 3.0 and frame["slide_id"].to_list() == [nfd]
+    floats = tmp_path / "floats.parquet"
+    pl.DataFrame({"slide_id": ["s", "s"], "cell_id": [0.0, 12.0], "x_px": [1.0, 2.0], "y_px": [1.0, 2.0],
+                  "tissue": ["lung"] * 2}).write_parquet(floats)  # fmt: skip
+    assert ingest_table(floats, mpp=0.5)[0]["cell_id"].to_list() == ["0", "12"]

@@ -14,6 +14,7 @@ Each kind is counted, with examples, in a `CellReport`. `on_bad="error"` raises 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,38 @@ def sniff_delimiter(path: Path) -> str:
     return best if counts[best] else ","
 
 
-def read_table(path: str | Path) -> pl.DataFrame:
-    """A CSV/TSV (optionally gzipped; delimiter , ; tab or | from the header) or Parquet file."""
+#: values of a numeric column that mean "missing" (R's NA, Excel's #N/A, pandas' NaN): the
+#: row is then dropped and counted like any NaN centroid, not the whole table refused
+MISSING_TOKENS = ("", "na", "n/a", "#n/a", "nan", "null", "none")
+
+
+def _fold(name: str) -> str:
+    """A column name compared loosely: case, surrounding blanks, and the two micro signs (U+00B5
+    and Greek U+03BC, which look the same) do not matter."""
+    return name.strip().casefold().replace("\u03bc", "\u00b5")
+
+
+def _decoded_csv(path: Path) -> bytes:
+    """The file's bytes as UTF-8: a file that is not valid UTF-8 is read as Windows-1252, the
+    encoding of CSVs saved by Excel and QuPath on Windows ("Centroid X \u00b5m")."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return raw
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace").encode("utf-8")
+
+
+def read_table(path: str | Path, text: Sequence[str] = ()) -> pl.DataFrame:
+    """A CSV/TSV (optionally gzipped; delimiter , ; tab or | from the header) or Parquet file.
+
+    In a CSV, id columns (any name among the slide and cell id candidates, and the names in
+    `text`) are read as text, verbatim: inferring numbers would turn "001" and "01" into the
+    same id 1. Integral float ids in a Parquet file (pandas writes int ids with a NaN as float)
+    lose their ".0".
+    """
     path = Path(path)
     if not path.exists():
         raise CellsError(f"{path}: no such table")
@@ -108,16 +139,28 @@ def read_table(path: str | Path) -> pl.DataFrame:
         raise CellsError(f"{path}: a directory, not a table (.csv, .tsv or .parquet)")
     name = path.name.lower()
     try:
+        ids = {_fold(c) for c in (*DEFAULT_NAMES["slide_id"], *DEFAULT_NAMES["cell_id"], *text)}
         if name.endswith(".parquet") or name.endswith(".pq"):
-            return pl.read_parquet(path)
+            frame = pl.read_parquet(path)
+            return frame.with_columns(_integral_as_text(frame[c]) for c in frame.columns if _fold(c) in ids and frame[c].dtype.is_float())
         if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
             sep = sniff_delimiter(path)
-            return pl.read_csv(path, separator=sep, infer_schema_length=10000)
+            data = _decoded_csv(path)
+            header = pl.read_csv(io.BytesIO(data), separator=sep, n_rows=0).columns
+            as_text = {c: pl.Utf8 for c in header if _fold(c) in ids}
+            return pl.read_csv(io.BytesIO(data), separator=sep, infer_schema_length=10000, schema_overrides=as_text)
     except CellsError:
         raise
     except Exception as exc:  # noqa: BLE001 - polars raises many kinds
         raise CellsError(f"{path}: cannot read the table ({exc})") from exc
     raise CellsError(f"{path}: unknown table format; use .csv, .tsv (optionally .gz) or .parquet")
+
+
+def _integral_as_text(column: pl.Series) -> pl.Series:
+    finite = column.drop_nulls()
+    if finite.len() and (finite == finite.round(0)).all():
+        return column.cast(pl.Int64).cast(pl.Utf8)
+    return column
 
 
 def clean_text_columns(frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
@@ -135,8 +178,10 @@ def numeric_column(frame: pl.DataFrame, column: str, what: str) -> pl.Expr:
         return pl.col(column).cast(pl.Float64)
     if dtype != pl.Utf8 and dtype != pl.Null:
         raise CellsError(f"column {column!r} ({what}) holds {dtype}, not numbers")
-    cast = frame[column].str.strip_chars().cast(pl.Float64, strict=False)
-    bad = frame[column].filter(cast.is_null() & frame[column].is_not_null())
+    text = frame[column].str.strip_chars()
+    missing = text.str.to_lowercase().is_in(MISSING_TOKENS)
+    cast = text.cast(pl.Float64, strict=False)
+    bad = frame[column].filter(cast.is_null() & frame[column].is_not_null() & ~missing)
     if bad.len():
         decimal = "; the file may use decimal commas: convert them to points" if bad.str.contains(r"^\s*-?\d+,\d+\s*$").any() else ""
         raise CellsError(
@@ -144,6 +189,31 @@ def numeric_column(frame: pl.DataFrame, column: str, what: str) -> pl.Expr:
             f"{bad.head(3).to_list()}{decimal}"
         )
     return pl.col(column).str.strip_chars().cast(pl.Float64, strict=False)
+
+
+def find_column(df: pl.DataFrame, key: str, given: str | None = None) -> str | None:
+    """The table's column for normalised field `key` (`given`, or the first DEFAULT_NAMES match)."""
+    return _pick(df, key, given, required=False)
+
+
+def match_slide_ids(frame: pl.DataFrame, known: Sequence[str]) -> pl.DataFrame:
+    """Slide ids written as file names ("S1.svs", "scans/S1.ome.tiff", QuPath's Image column)
+    or in another Unicode form (macOS stores "é" decomposed) become the slide files' ids."""
+    import unicodedata
+
+    from .slides import slide_id_from_path
+
+    nfc = {unicodedata.normalize("NFC", k): k for k in known}
+    mapping = {}
+    for value in frame["slide_id"].drop_nulls().unique().to_list():
+        if value in known:
+            continue
+        for cand in (value, slide_id_from_path(value.replace("\\", "/"))):
+            hit = nfc.get(unicodedata.normalize("NFC", cand))
+            if hit is not None:
+                mapping[value] = hit
+                break
+    return frame.with_columns(pl.col("slide_id").replace(mapping)) if mapping else frame
 
 
 def _pick(df: pl.DataFrame, key: str, given: str | None, required: bool) -> str | None:
@@ -156,6 +226,10 @@ def _pick(df: pl.DataFrame, key: str, given: str | None, required: bool) -> str 
     for name in DEFAULT_NAMES[key]:
         if name in df.columns:
             return name
+    folded = {_fold(c): c for c in df.columns}
+    for name in DEFAULT_NAMES[key]:
+        if _fold(name) in folded:
+            return folded[_fold(name)]
     if required:
         raise CellsError(
             f"no {key} column found (tried {', '.join(DEFAULT_NAMES[key])}); columns are "
@@ -165,7 +239,7 @@ def _pick(df: pl.DataFrame, key: str, given: str | None, required: bool) -> str 
 
 
 def _unit_from_name(name: str) -> str | None:
-    low = name.lower()
+    low = _fold(name)
     if low.endswith(("_um", " µm", "_µm", "_micron", "_microns")) or "µm" in low:
         return "um"
     if low.endswith(("_px", " px", "_pixel", "_pixels")):
@@ -233,8 +307,12 @@ def normalise(
     slides: Mapping[str, SlideGeometry],
     *,
     on_bad: str = "drop",
+    known: Sequence[str] | None = None,
 ) -> tuple[pl.DataFrame, CellReport]:
-    """Convert `x`/`y` in `unit` to x_px/y_px/x_um/y_um per slide and apply the bad-row rule."""
+    """Convert `x`/`y` in `unit` to x_px/y_px/x_um/y_um per slide and apply the bad-row rule.
+
+    `known`: every slide id that was found (for the message about unknown ones), when `slides`
+    holds only those the table names."""
     if on_bad not in ("drop", "error"):
         raise ValueError(f"on_bad must be 'drop' or 'error', not {on_bad!r}")
     report = CellReport(n_in=frame.height)
@@ -242,7 +320,7 @@ def normalise(
 
     unknown = frame.filter(~pl.col("slide_id").is_in(list(slides)))
     report.add(
-        f"slide not found; known slides: {', '.join(sorted(slides)) or 'none'}",
+        f"slide not found; known slides: {', '.join(sorted(known if known is not None else slides)) or 'none'}",
         unknown.select(key).to_series().to_list(),
     )
     frame = frame.filter(pl.col("slide_id").is_in(list(slides)))

@@ -25,6 +25,15 @@ def slide_geometries(slide_paths: Sequence[Path], mpp: float | None = None) -> d
     return out
 
 
+def slide_files_by_id(slides: str | Path | Sequence[str | Path]) -> dict[str, Path]:
+    """The slide files among `slides` (see `find_slides`) by id, without opening them."""
+    by_id: dict[str, Path] = {}
+    for p in find_slides(list(slides) if isinstance(slides, list | tuple) else slides):
+        if by_id.setdefault(slide_id_from_path(p), p) != p:
+            raise SlideError(f"two slide files share the id {slide_id_from_path(p)!r}: rename one")
+    return by_id
+
+
 def ingest_table(
     path: str | Path,
     *,
@@ -41,12 +50,20 @@ def ingest_table(
     Slide files (a directory or paths) give each slide's µm/px and bounds; without them `mpp`
     must be given and centroids cannot be checked against the slide bounds.
     """
-    frame, unit = C.table_to_cells(
-        C.read_table(path), unit=unit, columns=columns, slide_id=slide_id, tissue=tissue
-    )
-    if slides is not None:
-        geos = slide_geometries(find_slides(list(slides) if isinstance(slides, list | tuple) else slides), mpp)
-    elif mpp is not None:
+    columns = dict(columns or {})
+    table = C.read_table(path, text=[columns[k] for k in ("slide_id", "cell_id") if k in columns])
+    by_id = slide_files_by_id(slides) if slides is not None else None
+    if slide_id is None and by_id is not None and len(by_id) == 1 and C.find_column(table, "slide_id", columns.get("slide_id")) is None:
+        slide_id = next(iter(by_id))  # one slide, and the table names none: that one
+    frame, unit = C.table_to_cells(table, unit=unit, columns=columns, slide_id=slide_id, tissue=tissue)
+    if by_id is not None:
+        frame = C.match_slide_ids(frame, list(by_id))
+        named = set(frame["slide_id"].unique().to_list())
+        # open only the slides the table names: other files in the folder (label images,
+        # thumbnails) are none of this table's business
+        geos = slide_geometries([p for sid, p in by_id.items() if sid in named], mpp)
+        return C.normalise(frame, unit, geos, on_bad=on_bad, known=list(by_id))
+    if mpp is not None:
         geos = {sid: C.SlideGeometry(mpp) for sid in frame["slide_id"].unique().to_list()}
     else:
         raise CellsError("give the slides (--slides DIR) or their µm per pixel (--mpp) to place the cells")

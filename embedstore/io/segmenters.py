@@ -31,7 +31,7 @@ import polars as pl
 
 from ..errors import CellsError
 from . import cells as C
-from .slides import SLIDE_SUFFIXES, find_slides
+from .slides import SLIDE_SUFFIXES
 
 #: formats `embed cells` reads; the last three are read here
 FORMATS = ("auto", "table", "xenium", "geojson", "cellvit", "labels")
@@ -624,7 +624,7 @@ def ingest_detections(
     of which the slide is a crop. The slide id is `slide_id`, else the one slide given, else from
     the file name (`slide_id_for`). Slides give µm/px and bounds as in `ingest_table`.
     """
-    from .ingest import slide_geometries
+    from .ingest import slide_files_by_id, slide_geometries
 
     path = Path(path)
     if labels_from not in LABELS_FROM:
@@ -638,10 +638,13 @@ def ingest_detections(
         raise CellsError(f"{path}: a segmenter's output names no tissue: pass --tissue NAME")
     det = read_detections(path, fmt=fmt, labels_from=labels_from, object_types=object_types)
     if slides is not None:
-        geos = slide_geometries(find_slides(list(slides) if isinstance(slides, list | tuple) else slides), mpp)
-        if not geos:
+        by_id = slide_files_by_id(slides)
+        if not by_id:
             raise CellsError(f"no slide files found in {slides}")
-        sid = slide_id or (next(iter(geos)) if len(geos) == 1 else slide_id_for(path))
+        sid = slide_id or (next(iter(by_id)) if len(by_id) == 1 else slide_id_for(path))
+        if sid not in by_id:
+            raise CellsError(f"{path}: no slide with id {sid!r} among {', '.join(sorted(by_id))}: pass --slide-id")
+        geos = slide_geometries([by_id[sid]], mpp)  # only this file's slide is opened
     elif mpp is not None:
         sid = slide_id or slide_id_for(path)
         geos = {sid: C.SlideGeometry(mpp)}
