@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from embedstore.extract.pipeline import ExtractConfig, extract
+from embedstore.extract.pipeline import ExtractConfig, ExtractionFailed, extract
 from embedstore.store import Store, StoreError
 
 from .conftest import FAST
@@ -124,6 +124,20 @@ def test_failed_slide_is_recorded_and_others_stored(synth_small, tmp_path):
     assert runs["status"][0] == "failed"
     assert json.loads(runs["counts"][0])["slides_failed"] == 2
 
+
+
+def test_cells_made_at_another_mpp_fail_their_slide(synth_small, tmp_path):
+    """A cells table made with a wrong --mpp (x_um / x_px != the slide's µm/px) would put every
+    crop in the wrong place: its slide fails with the two scales named, the others are stored."""
+    cells = pl.read_parquet(synth_small.cells_path)
+    wrong = cells.with_columns(
+        pl.when(pl.col("slide_id") == "synth_s0").then(pl.col(c) * 2).otherwise(pl.col(c)).alias(c) for c in ("x_um", "y_um")
+    )  # fmt: skip
+    events = []
+    with pytest.raises(ExtractionFailed, match=r"synth_s0: the cells table places its cells at 0\.5 µm/px .* slide reads at 0\.25"):
+        extract(synth_small.out_dir / "slides", wrong, tmp_path / "db", ExtractConfig(**FAST),
+                on_event=lambda k, d: events.append((k, d)))  # fmt: skip
+    assert set(Store(tmp_path / "db").keys_frame()["slide_id"]) == set(cells["slide_id"]) - {"synth_s0"}
 
 def test_centroids_outside_are_skipped_and_reported(synth_small, tmp_path):
     cells = pl.read_parquet(synth_small.cells_path).filter(pl.col("slide_id") == "synth_s0").head(20)

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..errors import SlideError, UserError
-from ..geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec
+from ..geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec, is_close_mpp
 from ..io.cells import read_table, validate_cells
 from ..io.slides import PAD_VALUE, Slide, find_slides, group_by_region
 from ..locking import LifeLock
@@ -460,6 +460,15 @@ def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
             store.set_labels(frame, source="cells table", table=table, replace=False)
 
 
+def _table_mpp(cells: pl.DataFrame) -> float | None:
+    """The µm/px a cells table was made with: the median of (x_um + y_um) / (x_px + y_px) over
+    cells away from the origin (None when none is)."""
+    px = (cells["x_px"] + cells["y_px"]).to_numpy()
+    um = (cells["x_um"] + cells["y_um"]).to_numpy()
+    far = px > 8
+    return float(np.median(um[far] / px[far])) if far.any() else None
+
+
 def _extract_slide(
     sid: str, cells: pl.DataFrame, path: Path | None, steps: list[VectorStep], store: Store,
     cfg: ExtractConfig, run_id: str, device, pool: Executor, emit,
@@ -481,6 +490,15 @@ def _extract_slide(
         emit("slide_failed", {"slide_id": sid, "reason": str(exc)})
         return result
     with slide:
+        table_mpp = _table_mpp(todo)
+        if table_mpp is not None and not is_close_mpp(table_mpp, slide.mpp):
+            result.status = "failed"
+            result.reason = (f"the cells table places its cells at {table_mpp:.4g} µm/px (x_um / x_px), but the slide "
+                             f"reads at {slide.mpp:.4g} µm/px ({slide.info.mpp_source}): crops would be cut in the wrong "
+                             "place. Make the cells with the slide (`embed cells ... --slides`) or with the --mpp "
+                             "given here")  # fmt: skip
+            emit("slide_failed", {"slide_id": sid, "reason": result.reason})
+            return result
         result.info = {**slide.info.to_dict(), "plans": {s.name: slide.plan(s.crop).to_dict() for s in steps}}
         w, h = slide.dimensions
         x, y = todo["x_px"].to_numpy(), todo["y_px"].to_numpy()
