@@ -141,11 +141,15 @@ def check_slides(paths: Sequence[Path], mpp: float | None) -> list[Check]:
         try:
             with Slide(path, mpp=mpp) as s:
                 i = s.info
+                # the last pixel of each level: a truncated file lacks its last tiles
+                for level, (w, h) in enumerate(i.level_dimensions):
+                    s.read_level(level, w - 1, h - 1, 1, 1)
                 out.append(Check("slides", path.name, "ok",
                                  f"{i.width} x {i.height} px, {i.mpp:.4f} µm/px ({i.mpp_source}), "
                                  f"{len(i.level_dimensions)} level(s), {i.backend}"))  # fmt: skip
         except UserError as exc:
-            fix = "pass --mpp with the scanner's µm per pixel" if "µm per pixel" in str(exc) else ""
+            fix = ("pass --mpp with the scanner's µm per pixel" if "µm per pixel" in str(exc) else
+                   "copy the file again from where it was made" if "corrupt or truncated" in str(exc) else "")  # fmt: skip
             out.append(Check("slides", path.name, "fail", str(exc), fix))
     return out
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from embedstore.doctor import blocking, run_checks
 
 TEST = ("--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context")
@@ -47,3 +49,16 @@ def test_unknown_backbone_is_one_failed_check_without_timing():
     assert not [c for c in checks if c.group == "timing"]
     (bad,) = blocking(checks)
     assert "Unknown backbone 'no-such-net'" in bad.detail
+
+
+def test_truncated_slide_is_a_failed_check_without_stray_log_lines(tmp_path, caplog):
+    from embedstore.doctor import check_slides
+    from embedstore.synth import write_pyramid
+
+    path = tmp_path / "truncated.tif"
+    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    write_pyramid(path, image, 0.5, "tiff", compression="zlib")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (check,) = blocking(check_slides([path], None))
+    assert "corrupt or truncated" in check.detail and "copy the file again" in check.fix
+    assert not [r for r in caplog.records if r.name == "tifffile"]  # "invalid page offset"

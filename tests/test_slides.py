@@ -166,3 +166,73 @@ def test_crop_is_centred_on_a_synthetic_nucleus(tmp_path):
             offsets.append(np.hypot(dx, dy))
     assert np.median(offsets) <= 1.0, offsets
     assert np.mean(np.array(offsets) <= 2) >= 0.8, offsets
+
+
+def _rgb(h=512, w=512):
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "resolution,unit,mpp",
+    [(600, "INCH", None), (300, "INCH", None), (101600, "INCH", 0.25), (20000, "CENTIMETER", 0.5), (5000, "CENTIMETER", 2.0)],
+)
+def test_print_dpi_is_not_a_scan_resolution(tmp_path, resolution, unit, mpp):
+    import tifffile
+
+    path = tmp_path / f"res_{resolution}.tif"
+    tifffile.imwrite(path, _rgb(), resolution=(resolution, resolution), resolutionunit=unit)
+    if mpp is None:  # 600 DPI would be 42.3 µm/px, inside MPP_RANGE: still no scan's
+        with pytest.raises(SlideError, match=rf"{resolution} DPI, is a print/screen setting.*--mpp"):
+            Slide(path)
+        with Slide(path, mpp=0.5) as s:
+            assert s.mpp == 0.5
+    else:
+        with Slide(path) as s:
+            assert s.mpp == pytest.approx(mpp)
+
+
+def test_16_bit_rgb_tiff_is_read_as_8_bit_like_openslide(tmp_path):
+    import tifffile
+
+    rgb = _rgb()
+    untiled, tiled = tmp_path / "rgb16.tif", tmp_path / "rgb16_tiled.tif"
+    tifffile.imwrite(untiled, rgb.astype(np.uint16) * 257, photometric="rgb")
+    tifffile.imwrite(tiled, rgb.astype(np.uint16) * 257, photometric="rgb", tile=(256, 256))
+    with Slide(untiled, mpp=0.5) as a, Slide(tiled, mpp=0.5) as b:
+        np.testing.assert_array_equal(a.read_level(0, 0, 0, 512, 512), rgb)
+        np.testing.assert_array_equal(b.read_level(0, 0, 0, 512, 512), rgb)
+
+
+@pytest.mark.parametrize("tile", [None, (256, 256)])
+def test_label_images_are_refused_even_with_mpp(tmp_path, tile):
+    import tifffile
+
+    labels = np.random.default_rng(0).integers(0, 1000, (384, 512), dtype=np.int32)
+    path = tmp_path / "labels.tif"
+    tifffile.imwrite(path, labels, tile=tile, resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    for mpp in (None, 0.5):
+        with pytest.raises(SlideError, match="int32 pixels.*label image or mask is not a slide"):
+            Slide(path, mpp=mpp)
+
+
+def test_empty_file_and_tiff_without_images_say_so(tmp_path, caplog):
+    empty, no_pages = tmp_path / "empty.tif", tmp_path / "nopages.svs"
+    empty.write_bytes(b"")
+    no_pages.write_bytes(b"II*\x00\x00\x00\x00\x00")  # a TIFF header whose first page offset is 0
+    with pytest.raises(SlideError, match=r"the file is empty \(0 bytes\)"):
+        Slide(empty)
+    with pytest.raises(SlideError, match="the TIFF has no images") as err:
+        Slide(no_pages)
+    assert "IndexError" not in str(err.value)
+    assert not [r for r in caplog.records if r.name == "tifffile"]  # no stray log lines
+
+
+def test_mpp_override_range_in_the_message(tmp_path):
+    import tifffile
+
+    path = tmp_path / "tile.tif"
+    tifffile.imwrite(path, _rgb(64, 64))
+    with Slide(path, mpp=0.01) as s:
+        assert s.mpp == 0.01
+    with pytest.raises(SlideError, match=r"expected 0\.01-50\)"):
+        Slide(path, mpp=51)

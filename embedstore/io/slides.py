@@ -3,7 +3,8 @@
 Backends: OpenSlide (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...) first; tiffslide (tifffile)
 where OpenSlide cannot open the file or sees only one level of a pyramid it stores in SubIFDs
 (OME-TIFF); last, plain images (PNG/JPEG tiles, TMA cores, untiled TIFF) decoded into memory
-(`PlainImage`, one level; µm/px of PNG/JPEG only from --mpp). Every read returns RGB uint8; area
+(`PlainImage`, one level; µm/px of PNG/JPEG only from --mpp, and TIFF resolution tags at
+print/screen DPI are no µm/px either). Every read returns RGB uint8; area
 outside the slide is white (a tissue-neutral pad, recorded as `PAD_VALUE`) and its share is
 reported per crop.
 """
@@ -11,6 +12,7 @@ reported per crop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import warnings
@@ -33,10 +35,16 @@ SLIDE_SUFFIXES = (
     ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
     ".svslide", ".bif", ".btf", ".qptiff",
 )  # fmt: skip
+#: TIFF resolutions in inches up to this many DPI (2.54 µm/px and coarser) are print/screen DPI
+PRINT_DPI_MAX = 10_000
 #: plain images opened whole into memory (tiles, regions, TMA cores); their DPI is screen DPI
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: largest plain image decoded into memory (RGB bytes); bigger ones must be tiled pyramids
 PLAIN_IMAGE_MAX_BYTES = 2 * 1024**3
+
+# tifffile logs what it finds wrong in a file (to stderr when logging is not set up); the errors
+# raised here say it once, clearly
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
 def slide_id_from_path(path: str | Path) -> str:
@@ -111,7 +119,9 @@ class Slide:
         if mpp is not None:
             if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
                 self.close()
-                raise SlideError(f"--mpp {mpp} is not a plausible µm per pixel (expected 0.05-20)")
+                raise SlideError(
+                    f"--mpp {mpp} is not a plausible µm per pixel (expected {MPP_RANGE[0]}-{MPP_RANGE[1]:g})"
+                )
             if meta_mpp is not None and not is_close_mpp(mpp, meta_mpp):
                 warnings.warn(
                     f"{self.path.name}: --mpp {mpp} overrides the file's {meta_mpp:.4f} µm/px",
@@ -126,10 +136,12 @@ class Slide:
                     "screens and printers, never the microscope's). Pass --mpp with the µm per "
                     "pixel it was captured at, e.g. --mpp 0.5 for a 20x scan."
                 )
+            dpi = source.removeprefix("print-dpi ") if source.startswith("print-dpi") else ""
+            dpi = dpi and f"; its TIFF resolution, {dpi} DPI, is a print/screen setting"
             raise SlideError(
                 f"{self.path}: no µm per pixel in the file's metadata (looked for "
-                "openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX). Pass --mpp with the "
-                "scanner's µm per pixel at full resolution, e.g. --mpp 0.25 for a 40x scan."
+                f"openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX{dpi}). Pass --mpp with "
+                "the scanner's µm per pixel at full resolution, e.g. --mpp 0.25 for a 40x scan."
             )
         h = self._handle
         self.info = SlideInfo(
@@ -302,12 +314,13 @@ def group_by_region(x_px: np.ndarray, y_px: np.ndarray, region_px: float) -> lis
 
 
 # -- backends and metadata ----------------------------------------------------------------------
-def _probe(handle) -> None:
-    """Touch what lazy backends only parse on first use, so a broken file fails at open."""
+def _probe(handle):
+    """Touch what lazy backends only parse on first use, so a broken file fails at open; returns
+    one pixel of the last level."""
     dict(handle.properties)
     last = handle.level_count - 1
     _ = handle.level_dimensions, handle.level_downsamples
-    handle.read_region((0, 0), last, (1, 1))
+    return handle.read_region((0, 0), last, (1, 1))
 
 
 def _open_backend(path: Path):
@@ -330,7 +343,7 @@ def _open_backend(path: Path):
         import tiffslide
 
         alt = tiffslide.TiffSlide(str(path))
-        _probe(alt)
+        _as_rgb_pixels(path, np.asarray(_probe(alt)))  # tifffile also opens label images
         if handle is None or alt.level_count > handle.level_count:
             if handle is not None:
                 handle.close()
@@ -339,6 +352,10 @@ def _open_backend(path: Path):
     except Exception as exc:  # noqa: BLE001
         if alt is not None:
             alt.close()
+        if isinstance(exc, SlideError):  # a label image or mask, whoever else opened it
+            if handle is not None:
+                handle.close()
+            raise
         errors.append(f"tifffile: {type(exc).__name__}: {exc}")
     if handle is not None:
         return handle, "openslide"
@@ -349,11 +366,29 @@ def _open_backend(path: Path):
             raise
         except Exception as exc:  # noqa: BLE001 - PIL/tifffile errors vary
             errors.append(f"plain image: {type(exc).__name__}: {exc}")
+    if (empty := _empty(path)) is not None:
+        raise SlideError(f"{path}: {empty}; copy it again from where the slide was made")
     raise SlideError(
         f"{path}: cannot open as a whole-slide image ({'; '.join(errors)}). Supported: the "
         "formats OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...), tiled "
         "(OME-)TIFF pyramids and plain PNG/JPEG/TIFF images; the file may be corrupt or truncated."
     )
+
+
+def _empty(path: Path) -> str | None:
+    """What is plainly wrong with a file no backend opens: it is empty, or a TIFF without images."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            n = tif.tiff.offsetsize  # the header ends with the first image's offset, at byte n
+            tif.filehandle.seek(n)
+            no_images = len(tif.pages) == 0 and not any(tif.filehandle.read(n))
+    except Exception:  # noqa: BLE001 - not a TIFF: the caller's message covers it
+        return None
+    return "the TIFF has no images" if no_images else None
 
 
 @contextlib.contextmanager
@@ -374,8 +409,9 @@ class PlainImage:
     """A plain image (PNG, JPEG, untiled TIFF) held in memory behind OpenSlide's handle interface.
 
     One level; `read_region` returns RGBA uint8 like OpenSlide (outside the image: transparent).
-    Only 8-bit grey/RGB(A) images are H&E: 16/32-bit or float single-channel images are label
-    images or masks and are refused, as are images over `PLAIN_IMAGE_MAX_BYTES` decoded.
+    Only 8-bit grey/RGB(A) and 16-bit RGB(A) (read as its high byte, like OpenSlide) images are
+    H&E: 16/32-bit or float single-channel images are label images or masks and are refused, as
+    are images over `PLAIN_IMAGE_MAX_BYTES` decoded.
     """
 
     level_count = 1
@@ -421,16 +457,21 @@ def _check_plain_size(path: Path, width: int, height: int) -> None:
 
 
 def _as_rgb_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 with C in 1, 3, 4; refuses label images and masks of other types."""
+    """(H, W, C) uint8 with C in 1, 3, 4; 16-bit RGB(A) keeps its high byte (as OpenSlide);
+    refuses label images and masks (single-channel, not 8-bit) and other pixel types."""
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise SlideError(f"{path}: an image of shape {arr.shape} is neither grey nor RGB(A)")
-    if arr.dtype != np.uint8:
+    if arr.dtype == np.uint16 and arr.shape[2] > 1:
+        arr = (arr >> 8).astype(np.uint8)
+    if arr.dtype != np.uint8 and arr.shape[2] == 1:
         raise SlideError(
-            f"{path}: {arr.dtype} pixels, not 8-bit colour: a label image or mask is not a slide "
-            "(give label images to `embed cells`, not as slides)"
+            f"{path}: single-channel {arr.dtype} pixels, not 8-bit grey: a label image or mask "
+            "is not a slide (give label images to `embed cells`, not as slides)"
         )
+    if arr.dtype != np.uint8:
+        raise SlideError(f"{path}: {arr.dtype} colour pixels; slides are 8- or 16-bit RGB")
     return arr
 
 
@@ -461,18 +502,27 @@ def _plausible(value: float | None) -> float | None:
 
 
 def _mpp_from_metadata(path: Path, props: Mapping, backend: str) -> tuple[float | None, str]:
-    """µm per level-0 pixel from the file, and where it came from."""
+    """µm per level-0 pixel from the file, and where it came from.
+
+    TIFF resolution tags in inches at print/screen DPI (at most `PRINT_DPI_MAX`) are no scan's
+    µm/px: what the backends made of them is ignored, and without another µm/px the source is
+    "print-dpi N".
+    """
+    tiff_mpp, unit = _tiff_resolution_mpp(path)
+    print_dpi = unit == "inch" and 25400.0 / tiff_mpp <= PRINT_DPI_MAX
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
         try:
             value = _plausible(float(props[key]))
         except (KeyError, TypeError, ValueError):
             continue
-        if value is not None:
+        if value is not None and not (print_dpi and is_close_mpp(value, tiff_mpp)):
             return value, key
     value = _plausible(_ome_mpp(path))
     if value is not None:
         return value, "ome"
-    value = _plausible(_tiff_resolution_mpp(path))
+    if print_dpi:
+        return None, f"print-dpi {25400.0 / tiff_mpp:g}"
+    value = _plausible(tiff_mpp)
     if value is not None:
         return value, "tiff-resolution"
     return None, "none"
@@ -506,25 +556,25 @@ def _ome_mpp(path: Path) -> float | None:
     return None
 
 
-def _tiff_resolution_mpp(path: Path) -> float | None:
-    """µm/px from the first page's XResolution and ResolutionUnit (inch or centimetre)."""
+def _tiff_resolution_mpp(path: Path) -> tuple[float | None, str | None]:
+    """µm/px from the first page's XResolution and ResolutionUnit, and the unit (inch or cm)."""
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             tags = tif.pages[0].tags
-            unit = tags.get("ResolutionUnit")
+            unit_tag = tags.get("ResolutionUnit")
             xres = tags.get("XResolution")
-            if unit is None or xres is None:
-                return None
+            if unit_tag is None or xres is None:
+                return None, None
             num, den = xres.value
             per_unit = num / den if den else 0.0
-            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            unit = {2: "inch", 3: "cm"}.get(int(unit_tag.value))
     except Exception:  # noqa: BLE001
-        return None
-    if not um_per_unit or per_unit <= 0:
-        return None
-    return um_per_unit / per_unit
+        return None, None
+    if unit is None or per_unit <= 0:
+        return None, None
+    return {"inch": 25400.0, "cm": 10000.0}[unit] / per_unit, unit
 
 
 def _to_rgb(region) -> np.ndarray:
