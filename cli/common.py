@@ -13,6 +13,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -83,11 +84,28 @@ _USER_ERRNOS = {
 }  # fmt: skip
 
 
+_PACKAGES = Path(__file__).resolve().parents[1]
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own UserWarnings as one `warning:` line on stderr (no source line); others as Python does."""
+    try:
+        ours = Path(filename).resolve().relative_to(_PACKAGES).parts[0] in ("embedstore", "heads", "cli")
+    except ValueError:
+        ours = False
+    if ours and issubclass(category, UserWarning):
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def run(app: typer.Typer) -> Callable[[], None]:
     """Entry point wrapper: a UserError prints its message and exits non-zero, no traceback."""
 
     def main() -> None:
         warnings.filterwarnings("default")
+        warnings.showwarning = _show_warning
         try:
             code = app(standalone_mode=False)  # click returns a typer.Exit's code here
             if isinstance(code, int) and code:

@@ -103,8 +103,11 @@ def cells(
         bundles = [source] if _is_bundle(source) else sorted(p for p in source.iterdir() if _is_bundle(p))
         if not bundles:
             raise CellsError(f"{source}: neither a Xenium bundle nor a directory of bundles")
-        if slide is not None and len(bundles) > 1:
-            raise CellsError("--slide names one H&E image; give one bundle with it")
+        one_bundle = {"--slide": slide, "--slide-id": slide_id, "--alignment": alignment}
+        given = [opt for opt, v in one_bundle.items() if v is not None]
+        if given and len(bundles) > 1:
+            raise CellsError(f"{', '.join(given)} belong(s) to one bundle, and {source} holds {len(bundles)}: "
+                             "give one bundle with it")  # fmt: skip
         frames, report = [], CellReport()
         for bundle in bundles:
             frame, rep = ingest_xenium(
@@ -112,9 +115,17 @@ def cells(
                 alignment=alignment, invert_alignment=invert_alignment, on_bad=on_bad,
             )  # fmt: skip
             console.print(f"{bundle.name}: " + "; ".join(rep.lines()), highlight=False, markup=False)
-            frames.append(frame)
+            frames.append(frame.with_columns(_bundle=pl.lit(bundle.name)))
             report.merge(rep)
         frame = pl.concat(frames, how="diagonal_relaxed")
+        shared = frame.group_by("slide_id", "cell_id").agg(pl.col("_bundle").n_unique().alias("n"), pl.col("_bundle").first())
+        shared = shared.filter(pl.col("n") > 1)
+        if shared.height:
+            names = sorted(frame.join(shared.select("slide_id", "cell_id"), on=["slide_id", "cell_id"])["_bundle"].unique())
+            raise CellsError(f"bundles {', '.join(names)} put {shared.height} cells with the same ids on slide "
+                             f"{shared['slide_id'][0]!r} (two regions of one slide?): ids must differ per slide. "
+                             "Ingest each bundle alone and make the ids distinct in a table (`embed cells TABLE`)")  # fmt: skip
+        frame = frame.drop("_bundle")
     else:
         columns = {
             k: v
@@ -443,8 +454,9 @@ def annotate(
     if db is not None:
         from embedstore.store import Store
 
+        # merged by key: the annotated bundles' cells get their new labels, other slides keep theirs
         counts = Store(db).set_labels(frame.select("slide_id", "cell_id", "label", "label_confidence"),
-                                      source=f"annotate:{name}", table=table)  # fmt: skip
+                                      source=f"annotate:{name}", table=table, replace=False)  # fmt: skip
         console.print(f"label set {name!r}: labels of {counts['matched']} stored cells (kept = confidence >= "
                       f"{min_confidence:g}; `heads train` uses only those by default)")  # fmt: skip
         if counts["unknown"]:

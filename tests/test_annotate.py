@@ -100,6 +100,14 @@ def test_h5_and_mex_read_the_same_and_controls_are_dropped(synth, tmp_path):
     assert list(h5.obs_names) == list(mex.obs_names) and list(h5.var_names) == list(mex.var_names)
     assert (h5.X != mex.X).nnz == 0
     np.testing.assert_allclose(h5.obs["control_share"], mex.obs["control_share"])
+    # a name given to two features (real panels have had them): renamed and said, not a crash later
+    genes = list(raw.var_names[is_gex])
+    genes[1] = genes[0]
+    write_10x_h5(h5_bundle / "cell_feature_matrix.h5", list(raw.obs_names), tuple(genes),
+                 raw[:, is_gex].X.toarray(), raw[:, ~is_gex].X.toarray())  # fmt: skip
+    with pytest.warns(UserWarning, match="1 feature names repeat"):
+        dup = read_expression(h5_bundle)
+    assert dup.var_names.is_unique and list(dup.var_names[:2]) == [genes[0], f"{genes[0]}-1"]
 
 
 def test_bad_inputs_get_one_clear_message(synth, tmp_path):
@@ -180,3 +188,15 @@ def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
     every = load_cell_data(db, labelled_only=True, min_label_confidence=0.0)
     assert int((kept.label.numpy() >= 0).sum()) == int(frame["kept"].sum())
     assert int((every.label.numpy() >= 0).sum()) == int(frame["label"].is_not_null().sum())
+    # annotating one bundle again changes its slide's labels only: the other slide keeps its own
+    bundle = sorted((synth.out_dir / "xenium").iterdir())[0]
+    stored = stored.with_columns(label=pl.when(pl.col("slide_id") == bundle.name).then(pl.lit(None)).otherwise(pl.col("label")))
+    Store(db).set_labels(stored.drop("source"), source="edited")  # the first slide's labels gone, to see them return
+    result = CliRunner().invoke(app, ["annotate", str(bundle), "--markers", str(synth.out_dir / "panel.csv"),
+                                      "--out", str(tmp_path / "one.parquet"), "--db", str(db), "--no-report"])  # fmt: skip
+    assert result.exit_code == 0, (result.output, result.exception)
+    again = Store(db).labels().sort("slide_id", "cell_id")
+    assert again.height == stored.height and set(again["slide_id"]) == set(stored["slide_id"])
+    other = pl.col("slide_id") != bundle.name
+    assert again.filter(other)["label"].to_list() == stored.sort("slide_id", "cell_id").filter(other)["label"].to_list()
+    assert again.filter(~other)["label"].to_list() == frame.sort("slide_id", "cell_id").filter(~other)["label"].to_list()

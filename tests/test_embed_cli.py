@@ -298,3 +298,19 @@ def test_a_store_given_as_a_uri_works_through_the_cli(synth_small, tmp_path, mon
     assert refused.exit_code != 0 and "--index-dir" in str(refused.exception)
     run("index", "--db", uri, "--index-dir", tmp_path / "idx")
     assert (tmp_path / "idx" / "cells" / "local").is_dir()
+
+
+def test_our_warnings_are_one_line_on_stderr(synth_small, tmp_path):
+    """A warning of ours (here: --mpp overriding the slide's own µm/px) reads `warning: ...`,
+    without Python's category and source line."""
+    import subprocess
+    import sys
+
+    slide = synth_small.slides[0]
+    table = tmp_path / "cells.csv"
+    table.write_text(f"slide_id,cell_id,x_px,y_px,tissue\n{slide.slide_id},a,10,10,lung\n")
+    proc = subprocess.run([sys.executable, "-m", "cli.embed", "cells", str(table), "--slides", str(slide.path),
+                           "--mpp", "0.3", "--out", str(tmp_path / "o.parquet")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "overrides" in proc.stderr
+    assert "UserWarning" not in proc.stderr and "ingest.py" not in proc.stderr

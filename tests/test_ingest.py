@@ -212,6 +212,24 @@ def test_cli_cells_writes_and_fails_cleanly(synth_small, tmp_path):
     assert bad.returncode != 0 and "no such table" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_cli_cells_per_bundle_options_and_two_regions_of_one_slide(synth_small, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+
+    def cells(*args):
+        return CliRunner().invoke(app, ["cells", *map(str, args), "--out", str(tmp_path / "o.parquet")])
+
+    result = cells(synth_small.out_dir / "xenium", "--slide-id", "S1")  # would name every bundle's cells S1
+    assert isinstance(result.exception, CellsError) and "--slide-id belong(s) to one bundle" in str(result.exception)
+    two = tmp_path / "regions"
+    for region in ("region_1", "region_2"):  # Xenium cell ids repeat between regions of one slide
+        shutil.copytree(synth_small.slides[0].bundle, two / region)
+    result = cells(two)
+    assert isinstance(result.exception, CellsError), result.output
+    assert "bundles region_1, region_2 put" in str(result.exception) and "cells with the same ids on slide" in str(result.exception)
+    assert not (tmp_path / "o.parquet").exists()
+
 @pytest.mark.parametrize("sep", [";", "\t", "|"])
 def test_tables_with_other_delimiters_are_read(tmp_path, sep):
     path = tmp_path / "cells.csv"

@@ -101,7 +101,9 @@ def read_expression(root: str | Path) -> Any:
     h5, mex = root / "cell_feature_matrix.h5", root / "cell_feature_matrix"
     try:
         if h5.exists():
-            adata = sc.read_10x_h5(h5, gex_only=False)
+            with warnings.catch_warnings():  # repeated names: said once, below
+                warnings.filterwarnings("ignore", "Variable names are not unique")
+                adata = sc.read_10x_h5(h5, gex_only=False)
         elif mex.is_dir():
             adata = sc.read_10x_mtx(mex, var_names="gene_symbols", gex_only=False, make_unique=True)
         else:
@@ -113,6 +115,11 @@ def read_expression(root: str | Path) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py/scipy errors on a damaged file
         raise CellsError(f"{root}: cannot read the feature matrix ({type(exc).__name__}: {exc})") from exc
+    repeated = adata.var_names[adata.var_names.duplicated()].unique().tolist()
+    if repeated:  # the MEX reader renames them already; the h5 reader would fail later
+        adata.var_names_make_unique()
+        warnings.warn(f"{root}: {len(repeated)} feature names repeat (e.g. {repeated[:3]}); later copies are "
+                      f"read as NAME-1, NAME-2: a marker names the first copy only", stacklevel=2)  # fmt: skip
     types = adata.var["feature_types"].astype(str).to_numpy() if "feature_types" in adata.var else np.full(adata.n_vars, GEX)
     gex = types == GEX
     if not gex.any():
