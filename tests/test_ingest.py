@@ -280,3 +280,10 @@ def test_tables_as_other_tools_write_them(tmp_path):
     pl.DataFrame({"slide_id": ["s", "s"], "cell_id": [0.0, 12.0], "x_px": [1.0, 2.0], "y_px": [1.0, 2.0],
                   "tissue": ["lung"] * 2}).write_parquet(floats)  # fmt: skip
     assert ingest_table(floats, mpp=0.5)[0]["cell_id"].to_list() == ["0", "12"]
+
+
+def test_slide_ids_written_as_file_names_match_only_through_slide_suffixes():
+    from embedstore.io.cells import match_slide_ids
+
+    frame = pl.DataFrame({"slide_id": ["S1.svs", "S1.2", "scans\\S1.ome.tiff", "S1"]})
+    assert match_slide_ids(frame, ["S1"])["slide_id"].to_list() == ["S1", "S1.2", "S1", "S1"]

@@ -201,14 +201,15 @@ def match_slide_ids(frame: pl.DataFrame, known: Sequence[str]) -> pl.DataFrame:
     or in another Unicode form (macOS stores "é" decomposed) become the slide files' ids."""
     import unicodedata
 
-    from .slides import slide_id_from_path
+    from .slides import PLAIN_IMAGE_SUFFIXES, SLIDE_SUFFIXES, slide_id_from_path
 
     nfc = {unicodedata.normalize("NFC", k): k for k in known}
     mapping = {}
     for value in frame["slide_id"].drop_nulls().unique().to_list():
         if value in known:
             continue
-        for cand in (value, slide_id_from_path(value.replace("\\", "/"))):
+        is_file = value.lower().endswith(SLIDE_SUFFIXES + PLAIN_IMAGE_SUFFIXES)  # "sample.1" is no file name
+        for cand in (value, slide_id_from_path(value.replace("\\", "/")) if is_file else value):
             hit = nfc.get(unicodedata.normalize("NFC", cand))
             if hit is not None:
                 mapping[value] = hit
