@@ -1,4 +1,5 @@
 import gzip
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from embedstore.io.cells import validate_cells
 from embedstore.io.ingest import ingest_table, ingest_xenium
 from embedstore.io.xenium import (
     check_alignment,
+    open_bundle,
     read_alignment,
     read_feature_matrix,
     xenium_to_he_px,
@@ -94,6 +96,41 @@ def test_bad_matrix_in_a_bundle_is_rejected_and_inverse_can_be_used(synth_small,
     with pytest.raises(AlignmentError, match="3x3"):
         ingest_xenium(bundle)
 
+
+
+def test_alignment_files_as_people_save_them(synth_small, tmp_path):
+    """A header row, a BOM, quotes, tabs and pandas' index column read as the same matrix; a
+    keypoints file says what it is; an IF alignment beside the H&E one is not taken."""
+    bundle, _ = _bundle_copy(synth_small, tmp_path)
+    csv = next(bundle.glob("*he_imagealignment.csv"))
+    m = read_alignment(csv)
+    rows = [[f"{v!r}" for v in row] for row in m.tolist()]
+    layouts = {
+        "header": "a,b,c\n" + "\n".join(",".join(r) for r in rows),
+        "bom_quotes_tabs": "\ufeff" + "\n".join("\t".join(f'"{v}"' for v in r) for r in rows),
+        "pandas": ",0,1,2\n" + "\n".join(f"{i}," + ",".join(r) for i, r in enumerate(rows)),
+    }
+    for name, text in layouts.items():
+        (tmp_path / f"{name}.csv").write_text(text, encoding="utf-8")
+        np.testing.assert_array_equal(read_alignment(tmp_path / f"{name}.csv"), m, err_msg=name)
+    keypoints = tmp_path / "k.csv"
+    keypoints.write_text("fixedX,fixedY,alignmentX,alignmentY\n1,2,3,4\n")
+    with pytest.raises(AlignmentError, match="keypoints file"):
+        read_alignment(keypoints)
+    (bundle / "IF_DAPI_imagealignment.csv").write_text("1.1765,0,0\n0,1.1765,0\n0,0,1\n")
+    (bundle / "x_he_imagealignment_keypoints.csv").write_text("fixedX,fixedY,alignmentX,alignmentY\n")
+    assert open_bundle(bundle).alignment_path == csv
+    (bundle / "other_he_imagealignment.csv").write_text(csv.read_text())
+    with pytest.raises(AlignmentError, match="several alignment files"):
+        open_bundle(bundle)
+    exp = json.loads((bundle / "experiment.xenium").read_text())
+    for size, ok in (("0.2125", True), (True, False)):
+        (bundle / "experiment.xenium").write_text(json.dumps({**exp, "pixel_size": size}))
+        if ok:
+            assert open_bundle(bundle, alignment=csv).pixel_size == 0.2125
+        else:
+            with pytest.raises(CellsError, match="pixel_size is missing or implausible"):
+                open_bundle(bundle, alignment=csv)
 
 def test_bundle_errors_and_csv_cells(synth_small, tmp_path):
     bundle, s = _bundle_copy(synth_small, tmp_path)

@@ -65,17 +65,21 @@ def open_bundle(
             experiment = json.loads(exp_path.read_text())
         except json.JSONDecodeError as exc:
             raise CellsError(f"{exp_path}: not valid JSON ({exc})") from exc
-        pixel_size = experiment.get("pixel_size")
-        if not isinstance(pixel_size, int | float) or not 0 < pixel_size < 10:
-            raise CellsError(f"{exp_path}: pixel_size is missing or implausible ({pixel_size!r})")
+        raw_size = experiment.get("pixel_size")
+        try:  # a number, or a number written as text; never a bool (JSON true is no size)
+            pixel_size = None if isinstance(raw_size, bool) else float(raw_size)
+        except (TypeError, ValueError):
+            pixel_size = None
+        if pixel_size is None or not 0 < pixel_size < 10:
+            raise CellsError(f"{exp_path}: pixel_size is missing or implausible ({raw_size!r}); Xenium writes "
+                             "the morphology image's µm per pixel there, e.g. 0.2125")  # fmt: skip
     else:
         raise CellsError(
             f"{root}: no experiment.xenium, so the morphology pixel size is unknown; copy it from "
             "the original Xenium output"
         )
     if alignment is None:
-        found = sorted(root.glob("*imagealignment*.csv"))
-        alignment = found[0] if found else None
+        alignment = _find_alignment(root)
     if he_image is None:
         found = sorted(p for p in root.glob("*he_image*") if not p.name.endswith(".csv"))
         he_image = found[0] if found else None
@@ -89,20 +93,53 @@ def open_bundle(
     )
 
 
+def _find_alignment(root: Path) -> Path | None:
+    """The bundle's H&E alignment matrix: `*he_imagealignment.csv` first (an IF image's
+    alignment may sit beside it); keypoint files are not matrices. Several candidates of the
+    same kind are refused rather than one picked by name order."""
+    found = [p for p in sorted(root.glob("*imagealignment*.csv")) if "keypoints" not in p.name.lower()]
+    he = [p for p in found if "he_imagealignment" in p.name.lower()]
+    pick = he or found
+    if len(pick) > 1:
+        raise AlignmentError(f"{root}: several alignment files ({', '.join(p.name for p in pick)}): "
+                             "name the H&E one with --alignment PATH")  # fmt: skip
+    return pick[0] if pick else None
+
+
+def _numbers(line: str) -> list[float] | None:
+    """The numbers of one CSV line (, ; or tab separated, values possibly quoted), or None
+    when one field is not a number (a header row)."""
+    fields = [f.strip().strip("\"'") for f in line.replace(";", ",").replace("\t", ",").split(",")]
+    try:
+        return [float(f) for f in fields if f]
+    except ValueError:
+        return None
+
+
 def read_alignment(path: str | Path) -> np.ndarray:
-    """The 3x3 alignment matrix from a comma-separated file (no header)."""
+    """The 3x3 alignment matrix from a CSV file: Xenium Explorer's (no header), or one saved
+    with a header row and/or a row-index column (pandas' `to_csv`), with a BOM or quotes."""
     path = Path(path)
     try:
-        rows = [
-            [float(v) for v in line.replace(";", ",").split(",") if v.strip()]
-            for line in path.read_text().splitlines()
-            if line.strip()
-        ]
-        matrix = np.array(rows, dtype=np.float64)
-    except (OSError, ValueError) as exc:
-        raise AlignmentError(f"{path}: cannot read a 3x3 numeric matrix ({exc})") from exc
-    if matrix.shape != (3, 3):
-        raise AlignmentError(f"{path}: expected a 3x3 matrix, found shape {matrix.shape}")
+        lines = [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AlignmentError(f"{path}: cannot read the alignment file ({exc})") from exc
+    if lines and any(k in lines[0].lower() for k in ("fixedx", "alignmentx")):
+        raise AlignmentError(f"{path}: a keypoints file, not the transformation matrix; in Xenium Explorer's "
+                             "image alignment, download the 3x3 matrix (*_he_imagealignment.csv)")  # fmt: skip
+    rows = [_numbers(ln) for ln in lines]
+    if rows and rows[0] is None:
+        rows = rows[1:]  # a header row
+    if any(r is None for r in rows):
+        bad = lines[[r is None for r in rows].index(True) + (len(lines) - len(rows))]
+        raise AlignmentError(f"{path}: cannot read a 3x3 numeric matrix (line {bad[:60]!r} is not numbers)")
+    if len(rows) == 4 and rows[0] == [0, 1, 2]:
+        rows = rows[1:]  # pandas' header of column numbers (",0,1,2")
+    if len(rows) == 3 and all(len(r) == 4 for r in rows) and [r[0] for r in rows] == [0, 1, 2]:
+        rows = [r[1:] for r in rows]  # pandas' row index
+    if len(rows) != 3 or any(len(r) != 3 for r in rows):
+        raise AlignmentError(f"{path}: expected a 3x3 matrix, found {len(rows)} rows of {[len(r) for r in rows]} values")
+    matrix = np.array(rows, dtype=np.float64)
     return matrix
 
 
