@@ -317,14 +317,20 @@ class Store:
         """Open the vector table `name`, creating it for `config`; refuse another config."""
         with self.writing():  # two writers starting at once: one creates, the other checks
             stored = self.config_or_none(name)
+            if stored is None and not self.has(name):
+                try:
+                    return self.db.create_table(
+                        name,
+                        schema=cells_schema(dims, config),
+                        storage_options={"new_table_data_storage_version": STORAGE_VERSION},
+                    )
+                except Exception:  # noqa: BLE001 - a URI store has no lock: another writer may have created it
+                    if not self.has(name):
+                        raise
+            if stored is None:  # read again: without a lock, another writer may have committed it meanwhile
+                stored = self.config_or_none(name)
             if stored is None:
-                if self.has(name):
-                    raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
-                return self.db.create_table(
-                    name,
-                    schema=cells_schema(dims, config),
-                    storage_options={"new_table_data_storage_version": STORAGE_VERSION},
-                )
+                raise StoreError(f"{self.uri}: table {name!r} exists but holds no vectors; pick another --table")
         diff = config_diff(stored, config)
         if diff:
             raise StoreError(

@@ -114,3 +114,24 @@ def test_a_failed_index_update_warns_and_keeps_the_rows(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="scalar indexes not updated .disk full"):
         store.write_predictions(_predictions("s1", 10))
     assert store.predictions().height == 20
+
+
+def test_a_table_another_writer_creates_meanwhile_is_opened(tmp_path, monkeypatch):
+    """A URI store has no lock: a writer that found no table may see it committed by another
+    writer a moment later, and must open it, not call it a table without vectors."""
+    uri = f"file://{tmp_path / 'db'}"
+    first, second = Store(uri, create=True), Store(uri, create=True)
+    dims, cfg = {"local": 24, "context": 8}, {"test": 1}
+    real = Store.config_or_none
+    looked = []
+
+    def other_writer_commits_after_the_first_look(self, name):
+        if not looked:
+            looked.append(name)
+            first.cells_table(name, dims, cfg)
+            return None
+        return real(self, name)
+
+    monkeypatch.setattr(Store, "config_or_none", other_writer_commits_after_the_first_look)
+    table = second.cells_table("cells", dims, cfg)
+    assert table.count_rows() == 0 and second.config("cells") == first.config("cells")
