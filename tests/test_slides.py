@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import numpy as np
 import polars as pl
 import pytest
@@ -35,7 +38,7 @@ def test_ome_physical_size_is_read_when_backends_say_nothing(tmp_path, gradient_
 
     path = tmp_path / "x.ome.tif"
     write_pyramid(path, gradient_image, 0.5031, "ome", compression="zlib")
-    assert _ome_mpp(path) == pytest.approx(0.5031)
+    assert _ome_mpp(path) == pytest.approx((0.5031, 0.5031))
 
 
 def test_slide_without_mpp_is_refused_unless_overridden(tmp_path, gradient_image):
@@ -67,6 +70,7 @@ def test_corrupt_and_missing_slides(tmp_path):
 def test_slide_ids_and_discovery(slide_files):
     assert slide_id_from_path("a/b/S1.ome.tif") == "S1"
     assert slide_id_from_path("S2.svs") == "S2"
+    assert slide_id_from_path("scans/big.ome.btf") == "big"
     found = find_slides(slide_files["svs"].parent)
     assert {slide_id_from_path(p) for p in found} == {"grad_svs", "grad_tiff", "grad_ome"}
 
@@ -236,3 +240,104 @@ def test_mpp_override_range_in_the_message(tmp_path):
         assert s.mpp == 0.01
     with pytest.raises(SlideError, match=r"expected 0\.01-50\)"):
         Slide(path, mpp=51)
+
+
+def test_ome_bigtiff_is_found_and_read(tmp_path):
+    import tifffile
+
+    path = tmp_path / "big.ome.btf"
+    md = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    tifffile.imwrite(path, _rgb(), bigtiff=True, ome=True, photometric="rgb", metadata=md)
+    assert find_slides(tmp_path) == [path]
+    with Slide(path) as s:
+        assert s.slide_id == "big" and s.mpp == pytest.approx(0.5) and s.info.mpp_source == "ome"
+
+
+def _imagej_tiff(path, unit, per_unit, tile=None):
+    """A TIFF as ImageJ, Fiji and QuPath write it: ResolutionUnit NONE, X/YResolution in pixels
+    per `unit`, the unit in the description (tifffile writes ASCII only: µ goes in by hand)."""
+    import tifffile
+
+    if unit.isascii():
+        kw = dict(imagej=True, metadata={"unit": unit})
+    else:
+        desc = f"ImageJ=1.54f\nimages=1\nunit={unit}\n".encode()
+        kw = dict(description=desc, metadata=None, resolutionunit="NONE")
+    tifffile.imwrite(path, _rgb(), resolution=(per_unit, per_unit), tile=tile, **kw)
+
+
+@pytest.mark.parametrize(
+    "unit,per_unit,mpp,tile",
+    [
+        ("um", 1 / 0.5, 0.5, None),
+        ("\\u00B5m", 1 / 0.5, 0.5, None),  # ImageJ's escaped micro sign
+        ("\u00b5m", 1 / 0.5, 0.5, None),
+        ("\u03bcm", 1 / 0.5, 0.5, None),  # Greek mu
+        ("micron", 4, 0.25, (256, 256)),  # tiled: OpenSlide opens it, without a µm/px
+        ("nm", 1 / 250, 0.25, None),
+        ("mm", 2000, 0.5, None),
+        ("inch", 101600, 0.25, None),  # above PRINT_DPI_MAX: a scan's resolution
+    ],
+)
+def test_imagej_unit_gives_the_mpp(tmp_path, unit, per_unit, mpp, tile):
+    from embedstore.io.slides import _mpp_from_metadata
+
+    path = tmp_path / "fiji.tif"
+    _imagej_tiff(path, unit, per_unit, tile)
+    with Slide(path) as s:
+        assert s.mpp == pytest.approx(mpp) and s.info.mpp_source == "imagej"
+    # a backend's plausible µm/px still comes first
+    mpp_x, _, source = _mpp_from_metadata(path, {"openslide.mpp-x": "0.3"}, "openslide")
+    assert (mpp_x, source) == (0.3, "openslide.mpp-x")
+
+
+@pytest.mark.parametrize(
+    "unit,per_unit,match",
+    [("pixel", 1 / 0.5, r"no µm per pixel.*--mpp"), ("inch", 600, r"600 DPI, is a print/screen")],
+)
+def test_imagej_pixel_unit_and_print_dpi_are_no_mpp(tmp_path, unit, per_unit, match):
+    path = tmp_path / "fiji.tif"
+    _imagej_tiff(path, unit, per_unit)
+    with pytest.raises(SlideError, match=match):
+        Slide(path)
+
+
+def _write_pixel_size(path, kind, x, y):
+    """A slide whose pixels are `x` by `y` µm, saying so the way `kind` of file does."""
+    import tifffile
+
+    if kind == "imagej":
+        kw = dict(imagej=True, resolution=(1 / x, 1 / y), metadata={"unit": "um"})
+    elif kind == "tiff":
+        kw = dict(tile=(256, 256), resolution=(1e4 / x, 1e4 / y), resolutionunit="CENTIMETER")
+    else:  # OME, y in nm; "ome+tags" has resolution tags too (tiffslide reads those first)
+        md = dict(axes="YXS", PhysicalSizeX=x, PhysicalSizeY=y * 1e3, PhysicalSizeYUnit="nm")
+        kw = dict(ome=True, photometric="rgb", metadata=md)
+        if kind == "ome+tags":
+            kw.update(resolution=(1e4 / x, 1e4 / y), resolutionunit="CENTIMETER")
+    tifffile.imwrite(path, _rgb(), **kw)
+
+
+@pytest.mark.parametrize(
+    "kind,source",
+    [
+        ("ome", "ome"),
+        ("ome+tags", "tiffslide.mpp-x"),
+        ("tiff", "openslide.mpp-x"),
+        ("imagej", "imagej"),
+    ],
+)
+def test_non_square_pixels_warn_once(tmp_path, kind, source):
+    path, square = tmp_path / "tall.ome.tif", tmp_path / "square.ome.tif"
+    _write_pixel_size(path, kind, 0.25, 0.30)
+    _write_pixel_size(square, kind, 0.25, 0.251)  # within 2%
+    message = "tall.ome.tif: pixels are 0.25 µm wide but 0.3 µm tall"
+    message = re.escape(message) + r".*x size.*squashed vertically by 17%.*square pixels"
+    with pytest.warns(UserWarning, match=message) as record:
+        with Slide(path) as s:
+            assert s.mpp == pytest.approx(0.25) and s.info.mpp_source == source
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Slide(square).close()
+        Slide(path, mpp=0.25).close()  # --mpp is one size for both axes

@@ -31,10 +31,18 @@ from ..geometry import CropSpec, ReadPlan, is_close_mpp
 PAD_VALUE = 255
 #: plausible µm per level-0 pixel; values outside are treated as broken metadata
 MPP_RANGE = (0.01, 50.0)
+#: slide file name endings; double ones first (`slide_id_from_path` strips the first that fits)
 SLIDE_SUFFIXES = (
-    ".ome.tiff", ".ome.tif", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
-    ".svslide", ".bif", ".btf", ".qptiff",
+    ".ome.tiff", ".ome.tif", ".ome.btf", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn",
+    ".vms", ".vmu", ".svslide", ".bif", ".btf", ".qptiff",
 )  # fmt: skip
+#: length units (OME's, and ImageJ's as written in its TIFF description) in µm
+UM_PER_UNIT = {"µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4, "inch": 25400.0}
+#: other spellings of those units; ImageJ escapes the micro sign as the text "\u00B5"
+UNIT_ALIASES = {
+    "um": "µm", "micron": "µm", "microns": "µm", "\\u00b5m": "µm", "μm": "µm", "\\u03bcm": "µm",
+    "meter": "m", "meters": "m", "metre": "m",
+}  # fmt: skip
 #: TIFF resolutions in inches up to this many DPI (2.54 µm/px and coarser) are print/screen DPI
 PRINT_DPI_MAX = 10_000
 #: plain images opened whole into memory (tiles, regions, TMA cores); their DPI is screen DPI
@@ -115,7 +123,7 @@ class Slide:
         # OpenSlide handles are thread-safe; serialise reads through other backends
         self._lock = threading.Lock() if backend != "openslide" else contextlib.nullcontext()
         props = dict(self._handle.properties)
-        meta_mpp, source = _mpp_from_metadata(self.path, props, backend)
+        meta_mpp, meta_mpp_y, source = _mpp_from_metadata(self.path, props, backend)
         if mpp is not None:
             if not (MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
                 self.close()
@@ -127,7 +135,8 @@ class Slide:
                     f"{self.path.name}: --mpp {mpp} overrides the file's {meta_mpp:.4f} µm/px",
                     stacklevel=2,
                 )
-            meta_mpp, source = float(mpp), "override"
+            # one size for both axes, as the user says: no warning about the file's x/y below
+            meta_mpp, meta_mpp_y, source = float(mpp), None, "override"
         if meta_mpp is None:
             self.close()
             if backend == "plain" and self.path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES):
@@ -140,9 +149,12 @@ class Slide:
             dpi = dpi and f"; its TIFF resolution, {dpi} DPI, is a print/screen setting"
             raise SlideError(
                 f"{self.path}: no µm per pixel in the file's metadata (looked for "
-                f"openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX{dpi}). Pass --mpp with "
-                "the scanner's µm per pixel at full resolution, e.g. --mpp 0.25 for a 40x scan."
+                f"openslide.mpp-x, TIFF resolution tags, OME PhysicalSizeX, ImageJ unit{dpi}). "
+                "Pass --mpp with the scanner's µm per pixel at full resolution, e.g. --mpp 0.25 "
+                "for a 40x scan."
             )
+        if meta_mpp_y is not None and not is_close_mpp(meta_mpp, meta_mpp_y):
+            _warn_non_square(self.path, meta_mpp, meta_mpp_y, source)
         h = self._handle
         self.info = SlideInfo(
             path=str(self.path),
@@ -501,80 +513,126 @@ def _plausible(value: float | None) -> float | None:
     return float(value)
 
 
-def _mpp_from_metadata(path: Path, props: Mapping, backend: str) -> tuple[float | None, str]:
-    """µm per level-0 pixel from the file, and where it came from.
+def _mpp_from_metadata(
+    path: Path, props: Mapping, backend: str
+) -> tuple[float | None, float | None, str]:
+    """µm per level-0 pixel across (x) and down (y) from the file, and where they came from.
 
-    TIFF resolution tags in inches at print/screen DPI (at most `PRINT_DPI_MAX`) are no scan's
-    µm/px: what the backends made of them is ignored, and without another µm/px the source is
-    "print-dpi N".
+    y comes from the same source as x (None where it gives none). TIFF resolution tags in inches
+    at print/screen DPI (at most `PRINT_DPI_MAX`) are no scan's µm/px: what the backends made of
+    them is ignored, and without another µm/px the source is "print-dpi N".
     """
-    tiff_mpp, unit = _tiff_resolution_mpp(path)
+    tiff_mpp, tiff_mpp_y, unit, tiff_source = _tiff_resolution_mpp(path)
     print_dpi = unit == "inch" and 25400.0 / tiff_mpp <= PRINT_DPI_MAX
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
-        try:
-            value = _plausible(float(props[key]))
-        except (KeyError, TypeError, ValueError):
-            continue
+        value = _plausible(_number(props.get(key)))
         if value is not None and not (print_dpi and is_close_mpp(value, tiff_mpp)):
-            return value, key
-    value = _plausible(_ome_mpp(path))
-    if value is not None:
-        return value, "ome"
+            return value, _plausible(_number(props.get(key.removesuffix("x") + "y"))), key
+    ome_mpp, ome_mpp_y = _ome_mpp(path)
+    if (value := _plausible(ome_mpp)) is not None:
+        return value, _plausible(ome_mpp_y), "ome"
     if print_dpi:
-        return None, f"print-dpi {25400.0 / tiff_mpp:g}"
-    value = _plausible(tiff_mpp)
-    if value is not None:
-        return value, "tiff-resolution"
-    return None, "none"
+        return None, None, f"print-dpi {25400.0 / tiff_mpp:g}"
+    if (value := _plausible(tiff_mpp)) is not None:
+        return value, _plausible(tiff_mpp_y), tiff_source
+    return None, None, "none"
 
 
-def _ome_mpp(path: Path) -> float | None:
-    """PhysicalSizeX of the first OME Pixels element, converted to µm."""
-    if not path.name.lower().endswith((".tif", ".tiff", ".btf")):
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
         return None
+
+
+def _unit_name(unit) -> str:
+    """A length unit's name as `UM_PER_UNIT` spells it."""
+    name = str(unit).strip()
+    return UNIT_ALIASES.get(name.lower(), name)
+
+
+def _um_per_unit(unit) -> float:
+    """µm in one `unit`; NaN for an unknown one (ImageJ's "pixel" too)."""
+    return UM_PER_UNIT.get(_unit_name(unit), math.nan)
+
+
+def _warn_non_square(path: Path, mpp_x: float, mpp_y: float, source: str) -> None:
+    """Crops take square fields at the x size: cells come out resized vertically by x/y."""
+    change = mpp_x / mpp_y - 1
+    warnings.warn(
+        f"{path.name}: pixels are {mpp_x:.4g} µm wide but {mpp_y:.4g} µm tall ({source}); crops "
+        f"use the x size, so cells are {'stretched' if change > 0 else 'squashed'} vertically "
+        f"by {abs(change):.0%}. Re-export the slide with square pixels for true cell shapes.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _ome_mpp(path: Path) -> tuple[float | None, float | None]:
+    """PhysicalSizeX and PhysicalSizeY of the first OME Pixels element, converted to µm."""
+    if not path.name.lower().endswith((".tif", ".tiff", ".btf")):
+        return None, None
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             xml = tif.ome_metadata
     except Exception:  # noqa: BLE001
-        return None
+        return None, None
     if not xml:
-        return None
+        return None, None
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return None
-    to_um = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+        return None, None
     for elem in root.iter():
         if elem.tag.endswith("Pixels") and "PhysicalSizeX" in elem.attrib:
-            unit = elem.attrib.get("PhysicalSizeXUnit", "µm")
-            try:
-                return float(elem.attrib["PhysicalSizeX"]) * to_um.get(unit, float("nan"))
-            except ValueError:
-                return None
-    return None
+            sizes = []
+            for axis in "XY":
+                unit = elem.attrib.get(f"PhysicalSize{axis}Unit", "µm")
+                size = _number(elem.attrib.get(f"PhysicalSize{axis}"))
+                sizes.append(None if size is None else size * _um_per_unit(unit))
+            return sizes[0], sizes[1]
+    return None, None
 
 
-def _tiff_resolution_mpp(path: Path) -> tuple[float | None, str | None]:
-    """µm/px from the first page's XResolution and ResolutionUnit, and the unit (inch or cm)."""
+def _tiff_resolution_mpp(path: Path) -> tuple[float | None, float | None, str | None, str]:
+    """µm/px across and down from the first page's X/YResolution, their unit and the source.
+
+    The unit is ResolutionUnit's (inch or cm, source "tiff-resolution"); where that is NONE,
+    the unit ImageJ (Fiji, QuPath) writes into its description (source "imagej").
+    """
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             tags = tif.pages[0].tags
             unit_tag = tags.get("ResolutionUnit")
-            xres = tags.get("XResolution")
+            xres, yres = tags.get("XResolution"), tags.get("YResolution")
             if unit_tag is None or xres is None:
-                return None, None
-            num, den = xres.value
-            per_unit = num / den if den else 0.0
-            unit = {2: "inch", 3: "cm"}.get(int(unit_tag.value))
+                return None, None, None, "none"
+            unit = unit_y = {2: "inch", 3: "cm"}.get(int(unit_tag.value))
+            source = "tiff-resolution"
+            if unit is None and tif.is_imagej:
+                meta = tif.imagej_metadata or {}
+                unit, source = meta.get("unit"), "imagej"
+                unit_y = meta.get("yunit", unit)  # written only where it differs
+            per_unit = _ratio(xres.value)
+            per_unit_y = _ratio(yres.value) if yres is not None else None
     except Exception:  # noqa: BLE001
-        return None, None
-    if unit is None or per_unit <= 0:
-        return None, None
-    return {"inch": 25400.0, "cm": 10000.0}[unit] / per_unit, unit
+        return None, None, None, "none"
+    if unit is None or not per_unit:
+        return None, None, None, "none"
+    unit = _unit_name(unit)
+    mpp = _um_per_unit(unit) / per_unit
+    mpp_y = _um_per_unit(unit_y) / per_unit_y if per_unit_y else None
+    return mpp, mpp_y, unit, source
+
+
+def _ratio(value: tuple[int, int]) -> float | None:
+    """A TIFF RATIONAL as a positive number (None for zero or negative)."""
+    num, den = value
+    return num / den if den and num / den > 0 else None
 
 
 def _to_rgb(region) -> np.ndarray:
