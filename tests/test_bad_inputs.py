@@ -126,7 +126,7 @@ CASES = [
     ("cells: no such file", lambda w: ["embed", "cells", w.tmp / "nope.csv", "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "no such table"),
     ("cells: header only", lambda w: ["embed", "cells", w.file("empty.csv", "slide_id,cell_id,x_um,y_um,tissue\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "no rows"),
     ("cells: text in x", lambda w: ["embed", "cells", w.file("text.csv", "slide_id,cell_id,x_um,y_um,tissue\ns,1,abc,2,lung\ns,2,3,4,lung\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], r"'x_um' \(x\) has 1 values that are not numbers.*abc"),
-    ("cells: decimal commas", lambda w: ["embed", "cells", w.file("comma.csv", "slide_id;cell_id;x_um;y_um;tissue\ns;1;10,5;2,5;lung\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "decimal commas"),
+    ("cells: quoted decimal commas in a comma-separated file", lambda w: ["embed", "cells", w.file("comma.csv", 'slide_id,cell_id,x_um,y_um,tissue\ns,1,"10,5","2,5",lung\n'), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "decimal commas"),
     ("cells: unknown delimiter", lambda w: ["embed", "cells", w.file("spaces.csv", "slide_id cell_id x_um y_um\ns 1 2 3\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "delimiter"),
     ("cells: no x column", lambda w: ["embed", "cells", w.file("nox.csv", "slide_id,cell_id,y_um,tissue\ns,1,2,lung\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "no x column found.*--x-col"),
     ("cells: unit unknown", lambda w: ["embed", "cells", w.file("unit.csv", "slide_id,cell_id,x,y,tissue\ns,1,2,3,lung\n"), "--out", w.tmp / "o.parquet", "--mpp", "0.25"], "--unit px or --unit um"),

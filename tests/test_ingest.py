@@ -324,3 +324,45 @@ def test_slide_ids_written_as_file_names_match_only_through_slide_suffixes():
 
     frame = pl.DataFrame({"slide_id": ["S1.svs", "S1.2", "scans\\S1.ome.tiff", "S1"]})
     assert match_slide_ids(frame, ["S1"])["slide_id"].to_list() == ["S1", "S1.2", "S1", "S1"]
+
+
+def test_decimal_comma_tables_read_as_their_point_version(tmp_path):
+    """QuPath on a German Windows: ;-separated, Windows-1252, "12,5"; ids stay verbatim ("1,5"
+    is no number), "NA" is a missing centroid, whole numbers may sit among decimal-comma ones."""
+    ids, xs, ys = ["001", "1,5", "7", "8"], ["12,5", "13", "NA", "-0,25"], ["3,75", "4", "5", "6,5"]
+    german = tmp_path / "german.csv"
+    german.write_bytes("Image;Object ID;Centroid X µm;Centroid Y µm\n".encode("cp1252") + "".join(
+        f"s.tif;{i};{x};{y}\n" for i, x, y in zip(ids, xs, ys, strict=True)).encode("cp1252"))  # fmt: skip
+    points = tmp_path / "points.csv"
+    pl.DataFrame({"Image": "s.tif", "Object ID": ids, "Centroid X µm": [12.5, 13.0, None, -0.25],
+                  "Centroid Y µm": [3.75, 4.0, 5.0, 6.5]}).write_csv(points)  # fmt: skip
+    (frame, report), (want, _) = (ingest_table(p, mpp=0.5, tissue="lung") for p in (german, points))
+    assert frame["cell_id"].to_list() == ["001", "1,5", "8"] and report.dropped == {"NaN or infinite centroid": 1}
+    assert frame.equals(want)
+    np.testing.assert_allclose(frame["x_um"].to_numpy(), [12.5, 13.0, -0.25])
+    # comma-separated, a quoted "12,5" may as well be a thousands separator: refused
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('slide_id,cell_id,x_um,y_um\ns,1,"12,5",3\n')
+    with pytest.raises(CellsError, match="decimal commas: convert them to points"):
+        ingest_table(quoted, mpp=0.5, tissue="lung")
+
+
+def test_a_xenium_cells_table_is_refused_unless_its_columns_are_named(synth_small, tmp_path):
+    """A bundle's cells.parquet holds µm in the Xenium morphology frame, not on the H&E slide:
+    ingested as a table, every cell would land in the wrong place without a word."""
+    bundle, s = _bundle_copy(synth_small, tmp_path)
+    raw = bundle / "cells.parquet"
+    opts = dict(unit="um", slide_id=s.slide_id, tissue="lung")
+    with pytest.raises(CellsError, match="Xenium cells table") as err:
+        ingest_table(raw, slides=s.path, **opts)
+    assert f"`embed cells {bundle}`" in str(err.value) and "--x-col x_centroid --y-col y_centroid" in str(err.value)
+    centroids = pl.read_parquet(raw).select("cell_id", "x_centroid", "y_centroid")
+    centroids.write_csv(bundle / "centroids.csv")  # no count columns, but in a bundle folder
+    with pytest.raises(CellsError, match="Xenium cells table"):
+        ingest_table(bundle / "centroids.csv", mpp=0.25, **opts)
+    centroids.write_csv(tmp_path / "centroids.csv")  # x_centroid alone is no Xenium table
+    assert ingest_table(tmp_path / "centroids.csv", mpp=0.25, **opts)[0].height == s.n_cells
+    # registered to the H&E already: named explicitly, taken as given
+    frame, _ = ingest_table(raw, mpp=0.25, columns={"x": "x_centroid", "y": "y_centroid"}, **opts)
+    assert frame.height == s.n_cells
+    np.testing.assert_allclose(frame["x_um"].to_numpy(), pl.read_parquet(raw)["x_centroid"].to_numpy())

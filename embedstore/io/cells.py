@@ -15,7 +15,7 @@ Each kind is counted, with examples, in a `CellReport`. `on_bad="error"` raises 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +129,9 @@ def read_table(path: str | Path, text: Sequence[str] = ()) -> pl.DataFrame:
 
     In a CSV, id columns (any name among the slide and cell id candidates, and the names in
     `text`) are read as text, verbatim: inferring numbers would turn "001" and "01" into the
-    same id 1. Integral float ids in a Parquet file (pandas writes int ids with a NaN as float)
-    lose their ".0".
+    same id 1. In a CSV not separated by commas, other columns of decimal-comma numbers ("12,5")
+    are read as numbers. Integral float ids in a Parquet file (pandas writes int ids with a NaN
+    as float) lose their ".0".
     """
     path = Path(path)
     if not path.exists():
@@ -148,12 +149,35 @@ def read_table(path: str | Path, text: Sequence[str] = ()) -> pl.DataFrame:
             data = _decoded_csv(path)
             header = pl.read_csv(io.BytesIO(data), separator=sep, n_rows=0).columns
             as_text = {c: pl.Utf8 for c in header if _fold(c) in ids}
-            return pl.read_csv(io.BytesIO(data), separator=sep, infer_schema_length=10000, schema_overrides=as_text)
+            frame = pl.read_csv(io.BytesIO(data), separator=sep, infer_schema_length=10000, schema_overrides=as_text)
+            return frame if sep == "," else _decimal_commas(frame, skip=as_text)
     except CellsError:
         raise
     except Exception as exc:  # noqa: BLE001 - polars raises many kinds
         raise CellsError(f"{path}: cannot read the table ({exc})") from exc
     raise CellsError(f"{path}: unknown table format; use .csv, .tsv (optionally .gz) or .parquet")
+
+
+#: a number written with a decimal comma ("12,5"), or a whole number among such ("13")
+DECIMAL_COMMA = r"^-?\d+(,\d+)?$"
+
+
+def _decimal_commas(frame: pl.DataFrame, skip: Collection[str]) -> pl.DataFrame:
+    """Text columns (other than `skip`) whose values are all decimal-comma numbers or missing
+    tokens, as Float64: European spreadsheets save "12,5" in ;-separated files.
+
+    Not polars' `decimal_comma=True`: that leaves a column holding "NA" as text "12,5". Not for
+    comma-separated files either, where a quoted "1,234" may as well be a thousands separator.
+    """
+    numbers = {}
+    for name in frame.columns:
+        if name in skip or frame.schema[name] != pl.Utf8:
+            continue
+        text = frame[name].str.strip_chars()
+        given = text.filter(~text.str.to_lowercase().is_in(MISSING_TOKENS))
+        if given.len() and given.str.contains(DECIMAL_COMMA).all() and given.str.contains(",").any():
+            numbers[name] = text.str.replace(",", ".").cast(pl.Float64, strict=False)  # missing: null
+    return frame.with_columns(**numbers)
 
 
 def _integral_as_text(column: pl.Series) -> pl.Series:

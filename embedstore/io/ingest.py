@@ -52,6 +52,8 @@ def ingest_table(
     """
     columns = dict(columns or {})
     table = C.read_table(path, text=[columns[k] for k in ("slide_id", "cell_id") if k in columns])
+    if "x" not in columns:
+        refuse_xenium_cells(table, Path(path))
     by_id = slide_files_by_id(slides) if slides is not None else None
     if slide_id is None and by_id is not None and len(by_id) == 1 and C.find_column(table, "slide_id", columns.get("slide_id")) is None:
         slide_id = next(iter(by_id))  # one slide, and the table names none: that one
@@ -68,6 +70,25 @@ def ingest_table(
     else:
         raise CellsError("give the slides (--slides DIR) or their µm per pixel (--mpp) to place the cells")
     return C.normalise(frame, unit, geos, on_bad=on_bad)
+
+
+#: columns of Xenium's cells.parquet that a table of H&E centroids would not have
+XENIUM_COUNT_COLUMNS = ("transcript_counts", "control_probe_counts", "control_codeword_counts")
+
+
+def refuse_xenium_cells(table: pl.DataFrame, path: Path) -> None:
+    """Refuse a bundle's own cells table: its centroids are µm in the Xenium morphology frame,
+    which only the bundle's H&E alignment maps onto the slide (read as slide µm, every cell
+    lands in the wrong place). Columns named explicitly (--x-col) are taken as given."""
+    if C.find_column(table, "x") != "x_centroid":
+        return
+    if any(c in table.columns for c in XENIUM_COUNT_COLUMNS) or (path.parent / "experiment.xenium").exists():
+        raise CellsError(
+            f"{path}: a Xenium cells table; its x_centroid/y_centroid are µm in the Xenium morphology "
+            f"frame, not on the H&E slide. Give the bundle folder (`embed cells {path.parent}`), which "
+            "applies the H&E alignment; if these coordinates are already registered to the H&E slide, "
+            "name them with --x-col x_centroid --y-col y_centroid"
+        )
 
 
 def ingest_xenium(
