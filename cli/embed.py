@@ -427,6 +427,12 @@ def annotate(
     table: Annotated[str, typer.Option(help="vector table the labels refer to (with --db)")] = "cells",
     clusters: Annotated[Path | None, typer.Option(help="CSV cluster,class naming clusters by hand (after reading the report)")] = None,
     synonyms: Annotated[Path | None, typer.Option(help="JSON {raw name: class} or CSV raw,class mapping names to final classes")] = None,
+    slide: Annotated[Path | None, typer.Option(help="the H&E slide of the bundle (default: its *he_image* file)")] = None,
+    alignment: Annotated[Path | None, typer.Option(help="H&E alignment CSV of the bundle (default: its *he_imagealignment.csv)")] = None,
+    invert_alignment: Annotated[bool, typer.Option(help="the alignment maps Xenium px -> H&E px")] = False,
+    mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel of the H&E, overrides the slide's")] = None,
+    slide_id: Annotated[str | None, typer.Option(help="slide id of the labels (default: the H&E file's name, as `embed cells` names it)")] = None,
+    positions: Annotated[bool, typer.Option(help="place the cells on the H&E (x/y); --no-positions labels them without (slide id: --slide-id or the folder name)")] = True,
     min_counts: Annotated[int, typer.Option(help="gene counts a cell needs to be labelled")] = 10,
     resolution: Annotated[float, typer.Option(help="Leiden resolution")] = 0.6,
     min_confidence: Annotated[float, typer.Option(help="cells below this confidence get kept=false")] = 0.6,
@@ -434,13 +440,15 @@ def annotate(
     report: Annotated[bool, typer.Option(help="write the report (figures + report.md)")] = True,
 ) -> None:
     """Label cells from Xenium expression with a marker panel (the paper's recipe, via scanpy)."""
-    from embedstore.annotate.recipe import AnnotateConfig, read_panel
+    from embedstore.annotate.recipe import AnnotateConfig, Placement, read_panel
     from embedstore.annotate.recipe import annotate as run_annotate
     from embedstore.fileio import atomic_path, ensure_dir
 
     cfg = AnnotateConfig(min_counts=min_counts, resolution=resolution, min_confidence=min_confidence, seed=seed)
+    place = Placement(slide=slide, alignment=alignment, slide_id=slide_id, mpp=mpp,
+                      invert_alignment=invert_alignment, positions=positions)  # fmt: skip
     ensure_dir(out.parent, "the labels output")
-    frame, results = run_annotate(bundles, markers, cfg, clusters=clusters, synonyms=synonyms,
+    frame, results = run_annotate(bundles, markers, cfg, clusters=clusters, synonyms=synonyms, place=place,
                                   log=lambda m: console.print(m, markup=False, highlight=False))  # fmt: skip
     with atomic_path(out) as tmp:
         frame.write_parquet(tmp)

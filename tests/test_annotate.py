@@ -200,3 +200,52 @@ def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
     other = pl.col("slide_id") != bundle.name
     assert again.filter(other)["label"].to_list() == stored.sort("slide_id", "cell_id").filter(other)["label"].to_list()
     assert again.filter(~other)["label"].to_list() == frame.sort("slide_id", "cell_id").filter(~other)["label"].to_list()
+
+
+def test_he_placement_is_said_or_refused_never_silently_dropped(synth, tmp_path):
+    """A bundle without its H&E says that its labels carry no position; a broken alignment fails
+    as `embed cells` fails on it (labels under the folder name would match no stored cell);
+    cells that fall outside the H&E are counted; one bundle's options are refused for several."""
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+    from embedstore.annotate.recipe import Placement, _he_positions
+    from embedstore.errors import AlignmentError
+    from embedstore.io import xenium as X
+
+    src = synth.slides[0]
+    bundle = tmp_path / "run_0042"
+    shutil.copytree(src.bundle, bundle, symlinks=True)
+    next(p for p in bundle.glob("*he_image*") if p.suffix != ".csv").unlink()  # a copied link; the slide: src.path
+    slide = src.path
+    msgs: list[str] = []
+    sid, positions = _he_positions(bundle, X.open_bundle(bundle), Placement(), msgs.append)
+    assert (sid, positions) == ("run_0042", None)
+    assert any(m.startswith("warning: run_0042: no H&E image") and "--slide" in m for m in msgs), msgs
+    # --slide places them again, under the slide file's id; cells moved off the H&E are counted
+    cells = pl.read_parquet(bundle / "cells.parquet")
+    off = cells["cell_id"].head(7).to_list()
+    cells.with_columns(x_centroid=pl.when(pl.col("cell_id").is_in(off)).then(-5000.0).otherwise(pl.col("x_centroid"))
+                       ).write_parquet(bundle / "cells.parquet")  # fmt: skip
+    msgs.clear()
+    place = Placement(slide=slide)
+    sid, positions = _he_positions(bundle, X.open_bundle(bundle, he_image=slide), place, msgs.append)
+    assert sid == src.slide_id and positions.height == cells.height - 7
+    assert not set(off) & set(positions["cell_id"].to_list())
+    assert any(f"7 of {cells.height} cells have no H&E position" in m and "outside" in m for m in msgs), msgs
+    # a singular alignment is an error, in the API and in the CLI, and nothing is written
+    (bundle / "bad_he_imagealignment.csv").write_text("1,0,0\n2,0,0\n0,0,1\n")
+    (bundle / next(src.bundle.glob("*alignment.csv")).name).unlink()
+    with pytest.raises(AlignmentError, match="singular"):
+        annotate([bundle], synth.out_dir / "panel.csv", place=place)
+    out = tmp_path / "labels.parquet"
+    run = CliRunner().invoke(app, ["annotate", str(bundle), "--markers", str(synth.out_dir / "panel.csv"),
+                                   "--out", str(out), "--slide", str(slide)])  # fmt: skip
+    assert run.exit_code != 0 and isinstance(run.exception, AlignmentError) and not out.exists()
+    # --no-positions labels without the H&E, under the slide id given
+    sid, positions = _he_positions(bundle, X.open_bundle(bundle), Placement(positions=False, slide_id="S9"), msgs.append)
+    assert (sid, positions) == ("S9", None)
+    with pytest.raises(UserError, match="--no-positions"):
+        Placement(positions=False, slide=slide)
+    with pytest.raises(UserError, match="--slide-id belong"):
+        annotate([synth.out_dir / "xenium"], synth.out_dir / "panel.csv", place=Placement(slide_id="S1"))

@@ -433,22 +433,73 @@ def find_bundles(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one bundle's cells go on its H&E slide (the options of `embed cells` for one
+    bundle). `positions=False` labels the cells without H&E positions."""
+
+    slide: str | Path | None = None
+    alignment: str | Path | None = None
+    slide_id: str | None = None
+    mpp: float | None = None
+    invert_alignment: bool = False
+    positions: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.positions and (self.slide is not None or self.alignment is not None):
+            raise UserError("--no-positions labels cells without the H&E: drop --slide/--alignment, or --no-positions")
+
+    def one_bundle_options(self) -> list[str]:
+        given = {"--slide": self.slide, "--alignment": self.alignment, "--slide-id": self.slide_id}
+        return [opt for opt, value in given.items() if value is not None]
+
+
+def _he_positions(root: Path, bundle: Any, place: Placement, log: Log) -> tuple[str, pl.DataFrame | None]:
+    """The slide id of a bundle's labels and its cells' H&E positions (None without them).
+
+    A bundle with its H&E image and alignment is placed as `embed cells` places it, and a broken
+    alignment fails here as it would there: labels filed under a made-up slide id would match
+    no stored cell. Without the H&E or its alignment the folder name is the slide id, said."""
+    from ..io.ingest import ingest_xenium
+    from ..io.slides import slide_id_from_path
+
+    if not place.positions:
+        return place.slide_id or root.name, None
+    if bundle.he_image is None or bundle.alignment_path is None:
+        sid = place.slide_id or root.name
+        what = "H&E image (*he_image*)" if bundle.he_image is None else "H&E alignment (*he_imagealignment.csv)"
+        log(f"warning: {root.name}: no {what}: its labels carry no H&E position and the slide id {sid!r}; "
+            "pass --slide/--alignment to place them (or --no-positions, with --slide-id naming the store's slide)")  # fmt: skip
+        return sid, None
+    positions, report = ingest_xenium(root, slide=bundle.he_image, alignment=bundle.alignment_path,
+                                      slide_id=place.slide_id, mpp=place.mpp, tissue=bundle.tissue or "unknown",
+                                      invert_alignment=place.invert_alignment)  # fmt: skip
+    sid = place.slide_id or slide_id_from_path(bundle.he_image.resolve())
+    lost = report.n_in - report.n_out
+    if lost:
+        why = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items())
+        log(f"warning: {root.name}: {lost} of {report.n_in} cells have no H&E position ({why}); "
+            "they are labelled with empty x/y and cannot be matched to stored vectors")  # fmt: skip
+    return sid, positions
+
+
 def annotate_bundle(
     root: str | Path,
     panel: Mapping[str, Sequence[str]],
     cfg: AnnotateConfig,
     *,
+    place: Placement | None = None,
     cluster_map: Mapping[str, str | None] | None = None,
     synonyms: Mapping[str, str | None] | None = None,
     log: Log = lambda m: None,
 ) -> SampleResult:
     """One Xenium bundle -> labels with slide_id and (when the bundle has its H&E and
-    alignment) the registered H&E position of each cell."""
+    alignment, or `place` gives them) the registered H&E position of each cell."""
     from ..io import xenium as X
-    from ..io.ingest import ingest_xenium
 
     root = Path(root)
-    bundle = X.open_bundle(root)
+    place = place or Placement()
+    bundle = X.open_bundle(root, alignment=place.alignment, he_image=place.slide)
     cells = X.read_xenium_cells(bundle)
     adata = read_expression(root)
     ids = set(adata.obs_names)
@@ -462,15 +513,7 @@ def annotate_bundle(
     if len(common) < cells.height or len(common) < adata.n_obs:
         log(f"{root.name}: {len(common)} cells in both cells table ({cells.height}) and matrix ({adata.n_obs}); the rest are skipped")
     adata = adata[common].copy()
-    positions = None
-    sample = root.name
-    if bundle.he_image is not None and bundle.alignment_path is not None:
-        try:
-            positions, _ = ingest_xenium(root)
-        except UserError as exc:
-            log(f"{root.name}: no H&E positions ({exc})")
-    if positions is not None and positions.height:
-        sample = str(positions["slide_id"][0])
+    sample, positions = _he_positions(root, bundle, place, log)
     result = annotate_sample(adata, panel, cfg, sample=sample, cluster_map=cluster_map, synonyms=synonyms)
     frame = result.frame.with_columns(slide_id=pl.lit(sample), sample=pl.lit(root.name))
     if positions is not None:
@@ -486,16 +529,23 @@ def annotate(
     *,
     clusters: str | Path | None = None,
     synonyms: str | Path | None = None,
+    place: Placement | None = None,
     log: Log = lambda m: None,
 ) -> tuple[pl.DataFrame, list[SampleResult]]:
-    """Every bundle's labels in one frame (see `annotate_bundle`), plus per-sample results."""
+    """Every bundle's labels in one frame (see `annotate_bundle`), plus per-sample results.
+    `place` (slide, alignment, slide id) belongs to one bundle and is refused for several."""
     cfg = cfg or AnnotateConfig()
+    roots = find_bundles(bundles)
+    given = place.one_bundle_options() if place is not None else []
+    if given and len(roots) > 1:
+        raise UserError(f"{', '.join(given)} belong(s) to one bundle, and {len(roots)} bundles were given: "
+                        "annotate that bundle alone with it")  # fmt: skip
     panel = read_panel(panel_path)
     cmap = read_cluster_map(clusters) if clusters else None
     syn = read_synonyms(synonyms) if synonyms else None
     results = []
-    for root in find_bundles(bundles):
-        res = annotate_bundle(root, panel, cfg, cluster_map=cmap, synonyms=syn, log=log)
+    for root in roots:
+        res = annotate_bundle(root, panel, cfg, place=place, cluster_map=cmap, synonyms=syn, log=log)
         if res.missing_genes:
             log(f"warning: {root.name}: panel genes not in the matrix: {', '.join(res.missing_genes)}")
         kept = int(res.frame["kept"].sum())
