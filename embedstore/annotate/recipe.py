@@ -461,7 +461,6 @@ def _he_positions(root: Path, bundle: Any, place: Placement, log: Log) -> tuple[
     alignment fails here as it would there: labels filed under a made-up slide id would match
     no stored cell. Without the H&E or its alignment the folder name is the slide id, said."""
     from ..io.ingest import ingest_xenium
-    from ..io.slides import slide_id_from_path
 
     if not place.positions:
         return place.slide_id or root.name, None
@@ -474,7 +473,7 @@ def _he_positions(root: Path, bundle: Any, place: Placement, log: Log) -> tuple[
     positions, report = ingest_xenium(root, slide=bundle.he_image, alignment=bundle.alignment_path,
                                       slide_id=place.slide_id, mpp=place.mpp, tissue=bundle.tissue or "unknown",
                                       invert_alignment=place.invert_alignment)  # fmt: skip
-    sid = place.slide_id or slide_id_from_path(bundle.he_image.resolve())
+    sid = str(positions["slide_id"][0])  # named as `embed cells` names it (never empty: it refuses that)
     lost = report.n_in - report.n_out
     if lost:
         why = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items())
