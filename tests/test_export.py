@@ -185,18 +185,42 @@ def test_spatialdata_round_trip(store, tmp_path):
 
 
 def test_zarr_output_replaces_an_export_never_other_data(tmp_path):
+    def export_like(folder, version):  # the layout write_spatialdata leaves
+        (folder / "tables" / "cells" / "uns" / "nuclass").mkdir(parents=True)
+        (folder / "shapes" / "cells_S1").mkdir(parents=True)
+        (folder / "zarr.json").write_text(version)
+
     path = tmp_path / "cells.zarr"
     for version in ("old", "new"):
         with ex._atomic_dir(path) as tmp:
-            tmp.mkdir()
-            (tmp / "zarr.json").write_text(version)
+            export_like(tmp, version)
     assert (path / "zarr.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["cells.zarr"]
     mine = tmp_path / "mine.zarr"
     mine.mkdir()
     (mine / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a zarr store"), ex._atomic_dir(mine):
-        pass
-    assert (mine / "keep.txt").exists()
+    # a user's SpatialData: a zarr, even one holding our table, but with their images beside it
+    theirs = tmp_path / "sample.zarr"
+    export_like(theirs, "theirs")
+    (theirs / "images" / "he_image").mkdir(parents=True)
+    for folder in (mine, theirs):
+        with pytest.raises(UserError, match="not an earlier `embed export`"), ex._atomic_dir(folder):
+            pass
+    assert (mine / "keep.txt").exists() and (theirs / "images" / "he_image").is_dir()
+
+
+def test_spatialdata_one_coordinate_system_per_slide_even_when_names_clash():
+    pytest.importorskip("spatialdata")
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.transformations import get_transformation
+
+    slides = ["case:A", "case A", "case_A"]
+    obs = pd.DataFrame({"slide_id": np.repeat(slides, 2), "cell_id": ["1", "2"] * 3,
+                        "x_um": np.arange(6.0), "y_um": np.arange(6.0)})  # fmt: skip
+    obs.index = [f"{s}:{c}" for s, c in zip(obs["slide_id"], obs["cell_id"], strict=True)]
+    sdata = ex.to_spatialdata(ad.AnnData(obs=obs))
+    systems = [set(get_transformation(sdata.shapes[e], get_all=True)) for e in ex.element_names(slides).values()]
+    assert all(len(s) == 1 for s in systems) and len(set.union(*systems)) == 3, systems
 
 
 def test_class_names_from_run_dir_or_inferred(store, tmp_path):
@@ -210,6 +234,10 @@ def test_class_names_from_run_dir_or_inferred(store, tmp_path):
     assert adata.uns["nuclass"]["predictions"]["classes_source"].startswith("checkpoint")
     (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[:2]}))
     with pytest.raises(UserError, match="2 classes but the stored predictions have 3"):
+        ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
+    # as many classes, in another order (or another run's names): refused, not mislabelled columns
+    (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[::-1]}))
+    with pytest.raises(UserError, match="do not name the stored predictions"):
         ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
     # without the checkpoint: named from the stored predictions, unless a class was never predicted
     both = pl.DataFrame({"pred_class": ["B", "A"], "proba": [[0.2, 0.8], [0.9, 0.1]]})
@@ -238,6 +266,9 @@ def test_clear_errors(store, tmp_path):
     with pytest.raises(UserError, match="unknown vector kind"):
         ex.export(db, tmp_path / "x.h5ad", vectors=("local", "global"))
     assert not list(tmp_path.iterdir())
+    (tmp_path / "dir.h5ad").mkdir()  # said at once, naming the user's path (not a temporary file's)
+    with pytest.raises(UserError, match=r"--out .*dir\.h5ad is a folder"):
+        ex.export(db, tmp_path / "dir.h5ad", table="other")
 
 
 def test_spatialdata_missing_says_how_to_install(store, tmp_path, monkeypatch):

@@ -192,11 +192,29 @@ def run_classes(run_dir: str | Path | None, preds: pl.DataFrame, k: int) -> tupl
         classes = [str(c) for c in checkpoint.read_info(run_dir, "local")["classes"]]
         if len(classes) != k:
             raise UserError(f"{run_dir} has {len(classes)} classes but the stored predictions have {k} probabilities: another run?")
+        _check_names(classes, preds, run_dir)
         return classes, f"checkpoint {Path(run_dir) / 'local.json'}"
     named = _classes_from_argmax(preds, k)
     if named is not None:
         return named, "stored predictions (pred_class of each probability's argmax)"
     return [f"class_{i}" for i in range(k)], "unknown: some class was never predicted; pass --run-dir for the names"
+
+
+def _check_names(classes: list[str], preds: pl.DataFrame, run_dir: str | Path) -> None:
+    """Refuse a checkpoint whose class order does not name the stored predictions: each cell's
+    pred_class must be a class of its highest probability (ties allowed)."""
+    rows = preds.filter(pl.col("proba").is_not_null() & pl.col("pred_class").is_not_null())
+    if rows.height == 0:
+        return
+    proba = rows["proba"].list.to_array(len(classes)).to_numpy()
+    col = {c: i for i, c in enumerate(classes)}
+    idx = np.array([col.get(c, -1) for c in rows["pred_class"].to_list()])
+    ok = (idx >= 0) & (proba[np.arange(rows.height), idx.clip(0)] >= proba.max(axis=1) - 1e-6)
+    if not ok.all():
+        bad = rows.filter(pl.Series(~ok))["pred_class"].head(3).to_list()
+        raise UserError(f"{run_dir}: its classes {classes[:6]} do not name the stored predictions ({int((~ok).sum())} "
+                        f"of {rows.height} cells, e.g. predicted {bad}, have their highest probability elsewhere): "
+                        "the checkpoint of another run?")  # fmt: skip
 
 
 def _classes_from_argmax(preds: pl.DataFrame, k: int) -> list[str] | None:
@@ -398,7 +416,7 @@ def to_spatialdata(adata: anndata.AnnData, *, radius_um: float = DEFAULT_RADIUS_
     from spatialdata.models import TableModel
 
     names = element_names(adata.obs["slide_id"].astype(str).unique().tolist())
-    shapes = {names[s]: _circles(sd, adata, s, radius_um) for s in names}
+    shapes = {names[s]: _circles(sd, adata, s, coordinate_system(names[s]), radius_um) for s in names}
     obs = adata.obs.copy()
     obs["region"] = obs["slide_id"].astype(str).map(names).astype("category")
     table = ad.AnnData(obs=obs, obsm=dict(adata.obsm), uns=dict(adata.uns))  # shares the arrays
@@ -406,7 +424,7 @@ def to_spatialdata(adata: anndata.AnnData, *, radius_um: float = DEFAULT_RADIUS_
     return sd.SpatialData(shapes=shapes, tables={"cells": table})
 
 
-def _circles(sd, adata: anndata.AnnData, slide: str, radius_um: float):
+def _circles(sd, adata: anndata.AnnData, slide: str, system: str, radius_um: float):
     import geopandas as gpd
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity
@@ -417,7 +435,7 @@ def _circles(sd, adata: anndata.AnnData, slide: str, radius_um: float):
         geometry=gpd.points_from_xy(obs["x_um"].to_numpy(), obs["y_um"].to_numpy()),
         index=_str_index(obs["cell_id"]),
     )
-    return ShapesModel.parse(gdf, transformations={coordinate_system(slide): Identity()})
+    return ShapesModel.parse(gdf, transformations={system: Identity()})
 
 
 def _str_index(values):
@@ -426,9 +444,10 @@ def _str_index(values):
     return pd.Index(values.astype(str).to_numpy(), dtype=object, name=None)
 
 
-def coordinate_system(slide: str) -> str:
-    """A slide's coordinate system in the SpatialData export (units: µm)."""
-    return _safe_name(slide)
+def coordinate_system(element: str) -> str:
+    """The coordinate system (units: µm) of a slide's shapes element (see `element_names`):
+    its name without "cells_", so one per slide even where safe names clash ("a:b", "a b")."""
+    return element.removeprefix("cells_")
 
 
 def element_names(slides: list[str]) -> dict[str, str]:
@@ -450,13 +469,33 @@ def _safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in s).lstrip("_") or "slide"
 
 
+def check_replaceable(path: Path, fmt: str) -> None:
+    """Refuse an --out that an export must not replace: a folder where a file goes, or a zarr
+    that is not an earlier export. Checked before the work and again before the rename."""
+    if fmt != "spatialdata" and path.is_dir():
+        raise UserError(f"--out {path} is a folder; give the path of a {FORMATS[fmt]} file")
+    if fmt == "spatialdata" and path.exists() and not _is_our_export(path):
+        raise UserError(f"{path} exists and is not an earlier `embed export` (a zarr of our cell shapes and "
+                        "table only, nothing else); it is left as it is: remove it or choose another --out")  # fmt: skip
+
+
+def _is_our_export(path: Path) -> bool:
+    """A SpatialData zarr as `write_spatialdata` leaves it: our provenance in its one table, and
+    no element a user may have added (images, labels, points, other tables or shapes)."""
+    if not (path.is_dir() and (path / "tables" / "cells" / "uns" / "nuclass").is_dir()):
+        return False
+    elements = {p.name for p in path.iterdir() if p.is_dir()}
+    tables = {p.name for p in (path / "tables").iterdir() if p.is_dir()}
+    shapes = {p.name for p in (path / "shapes").iterdir() if p.is_dir()} if (path / "shapes").is_dir() else set()
+    return elements <= {"shapes", "tables"} and tables == {"cells"} and all(s.startswith("cells_") for s in shapes)
+
+
 @contextlib.contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it replaces `path` (an earlier zarr
     export; anything else there is refused, never deleted)."""
     ensure_dir(path.parent, path.name)
-    if path.exists() and not (path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())):
-        raise UserError(f"{path} exists and is not a zarr store; remove it or choose another --out")
+    check_replaceable(path, "spatialdata")
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.zarr")
     old = path.with_name(f".{path.stem}.old-{os.getpid()}.zarr")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -515,6 +554,7 @@ def export(
     if fmt == "spatialdata":
         _spatialdata()  # fail before loading anything when the extra is missing
     ensure_dir(Path(out).parent, Path(out).name)
+    check_replaceable(Path(out), fmt)
     keep = vectors if fmt != "csv" or with_vectors else ()
     cells = collect(db, table=table, run=run, run_dir=run_dir, slides=slides, vectors=keep)
     if fmt == "csv":
