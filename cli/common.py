@@ -30,13 +30,14 @@ from rich.progress import (
 from embedstore.errors import UserError
 
 #: progress, logs, warnings and errors (stderr); piped into a log file, lines are not wrapped
-console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty(), emoji=False)  # "case:A:1" is no emoji
 
 
 def _stdout_console() -> Console:
-    """A console on the current stdout; piped output is not wrapped at 80 columns."""
+    """A console on the current stdout; piped output is not wrapped at 80 columns. Data is
+    printed as it is: no markup ("macrophage [m1]"), emoji (":x:") or highlighting."""
     width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((200, 24)).columns, 200)
-    return Console(file=sys.stdout, width=width, soft_wrap=width is not None)
+    return Console(file=sys.stdout, width=width, soft_wrap=width is not None, markup=False, emoji=False, highlight=False)
 
 
 def emit(renderable) -> None:
@@ -134,7 +135,7 @@ def run(app: typer.Typer) -> Callable[[], None]:
 
 def progress(quiet: bool = False) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # descriptions name slides
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import polars as pl
 import typer
+from rich.markup import escape
 
 from cli.common import console, emit, emit_json, progress, run
 
@@ -279,7 +280,7 @@ class ExtractProgress:
         elif kind in ("slide_failed", "warning"):
             msg = data.get("reason") or data.get("message")
             style = "red" if kind == "slide_failed" else "yellow"
-            self.bar.console.print(f"[{style}]{data['slide_id']}:[/] {msg}", highlight=False)
+            self.bar.console.print(f"[{style}]{escape(data['slide_id'])}:[/] {escape(msg)}", highlight=False)
 
 
 @app.command()
@@ -299,11 +300,11 @@ def info(
         emit_json(info)
         return
     size = info["bytes_on_disk"]
-    emit(f"[bold]{info['uri']}[/]  {size / 1e6:.1f} MB on disk" if size else info["uri"])
+    emit(f"{info['uri']}  {size / 1e6:.1f} MB on disk" if size else info["uri"])
     for name, t in info["tables"].items():
         vecs = ", ".join(f"{k} {v}-d" for k, v in t["vectors"].items())
         per_cell = f", store {size / t['cells'] / 1e3:.2f} KB/cell" if size and t['cells'] else ""
-        emit(f"table [bold]{name}[/]: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
+        emit(f"table {name}: {t['cells']} cells, {len(t['slides'])} slides, {vecs}, version {t['version']}{per_cell}")
         if t["duplicate_rows"]:
             console.print(f"[yellow]warning:[/] {t['duplicate_rows']} rows repeat a stored cell (from unlocked "
                           f"concurrent writers); `embed extract` with the same --db removes them")  # fmt: skip
@@ -340,8 +341,8 @@ def doctor(
     Exits 1 when something would stop `embed extract` (missing weights, a slide that does not
     open or has no µm/px, a missing package).
     """
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from embedstore.doctor import blocking, run_checks
 
@@ -358,8 +359,10 @@ def doctor(
         style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
         t = Table("", "check", "status", "found", title="embed doctor")
         for c in checks:
-            detail = escape(c.detail) + (f"\n[dim]fix: {escape(c.fix)}[/]" if c.fix and c.status != "ok" else "")
-            t.add_row(c.group, escape(c.name), f"[{style[c.status]}]{c.status}[/]", detail)
+            detail = Text(c.detail)
+            if c.fix and c.status != "ok":
+                detail.append(f"\nfix: {c.fix}", style="dim")
+            t.add_row(c.group, c.name, Text(c.status, style=style[c.status]), detail)
         emit(t)
     if bad:
         console.print(f"[bold red]{len(bad)} problem(s) block a run:[/] {escape(', '.join(c.name for c in bad))}")
@@ -584,28 +587,35 @@ def audit(
     """Flag cells whose label disagrees with their neighbours'; write a review queue."""
     from rich.table import Table
 
+    from embedstore.errors import UserError
     from embedstore.fileio import atomic_path
     from embedstore.io.geojson import write_geojson
     from embedstore.search import explore
 
+    if out.suffix.lower() != ".parquet":
+        raise UserError(f"--out {out}: the review queue is a .parquet file (the .csv, GeoJSON and plot go beside it)")
     queue, summary = explore.audit(
         db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, exclude_near_um=exclude_near_um, root=index_dir,
         progress=_search_progress("auditing"), notify=lambda m: console.print(m, markup=False), min_share=min_share,
     )  # fmt: skip
-    stem = out.with_suffix("")
+    stem = out.with_suffix("")  # "q.k20.parquet" -> q.k20.csv, q.k20_geojson/, q.k20_batch_effect.png
     with atomic_path(out) as tmp:
         queue.write_parquet(tmp)
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
+    with atomic_path(out.with_suffix(".csv")) as tmp:
         queue.write_csv(tmp)
     flagged = queue.filter(pl.col("flagged"))
+    geojson = Path(f"{stem}_geojson")
+    for old in geojson.glob("*.geojson"):  # an earlier audit's flags must not pass for this one's
+        old.unlink()
     if flagged.height:
         write_geojson(
-            flagged, Path(f"{stem}_geojson"), class_col="label",
+            flagged, geojson, class_col="label", classes=sorted(queue["label"].drop_nulls().unique().to_list()),
             measurements={"suspicion": "suspicion", "agreement": "agreement", "suggested_share": "suggested share"},
             metadata=("slide_id", "cell_id", "label", "suggested", "tissue"),
         )  # fmt: skip
     rates = explore.batch_effect(db, f"{stem}_batch_effect.png", k=k, table=table, vector=vector, root=index_dir)
     ratio = rates["ratio"].median()
+    shown = f"{ratio:.2f}x chance" if ratio is not None else "not measurable (too few cells per slide)"
     if as_json:
         emit_json({"classes": summary.to_dicts(), "flagged": flagged.height, "labelled": queue.height,
                    "same_slide_ratio_median": ratio, "queue": str(out)})  # fmt: skip
@@ -616,8 +626,8 @@ def audit(
         emit(t)
     console.print(
         f"{flagged.height} of {queue.height} labelled cells flagged; queue -> {out} (+ .csv"
-        f"{', ' + str(stem) + '_geojson/' if flagged.height else ''}); same-slide neighbours "
-        f"{ratio:.2f}x chance (median over slides) -> {stem}_batch_effect.png"
+        f"{', ' + str(geojson) + '/' if flagged.height else ''}); same-slide neighbours "
+        f"{shown} (median over slides) -> {stem}_batch_effect.png", markup=False, highlight=False,
     )
 
 

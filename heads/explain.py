@@ -300,7 +300,7 @@ def compute(
     """Grad-CAM of each cell ("SLIDE:CELL_ID") through the wanted paths (no files written)."""
     from embedstore.extract.pipeline import resolve_device
     from embedstore.io.slides import Slide
-    from embedstore.search.explore import parse_cell
+    from embedstore.search.explore import parse_cell, resolve_cell
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -309,7 +309,8 @@ def compute(
         raise UserError(f"unknown target layer {target_layer!r}: choose one of {', '.join(TARGET_LAYERS)}")
     if not cells:
         raise UserError("no cells to explain: pass --cell SLIDE:CELL_ID (repeatable)")
-    refs = [parse_cell(c) for c in cells]
+    for c in cells:
+        parse_cell(c)  # the form, before any model is loaded
     wanted = _paths_wanted(path, run_dir, log)
     dev = resolve_device(device)
     local_head, info = ckpt.load_local(run_dir, device=str(dev))
@@ -327,6 +328,8 @@ def compute(
                                   local_weights if k == "local" else context_weights, dev)
                  for k in wanted}  # fmt: skip
     paths = _slide_paths(db, slides)
+    keys = store.keys_frame(table)
+    refs = [resolve_cell(c, keys) for c in cells]
     out: list[CellExplanation] = []
     for sid, cid in refs:
         loaded = store.load(table, slides=[sid])

@@ -152,3 +152,42 @@ def test_ivf_index_reranks_from_the_store(tmp_path, vector):
     notes = []
     explore.open_index(db, vector=vector, notify=notes.append)
     assert any("rebuild" in n for n in notes)
+
+
+def test_audit_cli_prints_labels_verbatim_and_replaces_its_last_outputs(tmp_path):
+    """Class names are data: "[m1]" is no markup and ":x:" no emoji. A dotted --out keeps its
+    dots in the CSV's name. A rerun flagging nothing leaves no earlier GeoJSON to import, and
+    cells too sparsely labelled to be voted on are said, not reported as fine."""
+    from typer.testing import CliRunner
+
+    from cli.embed import app
+
+    db, _ = clustered_store(tmp_path / "db")
+    store = Store(db)
+    names = {"k0": "macrophage [m1]", "k1": "macrophage [m2]", "k2": "T:x:cell", "k3": "tumour [/stroma]"}
+    labels = store.labels().select("slide_id", "cell_id", pl.col("label").replace(names))
+    store.set_labels(labels, source="t")
+    out = tmp_path / "review" / "q.k10.parquet"
+    first = CliRunner().invoke(app, ["audit", "--db", str(db), "--out", str(out), "-k", "10"])
+    assert first.exit_code == 0, (first.output, first.exception)
+    assert all(n in first.stdout for n in names.values()), first.stdout
+    assert (tmp_path / "review" / "q.k10.csv").exists() and not (tmp_path / "review" / "q.csv").exists()
+    geojson = tmp_path / "review" / "q.k10_geojson"
+    assert list(geojson.glob("*.geojson"))
+    store.set_labels(labels.head(3).with_columns(label=pl.lit("k0")), source="t")  # 3 labels: nobody can be outvoted
+    second = CliRunner().invoke(app, ["audit", "--db", str(db), "--out", str(out), "-k", "10"])
+    assert second.exit_code == 0, (second.output, second.exception)
+    assert "0 of 3 labelled cells flagged" in second.stderr
+    assert "3 of 3 labelled cells had fewer than 5 labelled neighbours" in second.stderr
+    assert not list(geojson.glob("*.geojson"))
+    bad = CliRunner().invoke(app, ["audit", "--db", str(db), "--out", str(tmp_path / "q.csv")])
+    assert isinstance(bad.exception, UserError) and "is a .parquet file" in str(bad.exception)
+
+
+def test_cells_named_across_colons_in_slide_and_cell_ids():
+    keys = pl.DataFrame({"slide_id": ["case:A", "case", "a", "a:b"], "cell_id": ["det:50", "x", "b:c", "c"]})
+    assert explore.resolve_cell("case:A:det:50", keys) == ("case:A", "det:50")
+    assert explore.resolve_cell("case:x", keys) == ("case", "x")
+    assert explore.resolve_cell("case:nope:1", keys) == ("case", "nope:1")  # no hit: the first cut, for the message
+    with pytest.raises(UserError, match="names 2 stored cells"):
+        explore.resolve_cell("a:b:c", keys)

@@ -72,10 +72,14 @@ def _drop_near(nbr: np.ndarray, r: np.ndarray, gcodes: np.ndarray, xy: np.ndarra
     return np.where(np.take_along_axis(ok, order, axis=1), kept, -1)
 
 
+#: labelled neighbours that must vote before a cell can be flagged
+MIN_VOTES = 5
+
+
 def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
                 classes: Sequence[str], k: int = 20, groups: np.ndarray | None = None,
                 other_groups_only: bool = False, batch_size: int = 4096,
-                progress: Progress | None = None, *, min_votes: int = 5,
+                progress: Progress | None = None, *, min_votes: int = MIN_VOTES,
                 min_share: float = 0.75, prior_weight: float = 1.0,
                 xy_um: np.ndarray | None = None, exclude_radius_um: float = 0.0,
                 overfetch: int = 8) -> pl.DataFrame:

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..fileio import atomic_path
 from ..geometry import CONTEXT_CROP
 from ..store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors, is_uri
-from .audit import flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
+from .audit import MIN_VOTES, flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from .index import CellIndex, VectorSource, check_k, is_stale
 
 VECTORS = ("local", "context", "both")
@@ -180,6 +180,22 @@ def parse_cell(ref: str) -> tuple[str, str]:
     return slide, cell
 
 
+def resolve_cell(ref: str, keys: pl.DataFrame) -> tuple[str, str]:
+    """SLIDE:CELL_ID as the stored (slide_id, cell_id) it names: ids may hold ':' themselves
+    ("case:A" slides, "det:50" cells), so every ':' is tried as the cut; the first cut is
+    returned when none (or, ambiguously, several) name a stored cell, for the message."""
+    slide, cell = parse_cell(ref)
+    cuts = [(ref[:i], ref[i + 1 :]) for i, ch in enumerate(ref) if ch == ":"]
+    if len(cuts) > 1:
+        found = keys.filter(pl.col("slide_id").is_in([c[0] for c in cuts]))
+        hits = [c for c in cuts if found.filter((pl.col("slide_id") == c[0]) & (pl.col("cell_id") == c[1])).height]
+        if len(hits) > 1:
+            raise UserError(f"--cell {ref!r} names {len(hits)} stored cells ({', '.join(f'slide {s!r} cell {c!r}' for s, c in hits)})")
+        if hits:
+            return hits[0]
+    return slide, cell
+
+
 def _row_of(meta: pl.DataFrame, slide: str, cell: str) -> int:
     hits = np.flatnonzero(((meta["slide_id"] == slide) & (meta["cell_id"] == cell)).to_numpy())
     if hits.size == 0:
@@ -220,11 +236,11 @@ def similar(
     notify: Callable[[str], None] = lambda msg: None,
 ) -> pl.DataFrame:
     """The k cells most like `cell` ("SLIDE:CELL_ID"), nearest first, with the query as rank 0."""
-    query, k = parse_cell(cell), check_k(k)  # bad arguments fail before any index is built
+    parse_cell(cell), check_k(k)  # bad arguments fail before any index is built
     index, meta, _ = open_index(
         db, table=table, vector=vector, root=root, with_vectors=False, notify=notify
     )
-    row = _row_of(meta, *query)
+    row = _row_of(meta, *resolve_cell(cell, meta))
     groups = meta["slide_id"].to_numpy() if exclude_same_slide else None
     scores, rows = index.search_rows(
         np.array([row]), k, allowed=_allowed(meta, tissues, splits), groups=groups,
@@ -277,6 +293,12 @@ def audit(
     )  # fmt: skip
     cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue") if c in meta.columns]
     queue = pl.concat([meta[result["row"].to_numpy()].select(cols), result.drop("row", "label", "suggested").rename({"label_name": "label", "suggested_name": "suggested"})], how="horizontal")
+    min_votes = kwargs.get("min_votes", MIN_VOTES)
+    mute = int((queue["n_votes"] < min_votes).sum())
+    if mute:  # "0 flagged" must not read as "all checked and fine"
+        notify(f"warning: {mute} of {queue.height} labelled cells had fewer than {min_votes} labelled neighbours "
+               f"voting among their {k} (too few labels{', or none on other slides' if other_slides_only else ''}); "
+               "they could not be audited")  # fmt: skip
     return queue, flag_summary(result, classes)
 
 
