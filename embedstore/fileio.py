@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -39,3 +39,18 @@ def ensure_dir(path: str | Path, what: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {what} to {path}: permission denied")
     return path
+
+
+def unique_names(bases: Sequence[str]) -> list[str]:
+    """`bases` made distinct ignoring case (as file systems on macOS and Windows compare
+    names): a repeat gets "_2", "_3"."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for base in bases:
+        name, i = base, 1
+        while name.lower() in seen:
+            i += 1
+            name = f"{base}_{i}"
+        seen.add(name.lower())
+        out.append(name)
+    return out

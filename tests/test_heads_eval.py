@@ -512,3 +512,17 @@ def test_no_nan_leaks_into_json_outputs() -> None:
         for c in r["per_class"].values()
         for v in (c["f1"], c["recall"], c["precision"])
     )
+
+
+def test_geojson_file_names_never_clash(tmp_path) -> None:
+    """Slide ids that are one file name once made file-safe, or on a case-insensitive file
+    system (macOS, Windows), get a file each, in a stable order."""
+    from embedstore.io.geojson import write_geojson
+
+    slides = ["case:A", "case A", "S1", "s1"]
+    frame = pl.DataFrame({"slide_id": slides, "cell_id": ["1"] * 4, "x_px": [1.0] * 4, "y_px": [2.0] * 4,
+                          "pred_class": ["T"] * 4})  # fmt: skip
+    written = write_geojson(frame, tmp_path / "g")
+    assert len({p.name.lower() for p in written}) == 4
+    by_slide = {json.loads(p.read_text())["features"][0]["properties"]["metadata"]["slide_id"]: p.name for p in written}
+    assert by_slide == {"S1": "S1.geojson", "case A": "case_A.geojson", "case:A": "case_A_2.geojson", "s1": "s1_2.geojson"}

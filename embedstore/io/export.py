@@ -63,7 +63,7 @@ import numpy as np
 import polars as pl
 
 from ..errors import UserError
-from ..fileio import atomic_path, ensure_dir
+from ..fileio import atomic_path, ensure_dir, unique_names
 from ..store import DEFAULT_TABLE, PREDICTION_COLUMNS, VECTOR_KINDS, Store, StoreError
 
 if TYPE_CHECKING:
@@ -453,16 +453,7 @@ def coordinate_system(element: str) -> str:
 def element_names(slides: list[str]) -> dict[str, str]:
     """slide id -> shapes element name (`cells_<slide>`, only characters SpatialData allows,
     unique even ignoring case)."""
-    out: dict[str, str] = {}
-    seen: set[str] = set()
-    for s in slides:
-        name, i = f"cells_{_safe_name(s)}", 1
-        while name.lower() in seen:
-            i += 1
-            name = f"cells_{_safe_name(s)}_{i}"
-        seen.add(name.lower())
-        out[s] = name
-    return out
+    return dict(zip(slides, unique_names([f"cells_{_safe_name(s)}" for s in slides]), strict=True))
 
 
 def _safe_name(s: str) -> str:

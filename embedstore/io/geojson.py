@@ -27,6 +27,7 @@ from typing import Any
 import polars as pl
 
 from ..errors import UserError
+from ..fileio import unique_names
 
 log = logging.getLogger(__name__)
 #: prefix of per-class probability columns (written as "prob <class>" measurements)
@@ -61,6 +62,13 @@ def class_colors(classes: Sequence[str]) -> dict[str, tuple[int, int, int]]:
 
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "slide"
+
+
+def file_names(slides: Sequence[str]) -> dict[str, str]:
+    """slide id -> file-safe name, unique even on case-insensitive file systems: "case:A",
+    "case A" -> case_A, case_A_2 (in sorted id order, so the same every time)."""
+    ids = sorted(map(str, slides))
+    return dict(zip(ids, unique_names([_safe_name(s) for s in ids]), strict=True))
 
 
 def _features(
@@ -170,16 +178,10 @@ def write_geojson(
             f"{len(slides)} slides in the predictions but {path} is a single file: pass a folder "
             "(one <slide_id>.geojson per slide) or choose one slide with slide_id"
         )
-    names = {s: _safe_name(str(s)) for s in slides}
-    clash = len(set(names.values())) < len(names)
-    if clash and not is_file:
-        raise UserError(
-            f"slide ids {slides} give clashing file names once made file-safe; "
-            "write them one at a time with slide_id and explicit file paths"
-        )
+    names = file_names(slides)
     written = []
     for s in slides:
-        target = path if is_file else path / f"{names[s]}.geojson"
+        target = path if is_file else path / f"{names[str(s)]}.geojson"
         target.parent.mkdir(parents=True, exist_ok=True)
         sub = frame.filter(pl.col("slide_id") == s) if len(slides) > 1 else frame
         feats = _features(
