@@ -372,15 +372,17 @@ def doctor(
 
 @app.command()
 def labels(
-    source: Annotated[Path | None, typer.Argument(help="table with cell ids and label and/or split columns (CSV/Parquet)")] = None,
+    source: Annotated[Path | None, typer.Argument(help="table with cell ids and label, confidence and/or split columns (CSV/Parquet; QuPath measurement tables too)")] = None,
     db: Annotated[str | None, typer.Option(help="LanceDB store: a directory or a URI")] = None,
     table: Annotated[str, typer.Option(help="vector table the labels refer to")] = "cells",
     merge: Annotated[bool, typer.Option(help="merge into the stored labels instead of replacing them")] = False,
     restore: Annotated[int | None, typer.Option(help="make this earlier version of the labels current (no SOURCE)")] = None,
     slide_id: Annotated[str | None, typer.Option(help="slide of every row, for per-slide files (e.g. 10x clusters.csv)")] = None,
-    cell_id_col: Annotated[str, typer.Option(help="cell id column (10x: Barcode)")] = "cell_id",
-    label_col: Annotated[str, typer.Option(help="label column (10x: Cluster)")] = "label",
-    split_col: Annotated[str, typer.Option(help="split column (train/val/test), if any")] = "split",
+    slide_col: Annotated[str | None, typer.Option(help="slide id column (default: slide_id, slide, sample, image; QuPath: Image)")] = None,
+    cell_id_col: Annotated[str | None, typer.Option(help="cell id column (default: cell_id, id, cell, object_id; QuPath: Object ID; 10x: Barcode)")] = None,
+    label_col: Annotated[str | None, typer.Option(help="label column (default: label, cell_type, class; QuPath: Classification; 10x: Cluster)")] = None,
+    confidence_col: Annotated[str | None, typer.Option(help="label confidence column, in [0, 1] (default: label_confidence, confidence)")] = None,
+    split_col: Annotated[str | None, typer.Option(help="split column (train/val/test), if any (default: split)")] = None,
 ) -> None:
     """Attach or replace labels and splits for stored cells (no re-extraction).
 
@@ -388,8 +390,8 @@ def labels(
     analysis/clustering/gene_expression_graphclust/clusters.csv with
     --slide-id S --cell-id-col Barcode --label-col Cluster.
     """
-    from embedstore.errors import CellsError, UserError
-    from embedstore.io.cells import read_table
+    from embedstore.errors import UserError
+    from embedstore.io.labels import read_labels
     from embedstore.store import Store
 
     if db is None:
@@ -400,25 +402,25 @@ def labels(
         n = Store(db).restore_labels(restore)
         console.print(f"labels restored to version {restore}: {n} label rows are current")
         return
-    frame = read_table(source, text=[cell_id_col])
-    rename = {c: new for c, new in ((cell_id_col, "cell_id"), (label_col, "label"), (split_col, "split")) if c in frame.columns and c != new}
-    frame = frame.rename(rename)
-    if slide_id is not None:
-        frame = frame.with_columns(slide_id=pl.lit(slide_id))
-    missing = [c for c in ("slide_id", "cell_id") if c not in frame.columns]
-    if missing:
-        raise CellsError(f"{source}: no {' or '.join(missing)} column (columns: {frame.columns}); "
-                         "name them with --cell-id-col, or give --slide-id for a per-slide file")  # fmt: skip
-    if "label" in frame.columns:
-        frame = frame.with_columns(pl.col("label").cast(pl.Utf8))
+    columns = {"slide_id": slide_col, "cell_id": cell_id_col, "label": label_col, "label_confidence": confidence_col, "split": split_col}
+    frame = read_labels(source, slide_id=slide_id, columns=columns)
     counts = Store(db).set_labels(frame, source=str(source), table=table, replace=not merge)
     console.print(f"{'merged' if merge else 'set'} labels of {counts['matched']} stored cells")
     if counts["unknown"]:
         console.print(f"{counts['unknown']} label rows match no stored cell and were ignored, e.g. "
                       f"{counts['unknown_examples']}", markup=False)  # fmt: skip
-    if counts["unlabelled"]:
-        console.print(f"[yellow]warning:[/] {counts['unlabelled']} cells that had a label before have none now; "
-                      f"`embed labels --db {db} --restore {counts['previous_version']}` brings the previous labels back")  # fmt: skip
+    lost = counts["lost"]
+    if any(lost.values()):
+        undo = f"`embed labels --db {db} --restore {counts['previous_version']}` undoes this"
+        if merge:
+            said = {"label": "cells unlabelled by blank or NA labels", "split": "cells lose their split to blank or NA splits",
+                    "label_confidence": "cells' label confidence cleared (a label given without one is a hand label: full trust)"}  # fmt: skip
+            console.print("; ".join(f"{n} {said[c]}" for c, n in lost.items() if n) + f"; {undo}", markup=False)
+        else:
+            said = {"label": "label", "split": "split", "label_confidence": "label confidence"}
+            lines = "; ".join(f"{n} cells lose their {said[c]}" for c, n in lost.items() if n)
+            console.print(f"[yellow]warning:[/] {escape(lines)}; --merge keeps them, {escape(undo)}")
+
 
 @app.command()
 def annotate(
@@ -544,7 +546,11 @@ def similar(
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the neighbours as JSON")] = False,
 ) -> None:
-    """Cells like this one: nearest neighbours of a cell across all slides, with filters."""
+    """Cells like this one: nearest neighbours of a cell across all slides, with filters.
+
+    distance = 1 - cosine similarity of the vectors (--vector both: 1 - the mean of the two
+    cosines); 0 is the query itself.
+    """
     from rich.table import Table
 
     from embedstore.search import explore
@@ -553,6 +559,8 @@ def similar(
         db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
         tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m, markup=False),
     )  # fmt: skip
+    if found.height - 1 < k:
+        console.print(f"{found.height - 1} neighbours of the {k} asked for: only so many cells pass the filters", markup=False)
     if as_json:
         emit_json(found.to_dicts())
     else:

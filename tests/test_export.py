@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -296,3 +297,16 @@ def test_cli_end_to_end(store, tmp_path):
     bad = embed("--db", db, "--out", tmp_path / "x.csv", "--format", "anndata")
     assert bad.returncode == 2 and bad.stdout == ""
     assert "a .h5ad path" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cells_of_an_unfinished_extraction_are_said(store, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(store[0], db)
+    s = Store(db)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finished extraction: nothing to say
+        ex.to_anndata(db, vectors=())
+    run = s.runs().row(0, named=True)
+    s.record_run({**run, "status": "interrupted"})  # as a killed `embed extract` leaves it
+    with pytest.warns(UserWarning, match=r"did not finish: .*\(interrupted\).*rerun `embed extract`"):
+        ex.to_anndata(db, vectors=())

@@ -262,6 +262,11 @@ def _extraction_runs(store: Store, meta: pl.DataFrame) -> dict[str, Any]:
         return {r: {} for r in sorted(ids)}
     keep = [c for c in ("run_id", "status", "started", "finished", "code_version", "host", "device") if c in runs.columns]
     rows = runs.filter(pl.col("run_id").is_in(sorted(ids))).select(keep).to_dicts()
+    unfinished = [f"{r['run_id']} ({r['status']})" for r in rows if r.get("status") in ("running", "interrupted")]
+    if unfinished:  # killed mid-slide: its last slide holds only part of its cells
+        warnings.warn(f"cells of extraction run(s) that did not finish: {', '.join(unfinished)}; their slides may be "
+                      "incomplete: rerun `embed extract` with the same arguments to finish them, then export again",
+                      stacklevel=2)  # fmt: skip
     return {r.pop("run_id"): r for r in rows}
 
 
