@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cli.common import console, emit, emit_json, run
 
@@ -19,8 +20,6 @@ app = typer.Typer(
 
 
 def _log(msg: str) -> None:
-    from rich.markup import escape
-
     console.print(escape(msg), highlight=False)  # "[local] ..." is text, not markup
 
 
@@ -178,12 +177,24 @@ def predict(
         from embedstore.errors import UserError
 
         raise UserError(f"--engine must be local or ray, not {engine!r}")
-    if engine == "local":
-        from heads.runs import predict as run_predict
+    from heads.runs import SlidesSkipped
 
-        run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
-                    conformal_level=coverage, class_conditional=class_conditional, log=_log)  # fmt: skip
-        return
+    try:
+        if engine == "local":
+            from heads.runs import predict as run_predict
+
+            run_predict(run_dir, db, table=table, out_dir=out, slides=slide, device=device,
+                        conformal_level=coverage, class_conditional=class_conditional, log=_log)  # fmt: skip
+        else:
+            _predict_ray(run_dir, db, table, out, slide, device, coverage, class_conditional, address, ray_workers,
+                         gpus_per_worker, quiet)  # fmt: skip
+    except SlidesSkipped as exc:  # the rest is written: a warning, and exit 1 for scripts
+        console.print(f"[bold yellow]warning:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _predict_ray(run_dir, db, table, out, slide, device, coverage, class_conditional, address, ray_workers,
+                 gpus_per_worker, quiet) -> None:  # fmt: skip
     from cli.common import progress
     from heads.distributed import predict_ray
 

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from . import faults, locking
 from .errors import UserError
-from .io.cells import check_splits, check_unique_keys, clean_text_columns
+from .io.labels import KEYS, clean_labels, examples, match_stored, warn_case_variants
 
 CONFIG_KEY = b"nuclass.vector_config"
 DEFAULT_TABLE = "cells"
@@ -55,6 +55,9 @@ PREDICTION_COLUMNS = [
     "local_confidence", "global_class", "global_confidence", "gate", "safety_class",
     "conformal_set", "set_size",
 ]  # fmt: skip
+#: which run folder made each prediction row: `run` is only the folder's name, so two runs named
+#: alike share it; these tell them apart (`heads.export.run_predictions`). Not exported.
+PREDICTION_RUN_COLUMNS = ["run_digest", "run_dir"]
 VECTOR_KINDS = ("local", "context")
 #: Lance file format of new vector tables, chosen by bench/store.py (issue 11): 2.2, the stable
 #: format of pylance 14. The legacy (0.1) format read fastest but is deprecated (Lance lists it
@@ -491,56 +494,49 @@ class Store:
     def set_labels(self, frame: pl.DataFrame, *, source: str, table: str = DEFAULT_TABLE, replace: bool = True) -> dict:
         """Attach labels/splits to stored cells (replacing all, or merging by key).
 
-        Returns counts: matched, unknown (label rows with no stored cell: dropped, with examples).
-        Refuses (changing nothing) a table none of whose rows is a stored cell. Empty or blank
-        labels and splits mean "none" (null). With `replace`, `unlabelled` counts the cells
-        that had a label before and have none now; the labels they had stay readable as
-        `previous_version` of the labels table (`restore_labels`).
+        The table is checked by `clean_labels` (blank and missing-token labels and splits mean
+        none; confidences within [0, 1]); its slide ids may be slide file names ("S1.svs").
+        Refuses (changing nothing) a table none of whose rows is a stored cell. A merge keeps
+        the columns the table lacks, but a label given without a confidence gets none (a hand
+        label: full trust). Warns when the stored classes differ only by case.
+
+        Returns counts: matched, unknown (label rows with no stored cell: dropped, with
+        examples), and `lost`: per column, the cells that had a value and have none now (not
+        named by a replace, or blank in a merge; `unlabelled` = lost labels). What was stored
+        before stays readable as `previous_version` of the labels table (`restore_labels`).
         """
-        for col in ("slide_id", "cell_id"):
+        for col in KEYS:
             if col not in frame.columns:
                 raise StoreError(f"label table lacks {col!r}; columns are {frame.columns}")
         if not any(c in frame.columns for c in LABEL_COLUMNS):
             raise StoreError(f"label table has none of {LABEL_COLUMNS}; columns are {frame.columns}")
-        frame = clean_text_columns(frame.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
-        if "label_confidence" in frame.columns and not frame.schema["label_confidence"].is_numeric():
-            raise StoreError(f"label_confidence must be numeric, not {frame.schema['label_confidence']}")
-        check_splits(frame, StoreError)
-        check_unique_keys(frame, "label table", StoreError)
+        frame = clean_labels(frame, StoreError)
         cols = {"slide_id": pl.Utf8, "cell_id": pl.Utf8, "label": pl.Utf8, "label_confidence": pl.Float64, "split": pl.Utf8}
         with self.writing():
-            keys = self.keys_frame(table)
-            known = frame.join(keys, on=["slide_id", "cell_id"], how="semi")
-            unknown = frame.join(keys, on=["slide_id", "cell_id"], how="anti")
-            ex = unknown.head(5).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
-            if known.height == 0:
-                stored = keys.head(3).select(pl.col("slide_id") + "/" + pl.col("cell_id")).to_series().to_list()
-                raise StoreError(
-                    f"none of the {frame.height} label rows matches a stored cell of table {table!r} "
-                    f"(e.g. {ex}; stored cells look like {stored}); nothing was changed. Check the "
-                    "slide and cell id columns (--slide-id, --cell-id-col)"
-                )
-            known = known.select(
+            known, unknown = match_stored(frame, self.keys_frame(table), what=f"table {table!r}", error=StoreError,
+                                          hint="nothing was changed; check the slide and cell id columns (--slide-id, --slide-col, --cell-id-col)")  # fmt: skip
+            new = known.select(
                 [pl.col(c).cast(t) if c in known.columns else pl.lit(None, dtype=t).alias(c) for c, t in cols.items()]
             ).with_columns(source=pl.lit(source))
-            absent = [c for c in LABEL_COLUMNS if c not in frame.columns]
-            if not replace and absent and self.has("labels"):  # a merge keeps what it does not give
-                old = pl.from_arrow(self.db.open_table("labels").to_lance().to_table(columns=["slide_id", "cell_id", *absent]))
-                known = known.drop(absent).join(old, on=["slide_id", "cell_id"], how="left").select(*cols, "source")
-            arrow = known.to_arrow()
+            old = self.labels()
+            kept = [c for c in LABEL_COLUMNS if c not in frame.columns and not (c == "label_confidence" and "label" in frame.columns)]
+            if not replace and old is not None and kept:  # a merge keeps what it does not give
+                new = new.drop(kept).join(old.select(*KEYS, *kept), on=KEYS, how="left").select(*cols, "source")
+            final = new if replace or old is None else pl.concat([old.join(new, on=KEYS, how="anti"), new], how="vertical_relaxed")
+            lost = {c: 0 if old is None else _lost(old, final, c) for c in LABEL_COLUMNS}
+            counts = {"matched": new.height, "unknown": unknown.height, "unknown_examples": examples(unknown),
+                      "lost": lost, "unlabelled": lost["label"]}  # fmt: skip
+            arrow = new.to_arrow()
             faults.point("labels.during")
-            counts = {"matched": known.height, "unknown": unknown.height, "unknown_examples": ex, "unlabelled": 0}
-            if not self.has("labels"):
+            if old is None:
                 self.db.create_table("labels", data=arrow)
-            elif replace:
-                old = self.db.open_table("labels")
-                counts["previous_version"] = old.version
-                had = pl.from_arrow(old.to_lance().to_table(columns=["slide_id", "cell_id"], filter="label IS NOT NULL"))
-                now = known.filter(pl.col("label").is_not_null()).select("slide_id", "cell_id")
-                counts["unlabelled"] = had.join(now, on=["slide_id", "cell_id"], how="anti").height
-                self.db.create_table("labels", data=arrow, mode="overwrite")
             else:
-                self.db.open_table("labels").merge_insert(["slide_id", "cell_id"]).when_matched_update_all().when_not_matched_insert_all().execute(arrow)
+                counts["previous_version"] = self.db.open_table("labels").version
+                if replace:
+                    self.db.create_table("labels", data=arrow, mode="overwrite")
+                else:
+                    self.db.open_table("labels").merge_insert(KEYS).when_matched_update_all().when_not_matched_insert_all().execute(arrow)
+        warn_case_variants(final["label"].unique())
         return counts
 
     def restore_labels(self, version: int) -> int:
@@ -563,13 +559,14 @@ class Store:
 
     # -- predictions --------------------------------------------------------------------------
     def write_predictions(self, frame: pl.DataFrame) -> None:
-        """Upsert per-cell predictions keyed by (run, slide_id, cell_id), in one commit.
+        """Upsert per-cell predictions keyed by (run, slide_id, cell_id), in one commit
+        (`run_digest` and `run_dir`, when given, say which run folder made each row).
 
         Class probabilities go into one list column `proba` (class order in the run's
         checkpoint JSON), so runs with different classes share the table.
         """
         prob_cols = [c for c in frame.columns if c.startswith("prob_")]
-        keep = [c for c in PREDICTION_COLUMNS if c in frame.columns]
+        keep = [c for c in (*PREDICTION_COLUMNS, *PREDICTION_RUN_COLUMNS) if c in frame.columns]
         rows = frame.select(*keep, proba=pl.concat_list(prob_cols).cast(pl.List(pl.Float32)))
         arrow = rows.to_arrow()
         arrow = arrow.cast(pa.schema([
@@ -721,6 +718,15 @@ class Store:
         runs = self.runs()
         out["runs"] = runs.to_dicts() if runs.height else []
         return out
+
+
+def _lost(old: pl.DataFrame, now: pl.DataFrame, column: str) -> int:
+    """Cells that had a value of `column` in `old` and have none in `now` (a confidence: cells
+    that keep a label without it; a cell that loses its label is counted there)."""
+    had = old.filter(pl.col(column).is_not_null()).select(KEYS)
+    if column == "label_confidence":
+        return had.join(now.filter(pl.col("label").is_not_null() & pl.col(column).is_null()), on=KEYS, how="semi").height
+    return had.join(now.filter(pl.col(column).is_not_null()).select(KEYS), on=KEYS, how="anti").height
 
 
 def default_index_dir(uri: str) -> Path:

@@ -64,12 +64,12 @@ class _PredictWorker:
                 "host": platform.node()}  # fmt: skip
 
     def run_task(self, index: int, slides: list[str], db: str, table: str, out_dir: str, job: str,
-                 conformal_level: float, class_conditional: bool) -> dict:  # fmt: skip
+                 conformal_level: float, class_conditional: bool, tissues: list[str] | None) -> dict:  # fmt: skip
         """Predict `slides` and write their part, GeoJSON and store rows (each write replaces)."""
         from .runs import predict_frame
 
         t0 = time.perf_counter()
-        frame = predict_frame(self.run.run_dir, db, table=table, slides=slides, device=self.device,
+        frame = predict_frame(self.run.run_dir, db, table=table, slides=slides, device=self.device, tissues=tissues,
                               conformal_level=conformal_level, class_conditional=class_conditional,
                               loaded=self.run)  # fmt: skip
         t1 = time.perf_counter()
@@ -153,12 +153,21 @@ def predict_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if slides_per_task < 1:
         raise UserError(f"slides_per_task must be >= 1, not {slides_per_task!r}")
+    from .runs import skipped, unknown_tissues
+    from .train import trained_tissues
+
     run_dir = Path(run_dir).absolute()
-    ckpt.read_info(run_dir, "local")  # no run: fail before anything starts
+    tissues = trained_tissues(ckpt.read_info(run_dir, "local"))  # no run: fail before anything starts
+    db = store_location(db)
+    unknown = unknown_tissues(db, table, slides, tissues)  # as `predict`: what cannot be predicted
     out = Path(out_dir) if out_dir else run_dir / "predictions"
     out = ensure_dir(out, "the predictions").absolute()
-    db = store_location(db)
     counts = _slide_counts(db, table, slides)
+    if unknown.height:  # slides of unknown tissue only: no task; mixed slides: their known cells
+        left_out = unknown.group_by("slide_id").agg(pl.col("cells").sum())
+        whole = counts.join(left_out, on="slide_id", how="inner").filter(pl.col("cells") == pl.col("cells_right"))
+        counts = counts.filter(~pl.col("slide_id").is_in(whole["slide_id"].to_list()))
+    earlier = pl.read_parquet(out / "predictions.parquet") if slides and (out / "predictions.parquet").exists() else None
     ids = counts["slide_id"].to_list()
     tasks = [ids[i : i + slides_per_task] for i in range(0, len(ids), slides_per_task)]
     per_slide = dict(counts.iter_rows())
@@ -174,10 +183,10 @@ def predict_ray(
         n_cells = int(counts["cells"].sum())
         emit("start", {"slides": len(ids), "cells": n_cells, "run_id": f"ray:{workers} workers"})
         job = dt.datetime.now(dt.UTC).strftime("ray-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-        args = (db, table, str(out), job, conformal_level, class_conditional)
+        args = (db, table, str(out), job, conformal_level, class_conditional, tissues if unknown.height else None)
         named = list(zip(handles, (i["actor_id"] for i in infos), strict=True))
         results = _schedule(ray, named, tasks, args, per_slide, emit, poll_s)
-        cells = _merge_parts(out, job, len(tasks))
+        cells = _merge_parts(out, job, len(tasks), earlier, slides, log)
         seconds = time.perf_counter() - t0
     finally:
         if started:
@@ -196,6 +205,8 @@ def predict_ray(
     emit("done", summary)
     log(f"{cells} predictions on {workers} Ray workers -> store table `predictions`, {summary['out']}, "
         f"{out / 'geojson'}/")  # fmt: skip
+    if unknown.height:
+        raise skipped(unknown, tissues, ids, cells, None)
     return summary
 
 
@@ -227,14 +238,25 @@ def _schedule(ray, workers, tasks, args, per_slide, emit, poll_s) -> list[dict]:
     return sorted(results, key=lambda r: r["index"])
 
 
-def _merge_parts(out: Path, job: str, n_tasks: int) -> int:
+def _merge_parts(out: Path, job: str, n_tasks: int, earlier: pl.DataFrame | None = None,
+                 slides: Sequence[str] | None = None, log: Log = print) -> int:  # fmt: skip
     """Stream the parts, in task order, into OUT/predictions.parquet (one file open at a time,
-    written atomically), then remove them; returns the rows written."""
+    written atomically), then remove them; returns the rows predicted. With `slides`, the rows
+    of this run's other slides in the file before (`earlier`) are kept, as `predict` keeps them."""
     import pyarrow.parquet as pq
+
+    from .runs import _with_earlier_slides
 
     rows, writer = 0, None
     with atomic_path(out / "predictions.parquet") as tmp:
         try:
+            if earlier is not None and n_tasks:
+                first = pl.read_parquet(_part_path(out, job, 0))
+                kept = _with_earlier_slides(first, earlier, slides, log)
+                others = kept.filter(~pl.col("slide_id").is_in(list(slides))).select(first.columns).to_arrow()
+                if others.num_rows:
+                    writer = pq.ParquetWriter(tmp, pq.read_schema(_part_path(out, job, 0)), compression="zstd")
+                    writer.write_table(others.cast(writer.schema))
             for i in range(n_tasks):
                 part = pq.read_table(_part_path(out, job, i))
                 if writer is None:

@@ -1,10 +1,12 @@
 """Exports of per-cell predictions: a polars frame, Parquet, and QuPath-importable GeoJSON
-(point detections classified by the predicted class; format in `embedstore.io.geojson`)."""
+(point detections classified by the predicted class; format in `embedstore.io.geojson`), and
+the run identity that tells whose predictions the store holds (`run_digest`, `run_predictions`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import polars as pl
 from embedstore.errors import UserError
 from embedstore.io import geojson
 from embedstore.io.geojson import class_colors  # noqa: F401 - part of this module's API
+from embedstore.store import Store
 from heads.calibration import check_proba
 
 #: columns `predictions_frame` needs from the cell metadata
@@ -21,6 +24,11 @@ META_COLUMNS = ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px")
 #: optional metadata columns carried through when present
 PASSTHROUGH_COLUMNS = ("tissue", "label", "split")
 PROB_PREFIX = "prob_"
+#: joins the class names of a cell's conformal set in the `conformal_set` text column
+SET_SEPARATOR = "|"
+#: the files of a run folder its predictions are a function of (`run_digest`)
+RUN_FILES = tuple(f"{s}.{ext}" for s in ("local", "global", "gate") for ext in ("safetensors", "json")) + (
+    "safety.json", "conformal.parquet", "conformal.json")  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +142,63 @@ def write_geojson(frame: pl.DataFrame, path: str | Path, **kwargs: Any) -> list[
     kwargs.setdefault("metadata", _METADATA)
     kwargs.setdefault("classes", frame_classes(frame))
     return geojson.write_geojson(frame, path, **kwargs)
+
+
+def check_class_names(classes: Sequence[str]) -> None:
+    """Refuse class names that would make a `conformal_set` ambiguous (they hold the separator)."""
+    bad = [c for c in classes if SET_SEPARATOR in str(c)]
+    if bad:
+        raise UserError(
+            f"class name(s) {', '.join(map(repr, bad))} contain {SET_SEPARATOR!r}, which separates the classes "
+            "of a conformal set: rename them in the labels (`embed labels`) and train again"
+        )
+
+
+def run_digest(run_dir: str | Path) -> str:
+    """A run's identity: sha256 (16 hex digits) of the files its predictions come from (each
+    stage's weights and JSON, the safety rule, the conformal calibration). Two run folders of
+    the same name differ, a retrained run gets a new one, a copied run folder keeps it."""
+    h = hashlib.sha256()
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if path.exists():
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def run_predictions(
+    db: str | Path, run_dir: str | Path, classes: Sequence[str], log: Callable[[str], None] = print
+) -> pl.DataFrame:
+    """The store's predictions made by `run_dir` itself. Rows are stored under the folder's
+    name (`run`): rows of that name made by another run folder, or by this one before it was
+    retrained, are left out (and said), and a UserError says so when no row is this run's."""
+    run_dir = Path(run_dir)
+    name, digest = run_dir.resolve().name, run_digest(run_dir)
+    again = f"predict again with this run (`heads predict --run {run_dir} --db {db}`)"
+    preds = Store(db).predictions(name)
+    if preds.height == 0:
+        raise UserError(f"{db} holds no predictions of run {name!r}: run `heads predict --run {run_dir} --db {db}` first")
+    if "run_digest" not in preds.columns:  # a table written before runs were identified
+        preds = preds.with_columns(run_digest=pl.lit(None, pl.String), run_dir=pl.lit(None, pl.String))
+    stored = preds["run_digest"]
+    mine = (stored == digest).fill_null(False)
+    if not mine.any() and stored.is_not_null().any():
+        folders = set(preds.filter(stored.is_not_null())["run_dir"].drop_nulls().to_list())
+        here = str(run_dir.resolve())
+        whose = ["were made by this run folder before it was retrained"] if here in folders else []
+        if folders - {here} or not folders:
+            whose.append(f"belong to another run folder ({', '.join(sorted(folders - {here})) or 'not recorded'})")
+        raise UserError(f"the store's predictions named {name!r} {' or '.join(whose)}: {again}")
+    if mine.any():
+        if not mine.all():
+            log(f"warning: {preds.height - int(mine.sum())} of the store's predictions named {name!r} were made by "
+                f"another run folder, or before this one was retrained: left out; {again}")  # fmt: skip
+        preds = preds.filter(mine)
+    else:
+        log(f"warning: the store's predictions named {name!r} were made before runs were identified: they cannot be "
+            f"checked to come from this run folder; {again}")  # fmt: skip
+    widths = preds["proba"].list.len().unique().to_list()
+    if widths != [len(classes)]:
+        raise UserError(f"the store's predictions named {name!r} have {', '.join(map(str, widths))} class "
+                        f"probabilities, this run has {len(classes)} classes: they are another run's; {again}")  # fmt: skip
+    return preds

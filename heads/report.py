@@ -35,6 +35,7 @@ from embedstore.fileio import atomic_path, ensure_dir
 from embedstore.store import DEFAULT_TABLE, Store, StoreError, is_uri
 
 from . import checkpoint as ckpt
+from .export import run_predictions
 
 Log = Callable[[str], None]
 #: (id, heading) of every section, in page order
@@ -143,16 +144,13 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log) -> dict[str, Any
     return json.loads(path.read_text())
 
 
-def load_cells(run_dir: Path, db: Path, table: str) -> pl.DataFrame:
-    """The store's predictions of this run joined with each cell's coordinates and label."""
-    name = run_dir.resolve().name
-    how = f"run `heads predict --run {run_dir} --db {db}` first"
+def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log = print) -> pl.DataFrame:
+    """The store's predictions of this run (made by this very run folder, not one of the same
+    name: `run_predictions`) joined with each cell's coordinates and label."""
     try:
-        preds = Store(db).predictions(name)
+        preds = run_predictions(db, run_dir, classes, log)
     except StoreError:
-        raise UserError(f"{db} holds no predictions: {how}") from None
-    if preds.height == 0:
-        raise UserError(f"{db} holds no predictions of run {name!r}: {how}")
+        raise UserError(f"{db} holds no predictions: run `heads predict --run {run_dir} --db {db}` first") from None
     meta = Store(db).load(table, vectors=()).meta
     cols = [
         c
@@ -649,7 +647,7 @@ def write_report(
         raise UserError(
             f"{db} has no table {table!r}: pass the run's store with --db (and --table)"
         )
-    cells = load_cells(run_dir, db, table)
+    cells = load_cells(run_dir, db, table, classes, log)
     metrics = load_metrics(run_dir, db, table, log)
     ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None)
     bodies = {}

@@ -8,8 +8,9 @@ exactly the same cells, and, after `evaluate_run`, `metrics.json` plus its plots
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,19 @@ import polars as pl
 
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
-from embedstore.store import DEFAULT_TABLE, Store
+from embedstore.store import DEFAULT_TABLE, Store, sql_in
 
 from . import checkpoint as ckpt
 from .calibration import TemperatureScaler, expected_calibration_error
 from .data import CellData
-from .export import predictions_frame, write_geojson, write_parquet
+from .export import (
+    SET_SEPARATOR,
+    check_class_names,
+    predictions_frame,
+    run_digest,
+    write_geojson,
+    write_parquet,
+)
 from .metrics import (
     MACRO_F1_DEFINITION,
     apply_synonyms,
@@ -35,8 +43,24 @@ from .metrics import (
     write_metrics_json,
 )
 from .posthoc import ConformalSets, apply_safety, fit_safety, load_safety, save_safety, set_coverage
-from .splits import PARTS, Split, SplitConfig, make_split
-from .train import STAGE_CHOICES, Heads, TrainConfig, load_heads, predict_all, train_stage
+from .splits import (
+    PARTS,
+    Split,
+    SplitConfig,
+    check_same_settings,
+    make_split,
+    split_digest,
+    split_table,
+)
+from .train import (
+    STAGE_CHOICES,
+    Heads,
+    TrainConfig,
+    load_heads,
+    predict_all,
+    train_stage,
+    trained_tissues,
+)
 
 Log = Callable[[str], None]
 SPLIT_FILE = "split.parquet"
@@ -65,23 +89,15 @@ def load_cell_data(
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
-        from embedstore.io.cells import check_unique_keys, clean_text_columns, read_table
-
-        lab = read_table(labels)
-        missing = [c for c in ("slide_id", "cell_id", "label") if c not in lab.columns]
-        if missing:
-            raise UserError(f"{labels}: no {', '.join(missing)} column; columns are {lab.columns}")
-        lab = clean_text_columns(lab.with_columns(pl.col("slide_id").cast(pl.Utf8), pl.col("cell_id").cast(pl.Utf8)), ["label", "split"])
-        check_unique_keys(lab, f"label table {labels}", UserError)
-        keep = [c for c in ("label", "label_confidence", "split") if c in lab.columns]
-        meta = meta.drop([c for c in keep if c in meta.columns]).join(
-            lab.select("slide_id", "cell_id", *keep), on=["slide_id", "cell_id"], how="left", maintain_order="left"
-        )
+        meta = _with_file_labels(meta, labels, Store(db).keys_frame(table), f"table {table!r} in {db}")
     if min_label_confidence > 0 and "label_confidence" in meta.columns and "label" in meta.columns:
         low = pl.col("label_confidence").is_not_null() & (pl.col("label_confidence") < min_label_confidence)
         meta = meta.with_columns(label=pl.when(low).then(None).otherwise(pl.col("label")))
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         if labelled_only:
+            if labels is not None:
+                raise UserError(f"{labels} gives no label (with confidence >= {min_label_confidence:g}) "
+                                f"to the cells of table {table!r} in {db}")  # fmt: skip
             raise UserError(
                 f"no labels for the cells of table {table!r} in {db}: attach them with "
                 "`embed labels TABLE --db DB` or pass --labels TABLE"
@@ -97,23 +113,56 @@ def load_cell_data(
     )
 
 
+def _with_file_labels(meta: pl.DataFrame, path: str | Path, keys: pl.DataFrame, where: str) -> pl.DataFrame:
+    """`meta` with the labels of the table at `path`, read and checked as `embed labels` reads
+    them. They replace the stored labels and confidences (a label without one is a hand label);
+    the stored split stays unless the table has one. Rows naming no stored cell are counted."""
+    import warnings
+
+    from embedstore.io.labels import KEYS, examples, match_stored, read_labels, warn_case_variants
+
+    lab = read_labels(path)
+    if "label" not in lab.columns:
+        raise UserError(f"{path}: no label column (columns: {lab.columns}); training needs labels")
+    known, unknown = match_stored(lab, keys, what=where, error=UserError, hint="check its slide and cell id columns")
+    if unknown.height:
+        warnings.warn(f"{unknown.height} rows of {path} match no stored cell and were ignored, e.g. {examples(unknown)}",
+                      UserWarning, stacklevel=2)  # fmt: skip
+    warn_case_variants(known["label"].unique())
+    if "label_confidence" not in known.columns:
+        known = known.with_columns(label_confidence=pl.lit(None, pl.Float64))
+    given = [c for c in ("label", "label_confidence", "split") if c in known.columns]
+    return meta.drop(given, strict=False).join(known.select(*KEYS, *given), on=KEYS, how="left", maintain_order="left")
+
+
 def save_split(run_dir: Path, data: CellData, split: Split) -> None:
     """split.parquet (slide_id, cell_id, split incl. "guard") and split.json (settings, counts
-    per slide and class, leak)."""
-    names = split.labels(len(data))
-    frame = data.meta.select("slide_id", "cell_id").with_columns(split=pl.Series(names.astype(str)))
+    per slide and class, leak, digest: the one the checkpoints trained on it record)."""
+    frame = split_table(data.meta, split.labels(len(data)))
+    info = {**split.summary(), **split.info, "digest": split_digest(frame)}
     with atomic_path(run_dir / SPLIT_FILE) as tmp:
-        frame.filter(pl.col("split") != "").write_parquet(tmp)
+        frame.write_parquet(tmp)
     with atomic_path(run_dir / SPLIT_INFO_FILE) as tmp:
-        Path(tmp).write_text(json.dumps({**split.summary(), **split.info}, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_split(run_dir: Path, data: CellData) -> Split:
-    """The training split of `run_dir`, aligned to `data`'s rows (new cells belong to none)."""
+def load_split(run_dir: Path, data: CellData, *, stages: Sequence[str] = ckpt.STAGES) -> Split:
+    """The training split of `run_dir`, aligned to `data`'s rows (new cells belong to none).
+
+    Refused when a checkpoint of `stages` records another split's digest (a `heads train`
+    stopped between saving a stage and its split, or a run folder mixed by hand)."""
     path = Path(run_dir) / SPLIT_FILE
     if not path.exists():
-        raise UserError(f"{path} is missing: train this run with `heads train` first")
+        raise UserError(f"{path} is missing: train this run with `heads train --stage all` first")
     saved = pl.read_parquet(path)
+    digest = split_digest(saved)
+    other = [s for s in stages if ckpt.has_stage(run_dir, s)
+             and ckpt.read_info(run_dir, s).get("split", {}).get("digest") not in (None, digest)]  # fmt: skip
+    if other:
+        raise UserError(
+            f"the run's stages were trained on different splits: {', '.join(other)} in {run_dir} "
+            f"did not train on its {SPLIT_FILE} (was `heads train` interrupted?); retrain with --stage all"
+        )
     names = (
         data.meta.select("slide_id", "cell_id")
         .join(saved, on=["slide_id", "cell_id"], how="left", maintain_order="left")["split"]
@@ -131,7 +180,7 @@ def load_split(run_dir: Path, data: CellData) -> Split:
     parts = {p: np.flatnonzero(names == p).astype(np.int64) for p in PARTS}
     info_path = Path(run_dir) / SPLIT_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return Split(**parts, source=info.get("source", "saved"), info=info)
+    return Split(**parts, source=info.get("source", "saved"), info={**info, "digest": digest})
 
 
 def train(
@@ -149,8 +198,11 @@ def train(
     log: Log = print,
 ) -> dict[str, Any]:
     """Train `stage` on the store's cached vectors (labels with a confidence below
-    `min_label_confidence` are left out); the split is made once and saved, and the
-    conformal calibration and safety rule are fitted on its validation cells (`fit_posthoc`).
+    `min_label_confidence` are left out); the split is made by stage `local` (or `all`) and
+    saved just before its checkpoint (later stages reuse it and refuse split options of their
+    own), and the conformal calibration and safety rule are fitted on its validation cells
+    (`fit_posthoc`). What the old stage's models made is moved to RUN/stale/ only once the new
+    stage is trained (`retire_later_stages`).
 
     With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
     """
@@ -158,29 +210,44 @@ def train(
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     run_dir = ensure_dir(run_dir, "the run")
     data = load_cell_data(db, table=table, labels=labels, labelled_only=True, min_label_confidence=min_label_confidence)
+    check_class_names(data.classes)  # "|" joins a conformal set's classes in the predictions
     log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
         f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
-    if stage in ("local", "all") or not (run_dir / SPLIT_FILE).exists():
+    if stage in ("local", "all"):
         split = make_split(data.meta, holdout=holdout, config=split_config)
-    else:
-        split = load_split(run_dir, data)
+    else:  # a later stage trains on the split its local head was trained on
+        ckpt.read_info(run_dir, "local")  # no local head: say so first
+        split = load_split(run_dir, data, stages=ckpt.STAGES[: ckpt.STAGES.index(stage)])
+        check_same_settings(split, holdout, split_config, stage)
     if scale:
         cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
-    retire_later_stages(run_dir, stage, log=log)
-    out = train_stage(stage, data, run_dir, cfg, split=split, log=log)
-    save_split(run_dir, data, split)
-    fit_posthoc(run_dir, data, split, device=cfg.device, log=log)
+
+    def before_save(name: str) -> None:
+        # only now, with the stage trained: a failed or stopped run leaves the old one whole
+        retire_later_stages(run_dir, name, log=log)
+        if name == "local":
+            save_split(run_dir, data, split)  # on disk before the checkpoint trained on it
+
+    out = train_stage(stage, data, run_dir, cfg, split=split, before_save=before_save, log=log)
+    # the post-hoc rules run the heads: only on val cells of tissues they were trained on
+    trained = trained_tissues(ckpt.read_info(run_dir, "local"))
+    val = split.val[np.isin(np.asarray(data.tissues)[data.tissue.numpy()[split.val]], trained)]
+    fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
     return out
 
 
-#: what a run's evaluation wrote from the models as they were (stale once a stage is retrained)
-EVAL_OUTPUTS = ("metrics.json",)
+#: what a run made from its models as they were (stale once a stage is retrained): `heads
+#: eval`'s metrics, plots and tables (also per cohort), `heads report`'s page, `heads predict`'s
+#: default folder, and the post-hoc rules fitted at the end of training (refitted after it)
+DERIVED_OUTPUTS = ("metrics.json", "confusion_*.csv", "confusion_*.png", "reliability.png",
+                   "complementarity.csv", "complementarity.png", "cohort-*", "report.html",
+                   "predictions", "safety.json", "conformal.parquet", "conformal.json")  # fmt: skip
 
 
 def retire_later_stages(run_dir: Path, stage: str, *, log: Log = print) -> Path | None:
-    """Move the checkpoints of stages after `stage` (and the run's metrics) into
-    RUN/stale/<time>/ before `stage` is retrained: they were trained on top of the old
-    `stage` and would silently be mixed with the new one; moved, not deleted."""
+    """Move the checkpoints of stages after `stage` and everything made from the run's models
+    (DERIVED_OUTPUTS) into RUN/stale/<time>/ as `stage` is retrained: they were made from the
+    old `stage` and would silently be mixed with the new one; moved, not deleted."""
     import datetime as dt
 
     if stage == "all":
@@ -188,15 +255,14 @@ def retire_later_stages(run_dir: Path, stage: str, *, log: Log = print) -> Path 
     else:
         later = ckpt.STAGES[ckpt.STAGES.index(stage) + 1:]
     files = [p for s in later if ckpt.has_stage(run_dir, s) for p in ckpt.stage_paths(run_dir, s)]
-    if files or (stage in ckpt.STAGES and ckpt.has_stage(run_dir, stage)):
-        files += [run_dir / name for name in EVAL_OUTPUTS if (run_dir / name).exists()]
+    files += sorted(p for pattern in DERIVED_OUTPUTS for p in run_dir.glob(pattern))
     if not files:
         return None
     dest = run_dir / "stale" / dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
     dest.mkdir(parents=True)
     for f in files:
         f.rename(dest / f.name)
-    log(f"retraining `{stage}`: the checkpoints built on the old one ({', '.join(sorted({f.stem for f in files}))}) "
+    log(f"retraining `{stage}`: what was made from the old one ({', '.join(sorted({f.stem for f in files}))}) "
         f"moved to {dest}")  # fmt: skip
     return dest
 
@@ -232,8 +298,6 @@ def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log:
     epochs of 1024-cell batches are ~600 optimiser steps; a few thousand cells would get a
     handful. Batches shrink to ~1/16 of the set (>= 32 cells) and epochs and patience grow
     until every stage sees at least `min_steps` steps. Large sets are left unchanged."""
-    from dataclasses import replace
-
     bs = min(cfg.batch_size, max(32, n_train // 16))
     steps_per_epoch = max(1, -(-n_train // bs))
     factor = max(1, -(-min_steps // (steps_per_epoch * cfg.gate_epochs)))
@@ -270,6 +334,28 @@ def _eval_rows(split: Split, on: str) -> np.ndarray:
         hint = "; retrain with the default split (or a `split` column with test rows)" if on == "test" else ""
         raise UserError(f"the run's split has no `{on}` cells (it has {split.summary()}){hint}")
     return rows
+
+
+def _labels_outside(data: CellData, rows: np.ndarray) -> dict[str, int]:
+    """Label -> how many of `rows` have it, for labels that are not classes of the run."""
+    if data.unknown_label is None:
+        return {}
+    out = rows[data.unknown_label.numpy()[rows]]
+    counts = data.meta["label"].cast(pl.Utf8)[out].value_counts(name="n")
+    return dict(counts.sort(["n", "label"], descending=[True, False]).iter_rows())
+
+
+def _outside_message(outside: dict[str, int], classes: Sequence[str]) -> str:
+    shown = ", ".join(f"{k}: {v}" for k, v in list(outside.items())[:10]) + (", ..." if len(outside) > 10 else "")
+    msg = f"{sum(outside.values())} scored cells have labels outside the run's classes ({shown}); they are not scored"
+    by_case = {c.lower(): c for c in classes}
+    case_only = [k for k in outside if k.lower() in by_case]
+    if case_only:
+        which = "They all" if len(case_only) == len(outside) else f"{len(case_only)} of those labels"
+        pairs = ", ".join(f"{k} vs {by_case[k.lower()]}" for k in case_only[:5])
+        msg += (f". {which} differ from a class of the run only in case ({pairs}): relabel them with the run's "
+                "spelling (`embed labels`)")  # fmt: skip
+    return msg
 
 
 def _with_safety(probs: dict[str, np.ndarray], rule: dict[str, Any] | None) -> dict[str, np.ndarray]:
@@ -325,6 +411,7 @@ def evaluate_run(
         mapped = apply_synonyms(data.meta["label"].to_list(), synonyms or {}, classes)
         log(f"cohort {cohort}: {int(mapped.keep.sum())} of {len(data)} cells have a training class"
             + (f"; dropped {dict(mapped.dropped)}" if mapped.dropped else ""))  # fmt: skip
+        outside = dict(mapped.dropped)
         data = data.subset(np.flatnonzero(mapped.keep))
         data = CellData.from_arrays(
             data.meta.with_columns(label=pl.Series(np.asarray(mapped.labels, dtype=object)[mapped.keep].tolist())),
@@ -333,14 +420,35 @@ def evaluate_run(
         rows = np.arange(len(data))
         split = None
     else:
+        # only cells of the run's tissues: its split has no others, and a slide of a new tissue
+        # added to the store since training is none of this evaluation's business
         data = load_cell_data(db, table=table, labels=labels, labelled_only=True, classes=classes, tissue_vocab=tissues,
-                              min_label_confidence=min_label_confidence)
+                              tissues=tissues, min_label_confidence=min_label_confidence)  # fmt: skip
         ckpt.check_compatible(info, data, where=str(run_dir / "local.json"))
         split = load_split(run_dir, data)
         labelled = data.label.numpy() >= 0
         rows = _eval_rows(split, on)
+        outside = _labels_outside(data, rows)
         rows = rows[labelled[rows]]
         val_rows = split.val[labelled[split.val]]
+        if outside:
+            msg = _outside_message(outside, classes)
+            if rows.size == 0:
+                raise UserError(f"nothing to evaluate: {msg}")
+            log(f"warning: {msg}")
+        # a tissue held out whole (--holdout) was never learnt: its cells are said, not scored
+        trained = set(trained_tissues(info))
+        tissue_of = np.asarray(data.tissues)[data.tissue.numpy()]
+        unlearnt = ~np.isin(tissue_of[rows], list(trained))
+        if unlearnt.any():
+            counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(tissue_of[rows][unlearnt]).items()))
+            msg = (f"{int(unlearnt.sum())} scored cells are of tissues the run had no training cells for ({counts}); "
+                   "the local head never learnt them, so they are not scored")  # fmt: skip
+            rows = rows[~unlearnt]
+            if rows.size == 0:
+                raise UserError(f"nothing to evaluate: {msg}")
+            log(f"warning: {msg}")
+        val_rows = val_rows[np.isin(tissue_of[val_rows], list(trained))]
     selection = not cohort and on == "val"
     if selection:
         log(f"warning: {SELECTION_NOTE}")
@@ -406,7 +514,8 @@ def evaluate_run(
     table_df = results_table(result_rows)
     extra = {"run": str(run_dir), "db": str(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
              "classes_present": present, "classes_missing": [c for c in classes if c not in present],
-             "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION}  # fmt: skip
+             "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
+             "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside}}  # fmt: skip
     if selection:
         extra["warning"] = SELECTION_NOTE
     if split is not None:
@@ -454,6 +563,7 @@ class LoadedRun:
     heads: Heads
     rule: dict[str, Any] | None
     sets_model: ConformalSets | None
+    digest: str = ""  # `run_digest`: which run made a prediction, whatever its folder's name
 
     @property
     def info(self) -> dict[str, Any]:
@@ -465,7 +575,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     `predict_frame` checks each batch of cells as `predict_all(data, run_dir)` would)."""
     run_dir = Path(run_dir)
     infos = {s: ckpt.read_info(run_dir, s) for s in ckpt.STAGES if s == "local" or ckpt.has_stage(run_dir, s)}
-    return LoadedRun(run_dir, infos, load_heads(run_dir, None, device), load_safety(run_dir), ConformalSets.load(run_dir))
+    return LoadedRun(run_dir, infos, load_heads(run_dir, None, device), load_safety(run_dir),
+                     ConformalSets.load(run_dir), run_digest(run_dir))  # fmt: skip
 
 
 def predict_frame(
@@ -478,30 +589,37 @@ def predict_frame(
     conformal_level: float = 0.9,
     class_conditional: bool = False,
     loaded: LoadedRun | None = None,
+    tissues: Sequence[str] | None = None,
 ) -> pl.DataFrame:
-    """The predictions frame of the stored cells of `slides` (all when None), as `predict`
-    writes it. Every column is a function of the cell alone (conformal draws are keyed by
-    cell), so frames of disjoint slide groups concatenate to the frame of their union.
+    """The predictions frame of the stored cells of `slides` (all when None) and `tissues`
+    (all when None), as `predict` writes it. Every column is a function of the cell alone
+    (conformal draws are keyed by cell), so frames of disjoint slide groups concatenate to the
+    frame of their union. `run` is the run folder's name, `run_digest` and `run_dir` say which
+    run folder it is (`heads.export.run_digest`).
 
     `loaded`: the run already read by `load_run` (run_dir is then only its name's source)."""
     run_dir = Path(run_dir)
     run = loaded if loaded is not None else load_run(run_dir, device)
     info = run.info
-    data = load_cell_data(db, table=table, slides=slides, classes=info["classes"], tissue_vocab=info["tissues"])
+    if run.sets_model is not None:  # a run trained before such class names were refused
+        check_class_names(info["classes"])
+    data = load_cell_data(db, table=table, slides=slides, tissues=tissues, classes=info["classes"],
+                          tissue_vocab=info["tissues"])  # fmt: skip
     for stage, stage_info in run.infos.items():  # these cells against every trained stage
         ckpt.check_compatible(stage_info, data, where=str(ckpt.stage_paths(run_dir, stage)[1]))
     probs = _with_safety(predict_all(data, run.heads, device=device), run.rule)
     sets_model = run.sets_model
     frame = predictions_frame(
         data.meta, info["classes"], probs["p_local"], probs.get("p_global"), probs.get("p_gate"), probs.get("gate"),
-    ).with_columns(run=pl.lit(run_dir.resolve().name))
+    ).with_columns(run=pl.lit(run_dir.resolve().name), run_digest=pl.lit(run.digest or run_digest(run_dir)),
+                   run_dir=pl.lit(str(run_dir.resolve())))  # fmt: skip
     classes = np.asarray(info["classes"], dtype=object)
     if "p_safety" in probs:
         frame = frame.with_columns(safety_class=pl.Series(classes[probs["p_safety"].argmax(1)].tolist(), dtype=pl.String))
     if sets_model is not None and f"p_{sets_model.path}" in probs:
         sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], cell_keys(data.meta), conformal_level, class_conditional)
         frame = frame.with_columns(
-            conformal_set=pl.Series(["|".join(classes[row]) for row in sets], dtype=pl.String),
+            conformal_set=pl.Series([SET_SEPARATOR.join(classes[row]) for row in sets], dtype=pl.String),
             set_size=pl.Series(sets.sum(1).astype(np.int32)),
         )
     return frame
@@ -525,18 +643,89 @@ def predict(
     When the run has them: `safety_class` (the safety rule's class) and the conformal set at
     `conformal_level` (`conformal_set`: class names joined by "|", `set_size`; an empty set
     means no class is plausible enough at that level). `heads.distributed.predict_ray` does
-    the same on Ray, one slide per task."""
+    the same on Ray, one slide per task.
+
+    With `slides`, predictions.parquet keeps the rows of the run's other slides (only those
+    slides' rows are replaced), as the store does. Without, cells of tissues the run was not
+    trained on are left out: everything else is predicted and written, then `SlidesSkipped`
+    names the slides left out (the CLI exits 1); named in `slides`, they are refused."""
     run_dir = Path(run_dir)
-    ckpt.read_info(run_dir, "local")  # no run: fail before making the output folder
+    # no run: fail before making the output folder; a tissue without training cells is unknown
+    tissues = trained_tissues(ckpt.read_info(run_dir, "local"))
+    unknown = unknown_tissues(db, table, slides, tissues)
     out_dir = ensure_dir(Path(out_dir) if out_dir else run_dir / "predictions", "the predictions")
-    frame = predict_frame(run_dir, db, table=table, slides=slides, device=device,
+    frame = predict_frame(run_dir, db, table=table, slides=slides, device=device, tissues=tissues if unknown.height else None,
                           conformal_level=conformal_level, class_conditional=class_conditional)  # fmt: skip
-    with atomic_path(out_dir / "predictions.parquet") as tmp:
-        write_parquet(frame, tmp)
+    parquet = out_dir / "predictions.parquet"
+    kept = _with_earlier_slides(frame, parquet, slides, log)
+    with atomic_path(parquet) as tmp:
+        write_parquet(kept, tmp)
     write_geojson(frame, out_dir / "geojson")
     Store(db).write_predictions(frame)
-    log(f"{frame.height} predictions -> store table `predictions`, {out_dir / 'predictions.parquet'}, {out_dir / 'geojson'}/")
+    log(f"{frame.height} predictions -> store table `predictions`, {parquet} ({kept.height} rows), {out_dir / 'geojson'}/")
+    if unknown.height:
+        raise skipped(unknown, tissues, frame["slide_id"].unique(maintain_order=True).to_list(), frame.height, frame)
     return frame
+
+
+class SlidesSkipped(UserError):
+    """`predict` wrote what it could, but left out cells of tissues the run does not know;
+    `frame` is what it wrote."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, frame: pl.DataFrame | None) -> None:
+        super().__init__(message)
+        self.frame = frame
+
+
+def unknown_tissues(db: str | Path, table: str, slides: Sequence[str] | None, tissues: Sequence[str]) -> pl.DataFrame:
+    """(slide_id, tissue, cells) of the cells to predict whose tissue the run did not learn;
+    refuses when `slides` names such slides, or when no cell is left to predict."""
+    unknown = _unknown_tissue_cells(db, table, slides, tissues)
+    if unknown.height and (slides or unknown["cells"].sum() == Store(db).open(table).count_rows()):
+        raise UserError(f"{_describe_unknown(unknown, tissues)}: this run cannot predict them; train heads that "
+                        f"include {', '.join(sorted(set(unknown['tissue'])))}")  # fmt: skip
+    return unknown
+
+
+def skipped(unknown: pl.DataFrame, tissues: Sequence[str], known: Sequence[str], cells: int, frame: pl.DataFrame | None) -> SlidesSkipped:
+    """The error that names the slides left out, after `cells` cells of `known` were predicted."""
+    named = " ".join(f"--slide {s}" for s in known) if len(known) <= 10 else "--slide SLIDE (repeatable)"
+    return SlidesSkipped(
+        f"{_describe_unknown(unknown, tissues)}: not predicted; the other {cells} cells were. Predict "
+        f"only the slides it knows with {named}, or train heads that include "
+        f"{', '.join(sorted(set(unknown['tissue'])))}", frame)  # fmt: skip
+
+
+def _unknown_tissue_cells(db: str | Path, table: str, slides: Sequence[str] | None, tissues: Sequence[str]) -> pl.DataFrame:
+    """(slide_id, tissue, cells) of the stored cells (of `slides`) whose tissue is not in `tissues`."""
+    flt = sql_in("slide_id", list(slides)) if slides else None
+    cells = pl.from_arrow(Store(db).open(table).to_lance().to_table(columns=["slide_id", "tissue"], filter=flt))
+    unknown = cells.filter(pl.col("tissue").is_not_null() & ~pl.col("tissue").is_in(list(tissues)))
+    return unknown.group_by("slide_id", "tissue", maintain_order=True).len("cells")
+
+
+def _describe_unknown(unknown: pl.DataFrame, tissues: Sequence[str], shown: int = 10) -> str:
+    parts = [f"{r['slide_id']} ({r['tissue']}: {r['cells']} cells)" for r in unknown.head(shown).iter_rows(named=True)]
+    more = f" and {unknown.height - shown} more" if unknown.height > shown else ""
+    return (f"slide(s) {', '.join(parts)}{more} have tissues this run was not trained on "
+            f"(it knows {', '.join(tissues)})")  # fmt: skip
+
+
+def _with_earlier_slides(frame: pl.DataFrame, parquet: Path | pl.DataFrame | None, slides: Sequence[str] | None,
+                         log: Log) -> pl.DataFrame:  # fmt: skip
+    """What predictions.parquet should hold after predicting `slides`: `frame` plus the rows of
+    the other slides already there (the file, or its rows read before), when this run (same
+    `run_digest`) wrote them."""
+    if not slides or parquet is None or (isinstance(parquet, Path) and not parquet.exists()):
+        return frame
+    old = pl.read_parquet(parquet) if isinstance(parquet, Path) else parquet
+    digest = frame["run_digest"][0]
+    if "run_digest" not in old.columns or not (old["run_digest"] == digest).fill_null(False).all():
+        log("predictions.parquet held predictions of another run (or of this one before it was retrained): replaced")
+        return frame
+    return pl.concat([old.filter(~pl.col("slide_id").is_in(list(slides))), frame], how="diagonal_relaxed")
 
 
 def summary_json(result: dict[str, Any]) -> str:

@@ -20,9 +20,10 @@ radius (128 µm): the leak the guard band removes, also measured for user column
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,55 @@ def make_split(
     parts = {p: np.flatnonzero(names == p).astype(np.int64) for p in PARTS}
     info = {"settings": settings, **split_report(meta, names)}
     info["warnings"] = _band_warnings(info["per_slide"])
+    if {"slide_id", "cell_id"} <= set(meta.columns):
+        info["digest"] = split_digest(split_table(meta, names))
     return Split(**parts, source=source, info=info)
+
+
+def split_table(meta: pl.DataFrame, names: np.ndarray) -> pl.DataFrame:
+    """slide_id, cell_id, split of the cells in a part (what a run saves as split.parquet)."""
+    frame = meta.select("slide_id", "cell_id").with_columns(split=pl.Series(np.asarray(names, dtype=str)))
+    return frame.filter(pl.col("split") != "")
+
+
+def split_digest(table: pl.DataFrame) -> str:
+    """SHA-256 of a split table's (slide_id, cell_id, split) rows, whatever their order and id
+    types: checkpoints record it, so that a run's stages are known to share one split."""
+    rows = table.select(
+        pl.concat_str([pl.col(c).cast(pl.Utf8) for c in ("slide_id", "cell_id", "split")], separator="\t")
+    ).to_series().sort()  # fmt: skip
+    return hashlib.sha256("\n".join(rows.to_list()).encode()).hexdigest()
+
+
+#: the options that make a split (`heads train --holdout --val-fraction --test-fraction --guard-um`)
+SPLIT_OPTIONS = ("val_fraction", "test_fraction", "guard_um")
+
+
+def check_same_settings(saved: Split, holdout: Sequence[str], config: SplitConfig | None, stage: str) -> None:
+    """Refuse split options given to a later stage (`global`, `gate`) that differ from the saved
+    split's: that stage trains on the split its local head was trained on. Options at their
+    default count as not given."""
+    settings = saved.info.get("settings", {})
+    given = {}
+    if holdout and sorted(holdout) != sorted(settings.get("holdout", [])):
+        given["holdout"] = list(holdout)
+    defaults = {f.name: f.default for f in fields(SplitConfig)}
+    for name in SPLIT_OPTIONS if config is not None else ():
+        value = getattr(config, name)
+        if value != defaults[name] and value != settings.get(name):
+            given[name] = value
+    if given:
+        said = ", ".join(f"--{k.replace('_', '-')} {_show(v)}" for k, v in given.items())
+        kept = ", ".join(f"{k} {_show(settings[k])}" for k in ("holdout", *SPLIT_OPTIONS) if k in settings)
+        raise UserError(
+            f"{said} cannot apply to --stage {stage}: the split comes from the local stage (this "
+            f"run's: source {saved.source}, {kept}; split.json). Drop the option, or retrain with "
+            "--stage all to make a new split"
+        )
+
+
+def _show(value: Any) -> str:
+    return (" ".join(map(str, value)) or "none") if isinstance(value, list) else f"{value:g}"
 
 
 def _band_warnings(per_slide: list[dict[str, Any]], limit: float = 0.3) -> list[str]:

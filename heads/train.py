@@ -239,6 +239,49 @@ def _class_weights(res: _Resident, n_classes: int, beta: float) -> torch.Tensor:
     return class_balanced_weights(counts, beta).to(res.local.device)
 
 
+#: fewer labelled training cells than this in a class: warned about at training time
+FEW_TRAINING_CELLS = 5
+
+
+def training_coverage(data: CellData, split: Split, *, warn_tissues: bool = True) -> tuple[list[str], list[str]]:
+    """(the tissues with labelled training cells, one warning line per class with fewer than
+    FEW_TRAINING_CELLS training cells and, with `warn_tissues`, per tissue with none): a class
+    or tissue held out whole (--holdout, a `split` column) is never learnt, and an untrained
+    tissue's FiLM embedding is its random initialisation."""
+    train = torch.from_numpy(split.train[data.labelled.numpy()[split.train]])
+    per_class = data.class_counts(train).tolist()
+    per_tissue = torch.bincount(data.tissue[train], minlength=data.n_tissues).tolist()
+    lines = [
+        f"warning: class {c!r} has {'no' if n == 0 else f'only {n}'} training cell{'' if n == 1 else 's'}: "
+        + ("the heads cannot learn it" if n == 0 else "the heads can hardly learn it")
+        for c, n in zip(data.classes, per_class, strict=True) if n < FEW_TRAINING_CELLS
+    ]  # fmt: skip
+    lines += [
+        f"warning: tissue {t!r} has no training cells: its FiLM embedding stays untrained, so "
+        "`heads eval` and `heads predict` treat its cells as those of an unknown tissue"
+        for t, n in zip(data.tissues, per_tissue, strict=True) if n == 0 and warn_tissues
+    ]  # fmt: skip
+    return [t for t, n in zip(data.tissues, per_tissue, strict=True) if n > 0], lines
+
+
+def trained_tissues(info: dict[str, Any]) -> list[str]:
+    """The tissues a checkpoint's head saw training cells of (all its tissues for checkpoints
+    made before this was recorded)."""
+    return list(info.get("split", {}).get("trained_tissues", info["tissues"]))
+
+
+def _refuse_untrained_tissues(data: CellData, trained: list[str]) -> None:
+    present = {data.tissues[i] for i in torch.unique(data.tissue).tolist()}
+    untrained = sorted(present - set(trained))
+    if untrained:
+        raise UserError(
+            f"tissue(s) {', '.join(map(repr, untrained))} had no training cells in this run (held "
+            "out, or only in val/test): the local head's embedding for them is untrained, as for "
+            f"an unknown tissue (trained: {', '.join(trained)}). Leave those slides out, relabel "
+            "them with a trained tissue, or train heads with training cells of that tissue"
+        )
+
+
 def _check_heads(data: CellData, local: FiLMHead, context: ContextHead | None = None) -> None:
     if local.in_dim != data.local_dim:
         raise UserError(
@@ -521,12 +564,15 @@ def train_stage(
     *,
     split: Split | None = None,
     holdout: tuple[str, ...] | list[str] = (),
+    before_save: Callable[[str], Any] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Train `stage` (local, global, gate or all), reading earlier stages from `run_dir`.
 
-    Saves RUN_DIR/<stage>.safetensors + .json per trained stage. Returns
-    {"split": Split, "local"/"global"/"gate": (module, history)} for the stages trained.
+    Saves RUN_DIR/<stage>.safetensors + .json per trained stage, recording the split's digest
+    and the tissues with training cells; `before_save(name)` runs just before each is written
+    (`heads.runs.train` saves the split there, and moves aside what the old stage made).
+    Returns {"split": Split, "local"/"global"/"gate": (module, history)} for the stages trained.
     """
     if stage not in STAGE_CHOICES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
@@ -542,16 +588,23 @@ def train_stage(
         split = make_split(data.meta, holdout=holdout)
     for line in split.lines():
         log(line)
+    # only stage 1 learns the tissue embedding: later stages have nothing to say about it
+    tissues_trained, warnings = training_coverage(data, split, warn_tissues=stage in ("local", "all"))
+    for line in warnings:
+        log(line)
     out: dict[str, Any] = {"split": split}
 
     def save(name: str, modules: dict[str, nn.Module], history: list, extra: dict) -> None:
         best = max((r["val_macro_f1"] for r in history), default=None)
+        if before_save is not None:
+            before_save(name)
         ckpt.save_stage(
             run_dir, name, modules, classes=data.classes, tissues=data.tissues,
             dims={"local": data.local_dim, "context": data.context_dim},
             settings=cfg.to_dict(), history=history, provenance=data.provenance,
-            split=split.summary(), metrics={"best_val_macro_f1": best, **extra},
-        )
+            split={**split.summary(), "digest": split.info.get("digest"), "trained_tissues": tissues_trained},
+            metrics={"best_val_macro_f1": best, **extra},
+        )  # fmt: skip
         log(f"[{name}] saved {run_dir / (name + '.safetensors')}")
 
     if stage in ("local", "all"):
@@ -585,12 +638,14 @@ class Heads:
     local: FiLMHead | None = None
     context: ContextHead | None = None
     gate: NuClass | None = None
+    trained_tissues: list[str] | None = None  # None: not known (heads given in memory)
 
 
 def load_heads(run_dir: str | Path, data: CellData | None = None, device: str = "cpu") -> Heads:
     """Every stage saved in `run_dir` (checked against `data` when given)."""
     dev = str(resolve_device(device))
-    heads = Heads(local=ckpt.load_local(run_dir, data, dev)[0])
+    local, info = ckpt.load_local(run_dir, data, dev)
+    heads = Heads(local=local, trained_tissues=trained_tissues(info))
     if ckpt.has_stage(run_dir, "global"):
         heads.context = ckpt.load_global(run_dir, data, dev)[0]
     if ckpt.has_stage(run_dir, "gate"):
@@ -619,8 +674,9 @@ def predict_all(
 ) -> dict[str, np.ndarray]:
     """Per-cell probabilities of every available path.
 
-    `heads`: a run directory (checked against `data`: dims, provenance, classes, tissues),
-    `Heads`, a `NuClass` model, a local head, or (local, context). Returns float32 arrays
+    `heads`: a run directory (checked against `data`: dims, provenance, classes, tissues; cells
+    of a tissue without training cells in the run are refused), `Heads`, a `NuClass` model, a
+    local head, or (local, context). Returns float32 arrays
     p_local / p_global (the stage-1 / stage-2 heads as trained; from a bare `NuClass`, its own
     heads), p_gate (N, C), gate (N,) = the weight of the global path, p_local_gate /
     p_global_gate (the gate model's fine-tuned paths: p_gate = (1 - g) p_local_gate +
@@ -633,6 +689,8 @@ def predict_all(
     context = h.context if h.context is not None else (h.gate.context if h.gate else None)
     if local is None:
         raise TypeError("predict_all needs at least a local head")
+    if h.trained_tissues is not None:
+        _refuse_untrained_tissues(data, h.trained_tissues)
     _check_heads(data, local, context)
     if h.gate is not None:
         _check_heads(data, h.gate.local, h.gate.context)

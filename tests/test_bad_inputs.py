@@ -166,7 +166,7 @@ CASES = [
     ("labels: repeated ids", lambda w: ["embed", "labels", w.parquet("replab.parquet", Store(w.db).keys_frame().head(2).with_columns(label=pl.lit("T")).pipe(lambda f: pl.concat([f, f]))), "--db", w.db], "2 cells appear more than once in the label table \\(4 rows\\)"),
     ("labels: no cell id column", lambda w: ["embed", "labels", w.file("noidlab.csv", "slide_id,id_x,label\nx,1,T\n"), "--db", w.db], "no cell_id column"),
     ("labels: bad split", lambda w: ["embed", "labels", w.parquet("badsplit.parquet", Store(w.db).keys_frame().head(3).with_columns(split=pl.lit("holdout"))), "--db", w.db], "split column has values other than"),
-    ("labels: confidence text", lambda w: ["embed", "labels", w.parquet("conf.parquet", Store(w.db).keys_frame().head(3).with_columns(label=pl.lit("T"), label_confidence=pl.lit("high"))), "--db", w.db], "label_confidence must be numeric"),
+    ("labels: confidence text", lambda w: ["embed", "labels", w.parquet("conf.parquet", Store(w.db).keys_frame().head(3).with_columns(label=pl.lit("T"), label_confidence=pl.lit("high"))), "--db", w.db], "label_confidence.*not numbers"),
     ("labels: nothing given", lambda w: ["embed", "labels", "--db", w.db], "either a label table"),
     ("labels: restore unknown", lambda w: ["embed", "labels", "--db", w.db, "--restore", "999"], "no version 999"),
     # -- embed index / similar / audit ---------------------------------------------------------
@@ -180,7 +180,7 @@ CASES = [
     ("audit: k -1", lambda w: ["embed", "audit", "--db", w.db, "--out", w.tmp / "q.parquet", "-k", "-1"], "k=-1 is not a positive integer"),
     # -- heads ---------------------------------------------------------------------------------
     ("train: unknown stage", lambda w: ["heads", "train", "--db", w.db, "--out", w.tmp / "r_stage", "--stage", "final"], "unknown stage 'final'"),
-    ("train: label file without label", lambda w: ["heads", "train", "--db", w.db, "--out", w.tmp / "r_lab", "--labels", w.file("nolabel.csv", "slide_id,cell_id\nx,1\n")], "no label column"),
+    ("train: label file without label", lambda w: ["heads", "train", "--db", w.db, "--out", w.tmp / "r_lab", "--labels", w.file("nolabel.csv", "slide_id,cell_id\nx,1\n")], "no label, confidence or split column"),
     ("train: out under a file", lambda w: ["heads", "train", "--db", w.db, "--out", w.file("runfile", "x") / "r"], "is a file"),
     ("eval: no run", lambda w: ["heads", "eval", "--run", w.tmp / "norun", "--db", w.db], "no `local` checkpoint"),
     ("eval: truncated gate", lambda w: ["heads", "eval", "--run", w.run_copy("r_gate", "truncate", "gate"), "--db", w.db, "--baselines", "none"], r"gate.safetensors cannot be read: it is truncated or corrupt"),

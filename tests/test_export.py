@@ -234,7 +234,7 @@ def test_class_names_from_run_dir_or_inferred(store, tmp_path):
     adata = ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
     assert adata.uns["nuclass"]["predictions"]["classes_source"].startswith("checkpoint")
     (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[:2]}))
-    with pytest.raises(UserError, match="2 classes but the stored predictions have 3"):
+    with pytest.raises(UserError, match="have 3 class probabilities, this run has 2 classes"):
         ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
     # as many classes, in another order (or another run's names): refused, not mislabelled columns
     (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[::-1]}))

@@ -238,24 +238,44 @@ def test_cross_entropy_smoothing_and_weights_hand_computed():
     # class weights [2, 1]: weighted mean (1 * l_cell0 + 2 * l_cell1) / (1 + 2)
     got = cross_entropy(logits, y, weight=torch.tensor([2.0, 1.0]))
     assert got.item() == pytest.approx((1 * nll1 + 2 * nll0) / 3)
-    # weights and smoothing: each class's smoothing term carries that class's weight (torch's
-    # rule); cell 0 (y=1): 0.9 * 1 * nll1 + 0.05 * (2 nll0 + 1 nll1), weight w[y] = 1
-    # cell 1 (y=0): 0.9 * 2 * nll0 + 0.05 * (2 nll0 + 1 nll1), weight 2; mean over sum w[y] = 3
-    smooth = 0.05 * (2 * nll0 + nll1)
+    # weights and smoothing: a cell's smoothing term carries its own class's weight, as its
+    # NLL term does; cell 0 (y=1, weight 1), cell 1 (y=0, weight 2); mean over sum w[y] = 3
     got = cross_entropy(logits, y, smoothing=0.1, weight=torch.tensor([2.0, 1.0]))
-    assert got.item() == pytest.approx((0.9 * nll1 + smooth + 1.8 * nll0 + smooth) / 3)
+    assert got.item() == pytest.approx((1 * ls[0] + 2 * ls[1]) / 3)
+    per_cell = cross_entropy(logits, y, smoothing=0.1, weight=torch.tensor([2.0, 1.0]), reduction="none")
+    torch.testing.assert_close(per_cell, torch.tensor([ls[0], 2 * ls[1]]))
 
 
-def test_cross_entropy_equals_torch_weighted_label_smoothed():
-    """The issue's case: random 64x5 logits, class-balanced weights, smoothing 0.1."""
+def test_cross_entropy_equals_torch_where_weights_and_smoothing_do_not_meet():
+    """Random 64x5 logits, class-balanced weights: torch's weighted CE without smoothing, and
+    torch's label-smoothed CE without weights, exactly."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 5, generator=gen) * 2
     y = torch.randint(0, 5, (64,), generator=gen)
     w = class_balanced_weights(torch.tensor([400, 60, 9, 3, 1000]))
-    ref = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)(logits, y)
-    torch.testing.assert_close(cross_entropy(logits, y, smoothing=0.1, weight=w), ref)
-    ref_none = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="none")(logits, y)
-    torch.testing.assert_close(cross_entropy(logits, y, smoothing=0.1, weight=w, reduction="none"), ref_none)
+    for reduction in ("mean", "none"):
+        ref = torch.nn.CrossEntropyLoss(weight=w, reduction=reduction)(logits, y)
+        torch.testing.assert_close(cross_entropy(logits, y, weight=w, reduction=reduction), ref)
+        ref = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction=reduction)(logits, y)
+        torch.testing.assert_close(cross_entropy(logits, y, smoothing=0.1, reduction=reduction), ref)
+
+
+def test_weighted_smoothed_cross_entropy_keeps_a_majority_cell_majority():
+    """One majority-class cell, class weights [0.026, 1.974] (76:1), smoothing 0.1, free logits
+    optimised to the loss minimum: the prediction stays the cell's class. (torch's
+    `cross_entropy(weight=w, label_smoothing=0.1)` puts the optimum on the rare class past
+    19:1: its optimum p_rare = 1.974 * 0.05 / (0.026 * 0.95 + 1.974 * 0.05) = 0.8.)"""
+    w = torch.tensor([0.026, 1.974])
+    y = torch.tensor([0])
+    z = torch.zeros(1, 2, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(2000):
+        opt.zero_grad()
+        cross_entropy(z, y, smoothing=0.1, weight=w).backward()
+        opt.step()
+    p = z.detach().softmax(1)[0]
+    assert p.argmax().item() == 0
+    assert p[1].item() == pytest.approx(0.05, abs=1e-3)  # the smoothing target: ε / C
 
 
 def test_uncertainty_weighted_stage2_loss_hand_computed():
@@ -270,6 +290,12 @@ def test_uncertainty_weighted_stage2_loss_hand_computed():
     expected = (0.25 * LN2 + 0.0) / 2 + 0.3 * aux
     got = stage2_loss(z_f, z_b, y, a, torch.ones(2), smoothing=0.05, aux_weight=0.3)
     assert got.item() == pytest.approx(expected, rel=1e-6)
+    # class weights [2, 1], a = 1 (no fused term): each cell's whole aux term, smoothing
+    # included, carries its own class's weight; z_B gives both cells p = [1/4, 3/4]
+    z_b = torch.tensor([[0.0, LN3], [0.0, LN3]])
+    aux = [0.95 * nll + 0.025 * (nll + nll_other), 0.95 * nll_other + 0.025 * (nll + nll_other)]
+    got = stage2_loss(z_f, z_b, y, torch.ones(2), torch.tensor([2.0, 1.0]), smoothing=0.05, aux_weight=0.3)
+    assert got.item() == pytest.approx(0.3 * (1 * aux[0] + 2 * aux[1]) / 3, rel=1e-6)
 
 
 def test_gate_targets_and_weights_hand_computed():

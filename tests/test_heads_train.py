@@ -429,3 +429,152 @@ def test_retraining_a_stage_moves_the_stages_built_on_it_aside(tmp_path):
     assert moved == ["gate.json", "gate.safetensors", "global.json", "global.safetensors"]
     assert (dest / "gate.json").read_text() == "gate"
     assert retire_later_stages(run, "global", log=print) is None  # nothing after global is left
+
+
+def test_imbalanced_training_does_not_call_every_cell_the_rare_class():
+    """97:3 classes, separable in the local vector, class-balanced weights (~31:1) and the
+    default label smoothing 0.1: the rare class stays rare in the predictions (torch's weighted
+    smoothed CE made it the loss-optimal answer for every cell: 100% predicted rare)."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    rare = np.arange(n) % 100 < 3
+    local = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    local[:, 0] += np.where(rare, 4.0, -4.0)
+    meta = pl.DataFrame({
+        "slide_id": "s", "cell_id": np.arange(n), "tissue": "colon",
+        "label": np.where(rare, "rare", "common"),
+        "split": np.where(np.arange(n) % 5 == 0, "val", "train"),
+    })  # fmt: skip
+    data = CellData.from_arrays(meta, local, local[:, :4].copy())
+    cfg = TrainConfig(epochs=3, batch_size=64, hidden=32, lr=3e-3, warmup_steps=1)
+    head, _ = train_local(data, make_split(meta), cfg, log=lambda _: None)
+    pred = predict_all(data, head)["pred_local"]
+    assert (pred == data.classes.index("rare")).mean() < 0.1
+    assert (pred == data.label.numpy()).mean() > 0.9
+
+
+# ------------------------------------------------------------------------- runs (heads train)
+
+QUICK = replace(CFG, epochs=1, global_epochs=1, gate_epochs=1)
+
+
+@pytest.fixture
+def store_of(monkeypatch):
+    """`runs.train` on in-memory cells: its store read (load_cell_data) returns them."""
+    from heads import runs
+
+    def serve(meta, local, context):
+        keep = meta["label"].is_not_null().to_numpy()
+        data = CellData.from_arrays(meta.filter(pl.Series(keep)), local[keep], context[keep], provenance=PROV)
+        monkeypatch.setattr(runs, "load_cell_data", lambda db, **_: data)
+        return data
+
+    return serve
+
+
+def test_a_run_stopped_between_stages_keeps_its_local_head_with_its_split(store_of, tmp_path, monkeypatch):
+    """`heads train --stage all` killed after stage 1: the new local head must sit beside the
+    split it was trained on (not the old run's, whose training cells would be scored as test),
+    and nothing made from the old models may stay in the run folder."""
+    from heads import runs
+    from heads import train as train_mod
+
+    data = store_of(*synthetic(n=600, seed=3))
+    run = tmp_path / "run"
+    runs.train("db", run, "all", QUICK, scale=False, log=lambda _: None)
+    made = ["metrics.json", "confusion_gate.png", "confusion_local.csv", "reliability.png",
+            "complementarity.csv", "complementarity.png", "report.html"]  # fmt: skip
+    for name in made:
+        (run / name).write_text("old")
+    (run / "cohort-b").mkdir()
+    (run / "cohort-b" / "metrics.json").write_text("old")
+    (run / "predictions").mkdir()
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_global", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.train("db", run, "all", QUICK, scale=False, split_config=SplitConfig(val_fraction=0.3),
+                   log=lambda _: None)  # fmt: skip
+    split = runs.load_split(run, data)  # what `heads eval` reads: it must be the new local's
+    assert split.info["settings"]["val_fraction"] == 0.3
+    new = make_split(data.meta, config=SplitConfig(val_fraction=0.3))
+    assert np.array_equal(split.train, new.train) and np.array_equal(split.test, new.test)
+    assert ckpt.read_info(run, "local")["split"]["digest"] == split.info["digest"] == new.info["digest"]
+    left = sorted(p.name for p in run.iterdir())
+    assert left == ["local.json", "local.safetensors", "split.json", "split.parquet", "stale"]
+    stale = {p.name for d in (run / "stale").iterdir() for p in d.iterdir()}
+    assert {"global.json", "gate.safetensors", "safety.json", "conformal.parquet", "conformal.json",
+            "cohort-b", "predictions", *made} <= stale  # fmt: skip
+
+
+def test_eval_refuses_a_split_the_stages_were_not_trained_on(store_of, tmp_path):
+    from heads import runs
+
+    data = store_of(*synthetic(n=600, seed=4))
+    run = tmp_path / "run"
+    runs.train("db", run, "local", QUICK, scale=False, log=lambda _: None)
+    assert np.array_equal(runs.load_split(run, data).train, make_split(data.meta).train)
+    # the split of another run, e.g. a retraining stopped between the split and the checkpoint
+    runs.save_split(run, data, make_split(data.meta, config=SplitConfig(val_fraction=0.3)))
+    with pytest.raises(UserError, match="stages were trained on different splits: local .* --stage all"):
+        runs.load_split(run, data)
+    with pytest.raises(UserError, match="different splits"):
+        runs.train("db", run, "global", QUICK, scale=False, log=lambda _: None)
+
+
+def test_later_stages_refuse_split_options_of_their_own(store_of, tmp_path):
+    from heads import runs
+
+    store_of(*synthetic(n=600, seed=5))
+    run = tmp_path / "run"
+    runs.train("db", run, "local", QUICK, scale=False, holdout=("slide2",),
+               split_config=SplitConfig(val_fraction=0.3, guard_um=40), log=lambda _: None)  # fmt: skip
+    for kwargs, said in [
+        ({"holdout": ("slide1",)}, "--holdout"),
+        ({"split_config": SplitConfig(val_fraction=0.25)}, "--val-fraction 0.25"),
+        ({"split_config": SplitConfig(guard_um=60)}, "--guard-um 60"),
+    ]:
+        with pytest.raises(UserError, match=f"{said}.* cannot apply to --stage global: the split comes from the local stage"):
+            runs.train("db", run, "global", QUICK, scale=False, log=lambda _: None, **kwargs)
+    assert not ckpt.has_stage(run, "global")
+    # the saved settings, or none (options at their defaults), are accepted
+    runs.train("db", run, "global", QUICK, scale=False, holdout=("slide2",),
+               split_config=SplitConfig(val_fraction=0.3, guard_um=40), log=lambda _: None)  # fmt: skip
+    runs.train("db", run, "gate", QUICK, scale=False, split_config=SplitConfig(), log=lambda _: None)
+    assert ckpt.has_stage(run, "gate")
+
+
+def test_held_out_tissue_and_classes_are_warned_about_and_the_tissue_refused(store_of, tmp_path):
+    """--holdout pancreas: the tissue has no training cells (its FiLM embedding is its random
+    initialisation), nor has a class found only there; a class with 3 training cells is warned
+    about too. Predicting pancreas cells is refused as for an unknown tissue."""
+    from heads import runs
+
+    meta, local, context = synthetic(n=900, seed=6)
+    pancreas = (meta["tissue"] == "pancreas").to_numpy()
+    label = np.asarray(meta["label"].to_list(), dtype=object)
+    label[np.flatnonzero(pancreas)[:20]] = "only_pancreas"
+    label[np.flatnonzero(~pancreas)[:3]] = "three"
+    data = store_of(meta.with_columns(label=pl.Series(label.tolist())), local, context)
+    logs: list[str] = []
+    runs.train("db", tmp_path, "local", QUICK, scale=False, holdout=("pancreas",),
+               split_config=SplitConfig(guard_um=0), log=logs.append)  # fmt: skip
+    warnings = [line for line in logs if line.startswith("warning:")]
+    assert "warning: class 'only_pancreas' has no training cells: the heads cannot learn it" in warnings
+    assert any(w.startswith("warning: class 'three' has only ") for w in warnings)
+    assert any(w.startswith("warning: tissue 'pancreas' has no training cells") for w in warnings)
+    info = ckpt.read_info(tmp_path, "local")
+    assert info["tissues"] == ["colon", "lung", "pancreas"]
+    assert info["split"]["trained_tissues"] == ["colon", "lung"]
+    with pytest.raises(UserError, match="'pancreas' had no training cells in this run"):
+        predict_all(data, tmp_path)
+    rest = predict_all(data.subset(~data.meta["tissue"].eq("pancreas").to_numpy()), tmp_path)
+    assert rest["p_local"].shape[0] == int((~pancreas[meta["label"].is_not_null().to_numpy()]).sum())
+    # eval: the held-out slide is the whole test set, all of a tissue never learnt; said so
+    test_tissues = np.asarray(data.tissues)[data.tissue.numpy()][runs.load_split(tmp_path, data).test]
+    n_pancreas = int((test_tissues == "pancreas").sum())
+    with pytest.raises(UserError, match=f"nothing to evaluate: {n_pancreas} scored cells are of tissues the run had "
+                                        f"no training cells for \\(pancreas: {n_pancreas}\\)"):  # fmt: skip
+        runs.evaluate_run(tmp_path, "db", baselines=(), temperature=False, log=lambda _: None)

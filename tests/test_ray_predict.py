@@ -131,6 +131,11 @@ def test_ray_predict_equals_single_process(run, reference, cluster, tmp_path):
     assert sum(d["n"] for k, d in events if k == "progress") == ref.height  # one bar, all cells
     # the reference predict upserted the same run already: still one row per (run, cell)
     _one_row_per_cell(db, run_dir.name, ref.height)
+    # one slide again: the file keeps the other slides' rows, as the single-process predict does
+    one = ref["slide_id"][0]
+    again = predict_ray(run_dir, db, out_dir=tmp_path, workers=1, slides=[one], log=lambda m: None)
+    assert again["cells"] == int((ref["slide_id"] == one).sum())
+    _same(pl.read_parquet(tmp_path / "predictions.parquet"), ref)
 
 
 def test_a_worker_killed_mid_task_is_restarted_and_nothing_is_lost_or_doubled(

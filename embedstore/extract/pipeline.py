@@ -35,7 +35,7 @@ from ..geometry import CONTEXT_CROP, LOCAL_CROP, CropSpec, is_close_mpp
 from ..io.cells import read_table, validate_cells
 from ..io.slides import PAD_VALUE, Slide, find_slides, group_by_region
 from ..locking import LifeLock
-from ..store import DEFAULT_TABLE, Store, vectors_to_arrow
+from ..store import DEFAULT_TABLE, LABEL_COLUMNS, Store, sql_in, vectors_to_arrow
 from .readers import READERS, in_processes, make_pool, read_regions
 from .tiled import OVERLAP_PX, TILE_PX, TiledContext, TileGrid
 
@@ -419,7 +419,7 @@ def _run_slides(
     if compact:
         store.compact(cfg.table)
     written = sum(r.written for r in results)
-    _attach_table_labels(store, cells, cfg.table)
+    _attach_table_labels(store, cells, cfg.table, run_id)
 
     failed = [r for r in results if r.status == "failed"]
     run["counts"] = {
@@ -445,19 +445,39 @@ def _run_slides(
     return summary
 
 
-def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str) -> None:
-    """Labels/splits of the cells table fill in stored cells that have no label row yet
-    (labels set with `embed labels` are never overwritten by a later extraction)."""
-    cols = [c for c in ("label", "label_confidence", "split") if c in cells.columns]
+def _attach_table_labels(store: Store, cells: pl.DataFrame, table: str, run_id: str) -> None:
+    """The cells table's labels/splits go to the cells this run stored, and to those of earlier
+    runs that ended (killed, crashed) before attaching theirs, each such run adopted once.
+    Cells stored before keep what they have: `embed labels` may have changed or removed their
+    labels since, and a rerun must not bring the table's back."""
+    cols = [c for c in LABEL_COLUMNS if c in cells.columns]
     if not cols:
         return
     with store.writing():  # another writer's labels (or compaction) cannot slip in between
-        frame = cells.select(["slide_id", "cell_id", *cols]).join(store.keys_frame(table, cells["slide_id"].unique().to_list()), on=["slide_id", "cell_id"], how="semi")
+        orphans = _runs_without_labels(store, table, run_id)
+        flt = f"{sql_in('run_id', [run_id, *orphans['run_id']])} AND {sql_in('slide_id', cells['slide_id'].unique().to_list())}"
+        ours = pl.from_arrow(store.open(table).to_lance().to_table(columns=["slide_id", "cell_id"], filter=flt))
+        frame = cells.select(["slide_id", "cell_id", *cols]).join(ours, on=["slide_id", "cell_id"], how="semi")
         labelled = store.labels()
         if labelled is not None:
             frame = frame.join(labelled.select("slide_id", "cell_id"), on=["slide_id", "cell_id"], how="anti")
         if frame.height:
             store.set_labels(frame, source="cells table", table=table, replace=False)
+        for row in orphans.iter_rows(named=True):
+            store.record_run({**row, "labels_adopted_by": run_id})
+
+
+def _runs_without_labels(store: Store, table: str, run_id: str) -> pl.DataFrame:
+    """Earlier runs into `table` that ended before attaching their cells table's labels (their
+    counts are written just after) and whose cells no later run adopted."""
+    runs = store.runs()
+    if runs.is_empty():
+        return pl.DataFrame({"run_id": []}, schema={"run_id": pl.Utf8})
+    ended = (pl.col("run_id") != run_id) & (pl.col("table") == table) & (pl.col("status") != "running")
+    unlabelled = pl.col("counts").fill_null("{}") == "{}"
+    if "labels_adopted_by" in runs.columns:
+        unlabelled &= pl.col("labels_adopted_by").is_null()
+    return runs.filter(ended & unlabelled)
 
 
 def _table_mpp(cells: pl.DataFrame) -> float | None:

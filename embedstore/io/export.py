@@ -158,8 +158,18 @@ def _join_predictions(
     store: Store, meta: pl.DataFrame, run: str, run_dir: str | Path | None
 ) -> tuple[pl.DataFrame, np.ndarray, list[str], dict[str, Any]] | None:
     """Predictions of `run` joined to the cells by key (never by position); None when the run
-    predicted none of them."""
-    preds = store.predictions(run)
+    predicted none of them. With `run_dir`, only the rows that run folder itself made (its
+    digest): another folder of the same name, or the run before a retraining, never slips in."""
+    if run_dir is not None:
+        from heads.checkpoint import read_info
+        from heads.export import run_predictions
+
+        if Path(run_dir).resolve().name != run:
+            raise UserError(f"--run-dir {run_dir} is run {Path(run_dir).resolve().name!r}, not the run {run!r} exported")
+        preds = run_predictions(store.uri, run_dir, read_info(run_dir, "local")["classes"],
+                                log=lambda m: warnings.warn(m.removeprefix("warning: "), stacklevel=2))  # fmt: skip
+    else:
+        preds = store.predictions(run)
     width = preds["proba"].list.len().unique().drop_nulls().to_list()
     if len(width) != 1:
         raise StoreError(f"predictions of run {run!r} have probability lists of lengths {width}; rerun `heads predict`")
