@@ -231,15 +231,26 @@ def test_class_names_from_run_dir_or_inferred(store, tmp_path):
     (run_dir / "local.safetensors").write_bytes(b"")
     info = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "classes": CLASSES}
     (run_dir / "local.json").write_text(json.dumps(info))
-    adata = ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
+    old = pytest.warns(UserWarning, match="made before runs were identified")  # fake rows carry no digest
+    with old:
+        adata = ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
     assert adata.uns["nuclass"]["predictions"]["classes_source"].startswith("checkpoint")
     (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[:2]}))
-    with pytest.raises(UserError, match="have 3 class probabilities, this run has 2 classes"):
+    with old, pytest.raises(UserError, match="have 3 class probabilities, this run has 2 classes"):
         ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
     # as many classes, in another order (or another run's names): refused, not mislabelled columns
     (run_dir / "local.json").write_text(json.dumps({**info, "classes": CLASSES[::-1]}))
-    with pytest.raises(UserError, match="do not name the stored predictions"):
+    with old, pytest.raises(UserError, match="do not name the stored predictions"):
         ex.to_anndata(db, run="r1", run_dir=run_dir, vectors=())
+    # rows that another run folder named r1 made are never exported as this one's
+    (run_dir / "local.json").write_text(json.dumps(info))
+    other = tmp_path / "db"
+    shutil.copytree(db, other)
+    preds = Store(other).predictions("r1").with_columns(run_digest=pl.lit("0" * 16), run_dir=pl.lit("/elsewhere/r1"))
+    Store(other).write_predictions(preds.with_columns(
+        [pl.col("proba").list.get(i).alias(f"prob_{c}") for i, c in enumerate(CLASSES)]).drop("proba"))  # fmt: skip
+    with pytest.raises(UserError, match=r"belong to another run folder \(/elsewhere/r1\)"):
+        ex.to_anndata(other, run="r1", run_dir=run_dir, vectors=())
     # without the checkpoint: named from the stored predictions, unless a class was never predicted
     both = pl.DataFrame({"pred_class": ["B", "A"], "proba": [[0.2, 0.8], [0.9, 0.1]]})
     assert ex.run_classes(None, both, 2)[0] == ["A", "B"]
