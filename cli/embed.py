@@ -289,7 +289,6 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Summarise a store: tables, slides, cells, runs, vector dims, size on disk."""
-    import json
 
     from rich.table import Table
 
@@ -314,13 +313,14 @@ def info(
         for sid, n in t["slides"].items():
             slides_t.add_row(sid, str(n))
         emit(slides_t)
-    if "labels" in info:
+    if info["labels"] is not None:
         lab = info["labels"]
         emit(f"labels: {lab['rows']} rows, {lab['classes']} classes (from {', '.join(lab['sources'])})")
     runs = Table("run", "table", "status", "started", "written", "failed slides")
     for r in info["runs"]:
-        counts = json.loads(r.get("counts") or "{}")
-        runs.add_row(r["run_id"], r.get("table", ""), r.get("status", ""), r.get("started", "")[:19], str(counts.get("written", "")), str(counts.get("slides_failed", "")))
+        counts = r.get("counts") or {}
+        runs.add_row(r["run_id"], r.get("table") or "", r.get("status") or "", (r.get("started") or "")[:19],
+                     str(counts.get("written", "")), str(counts.get("slides_failed", "")))  # fmt: skip
     emit(runs)
 
 

@@ -709,15 +709,28 @@ class Store:
                 "config": cfg,
             }
         labels = self.labels()
-        if labels is not None:
-            out["labels"] = {
-                "rows": labels.height,
-                "classes": labels["label"].drop_nulls().n_unique(),
-                "sources": sorted(labels["source"].unique().to_list()),
-            }
+        out["labels"] = None if labels is None else {
+            "rows": labels.height,
+            "classes": labels["label"].drop_nulls().n_unique(),
+            "sources": sorted(labels["source"].unique().to_list()),
+        }  # fmt: skip
         runs = self.runs()
-        out["runs"] = runs.to_dicts() if runs.height else []
+        out["runs"] = [_run_fields(r) for r in runs.to_dicts()] if runs.height else []
         return out
+
+
+def _run_fields(row: dict) -> dict:
+    """A runs-table row as data: the JSON text `record_run` stores (config, counts, slides...)
+    decoded, and "" (a field a run has not reached, e.g. `finished`) as None."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, str) and value[:1] in "{[":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key] = None if value == "" else value
+    return out
 
 
 def _lost(old: pl.DataFrame, now: pl.DataFrame, column: str) -> int:

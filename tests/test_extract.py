@@ -165,6 +165,10 @@ def test_info_reports_tables_and_size(extracted, synth_small):
     assert info["tables"]["cells"]["cells"] == synth_small.n_cells
     assert info["tables"]["cells"]["vectors"] == {"local": 64, "context": 48}
     assert info["bytes_on_disk"] > synth_small.n_cells * (64 + 48) * 2
+    # data, not JSON text inside JSON: `jq .runs[0].counts.written` works; every key is always there
+    run = info["runs"][0]
+    assert isinstance(run["counts"], dict) and run["counts"]["written"] > 0 and isinstance(run["config"], dict)
+    assert "labels" in info and not any(v == "" for v in run.values())
 
 
 def test_each_stored_vector_belongs_to_its_cell(extracted, synth_small, one_torch_thread):
