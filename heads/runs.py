@@ -231,7 +231,7 @@ def train(
     out = train_stage(stage, data, run_dir, cfg, split=split, before_save=before_save, log=log)
     # the post-hoc rules run the heads: only on val cells of tissues they were trained on
     trained = trained_tissues(ckpt.read_info(run_dir, "local"))
-    val = split.val[np.isin(np.asarray(data.tissues)[data.tissue.numpy()[split.val]], trained)]
+    val = split.val[_of_tissues(data, split.val, trained)]
     fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
     return out
 
@@ -336,6 +336,11 @@ def _eval_rows(split: Split, on: str) -> np.ndarray:
     return rows
 
 
+def _of_tissues(data: CellData, rows: np.ndarray, tissues: Sequence[str]) -> np.ndarray:
+    """Which of `rows` are cells of `tissues` (as a mask over `rows`)."""
+    return np.isin(np.asarray(data.tissues)[data.tissue.numpy()[rows]], list(tissues))
+
+
 def _labels_outside(data: CellData, rows: np.ndarray) -> dict[str, int]:
     """Label -> how many of `rows` have it, for labels that are not classes of the run."""
     if data.unknown_label is None:
@@ -437,18 +442,18 @@ def evaluate_run(
                 raise UserError(f"nothing to evaluate: {msg}")
             log(f"warning: {msg}")
         # a tissue held out whole (--holdout) was never learnt: its cells are said, not scored
-        trained = set(trained_tissues(info))
-        tissue_of = np.asarray(data.tissues)[data.tissue.numpy()]
-        unlearnt = ~np.isin(tissue_of[rows], list(trained))
+        trained = trained_tissues(info)
+        unlearnt = ~_of_tissues(data, rows, trained)
         if unlearnt.any():
-            counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(tissue_of[rows][unlearnt]).items()))
+            names = np.asarray(data.tissues)[data.tissue.numpy()[rows[unlearnt]]]
+            counts = ", ".join(f"{t}: {n}" for t, n in sorted(Counter(names).items()))
             msg = (f"{int(unlearnt.sum())} scored cells are of tissues the run had no training cells for ({counts}); "
                    "the local head never learnt them, so they are not scored")  # fmt: skip
             rows = rows[~unlearnt]
             if rows.size == 0:
                 raise UserError(f"nothing to evaluate: {msg}")
             log(f"warning: {msg}")
-        val_rows = val_rows[np.isin(tissue_of[val_rows], list(trained))]
+        val_rows = val_rows[_of_tissues(data, val_rows, trained)]
     selection = not cohort and on == "val"
     if selection:
         log(f"warning: {SELECTION_NOTE}")
