@@ -151,6 +151,10 @@ def test_csv_columns_and_rows(store, tmp_path):
     assert plain.height == n
     assert {"slide_id", "cell_id", "x_um", "y_um", "label", "pred_class", "gate"} <= set(plain.columns)
     assert [c for c in plain.columns if c.startswith("prob_")] == [f"prob_{c}" for c in CLASSES]
+    # cells r1 did not predict: every prediction field is empty, none reads "NaN"
+    assert "NaN" not in out.read_text()
+    unpredicted = plain.filter(pl.col("pred_class").is_null())
+    assert unpredicted.height and unpredicted.select(pl.col("^prob_.*$").is_null().all()).row(0) == (True,) * len(CLASSES)
     assert not any(c.startswith(("local_0", "context_0")) for c in plain.columns)
     ex.write_csv(db, out, with_vectors=True, vectors=("local",))
     wide = pl.read_csv(out)

@@ -379,9 +379,12 @@ def write_csv(
 
 
 def write_cells_csv(cells: CellExport, path: str | Path) -> Path:
+    """Missing values are empty fields throughout: a cell the run did not predict has empty
+    probabilities (NaN in the h5ad's matrix), as it has an empty pred_class."""
     frame = cells.obs
     if cells.proba is not None:
-        frame = frame.hstack(_matrix_frame(cells.proba, [f"prob_{c}" for c in cells.classes]))
+        proba = _matrix_frame(cells.proba, [f"prob_{c}" for c in cells.classes])
+        frame = frame.hstack(proba.with_columns(pl.all().fill_nan(None)))
     for kind, vec in cells.vectors.items():
         frame = frame.hstack(_matrix_frame(vec, [f"{kind}_{i}" for i in range(vec.shape[1])]))
     with atomic_path(path) as tmp:
