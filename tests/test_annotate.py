@@ -1,8 +1,6 @@
 """`embed annotate`: labels from Xenium expression (scanpy clustering, marker naming, confidence)."""
 
 import shutil
-import subprocess
-import sys
 
 import anndata as ad
 import numpy as np
@@ -19,6 +17,7 @@ from embedstore.annotate.recipe import (
 from embedstore.errors import CellsError, UserError
 from embedstore.synth import make_synthetic
 from embedstore.synth.bundle import write_10x_h5
+from tests.clirun import run_cli
 from tests.test_embed_cli import usage_error
 
 
@@ -133,8 +132,7 @@ def test_bad_inputs_get_one_clear_message(synth, tmp_path):
     with pytest.raises(UserError, match=r"single marker gene: B_Cell \(MS4A1\)"):
         read_panel(one)
     # the CLI: one error line, exit 2, nothing written
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "annotate", str(no_matrix), "--markers", str(panel),
-                           "--out", str(tmp_path / "o.parquet")], capture_output=True, text=True)  # fmt: skip
+    proc = run_cli("cli.embed", "annotate", no_matrix, "--markers", panel, "--out", tmp_path / "o.parquet")
     usage_error(proc, "no feature matrix")
     assert not (tmp_path / "o.parquet").exists()
 

@@ -1,20 +1,17 @@
 """`embed doctor`: the preflight says what blocks a run, how to fix it, and exits non-zero."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
 from embedstore.doctor import blocking, run_checks
+from tests.clirun import run_cli
 
 TEST = ("--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context")
 
 
 def doctor(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "cli.embed", "doctor", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    return run_cli("cli.embed", "doctor", *args, env=env)  # in-process (tests/clirun.py)
 
 
 def test_ready_machine_with_test_backbones_and_good_slides(synth_small):

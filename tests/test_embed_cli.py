@@ -1,8 +1,8 @@
 """`embed synth | backbones | labels | index` and the usage errors of `embed similar | audit`,
-run as a user runs them: `python -m cli.embed ...` in a subprocess."""
+run as a user runs them: `python -m cli.embed ...` (in-process through the same entry point;
+a subprocess where the test is about the process: a pipe, a fresh interpreter)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,14 +11,12 @@ import polars as pl
 import pytest
 
 from embedstore.store import Store
+from tests.clirun import run_cli
 from tests.test_explore import clustered_store
-
-ENV = {**os.environ, "COLUMNS": "1000"}  # rich: wide enough that table rows and messages never wrap
 
 
 def embed(*args):
-    return subprocess.run([sys.executable, "-m", "cli.embed", *map(str, args)],
-                          capture_output=True, text=True, env=ENV)  # fmt: skip
+    return run_cli("cli.embed", *args)  # in-process (tests/clirun.py)
 
 
 def ok(proc) -> str:

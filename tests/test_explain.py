@@ -1,7 +1,5 @@
 """`heads explain`: Grad-CAM of single predictions on a tiny run over the synthetic store."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from heads import explain as ex
 from heads import runs
 from heads.splits import SplitConfig
 from heads.train import TrainConfig, predict_all
+from tests.clirun import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +179,7 @@ def test_cli_prints_paths_and_writes_pngs(trained, cells, tmp_path):
     args = ["explain", "--run", run, "--db", db, "--out", out, "--target-layer", "patch-embed"]
     for c in cells:
         args += ["--cell", c]
-    proc = subprocess.run([sys.executable, "-m", "cli.heads", *map(str, args)], capture_output=True, text=True)
+    proc = run_cli("cli.heads", *args)
     assert proc.returncode == 0, proc.stderr
     printed = proc.stdout.split()
     names = [f"{c.replace(':', '__')}.png" for c in cells] + ["grid.png"]

@@ -1,8 +1,6 @@
 """Store-level search and audit: similar cells, filters, stale indexes, planted label flips."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -12,6 +10,7 @@ import pytest
 from embedstore.errors import UserError
 from embedstore.search import explore
 from embedstore.store import Store, StoreError, vectors_to_arrow
+from tests.clirun import run_cli
 
 
 def clustered_store(path, n_per=40, n_classes=6, n_slides=3, flip=0.05, seed=0):
@@ -98,8 +97,7 @@ def test_audit_finds_planted_flips(tmp_path):
 def test_audit_cli_writes_queue_geojson_and_batch_effect(tmp_path):
     db, _ = clustered_store(tmp_path / "db")
     out = tmp_path / "review" / "queue.parquet"
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "audit", "--db", str(db), "--out", str(out), "-k", "10", "--json"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run_cli("cli.embed", "audit", "--db", db, "--out", out, "-k", "10", "--json")
     assert proc.returncode == 0, proc.stderr
     q = pl.read_parquet(out)
     summary = json.loads(proc.stdout)  # data on stdout, the one-line summary on stderr
@@ -122,11 +120,8 @@ def test_similar_on_extracted_slides_with_gallery(extracted_store, tmp_path):
     db, _ = extracted_store
     keys = Store(db).keys_frame().row(0, named=True)
     ref = f"{keys['slide_id']}:{keys['cell_id']}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli.embed", "similar", "--db", str(db), "--cell", ref, "-k", "5",
-         "--vector", "both", "--out", str(tmp_path / "nn.parquet"), "--gallery", str(tmp_path / "g.png")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    proc = run_cli("cli.embed", "similar", "--db", db, "--cell", ref, "-k", "5", "--vector", "both",
+                   "--out", tmp_path / "nn.parquet", "--gallery", tmp_path / "g.png")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     nn = pl.read_parquet(tmp_path / "nn.parquet")
     assert nn.height == 6 and nn["cell_id"][0] == keys["cell_id"]

@@ -2,9 +2,7 @@
 labels and a heads run's predictions joined to the right cells."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import warnings
 import zlib
@@ -18,9 +16,9 @@ from embedstore.io import export as ex
 from embedstore.store import Store
 from heads import checkpoint
 from heads.export import predictions_frame
+from tests.clirun import run_cli
 
 CLASSES = ["Tumor", "Stroma", "Immune"]
-ENV = {**os.environ, "COLUMNS": "1000"}
 
 
 def key_class(slide_id: str, cell_id: str) -> int:
@@ -294,8 +292,7 @@ def test_spatialdata_missing_says_how_to_install(store, tmp_path, monkeypatch):
 
 
 def embed(*args):
-    return subprocess.run([sys.executable, "-m", "cli.embed", "export", *map(str, args)],
-                          capture_output=True, text=True, env=ENV)  # fmt: skip
+    return run_cli("cli.embed", "export", *args)  # in-process (tests/clirun.py)
 
 
 def test_cli_end_to_end(store, tmp_path):

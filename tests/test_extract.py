@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -11,6 +9,7 @@ import pytest
 
 from embedstore.extract.pipeline import ExtractConfig, ExtractionFailed, extract
 from embedstore.store import Store, StoreError
+from tests.clirun import run_cli
 
 from .conftest import FAST
 
@@ -114,9 +113,8 @@ def test_failed_slide_is_recorded_and_others_stored(synth_small, tmp_path):
     path = tmp_path / "cells.parquet"
     pl.concat([cells, ghost, missing]).write_parquet(path)
     db = tmp_path / "db"
-    cmd = [sys.executable, "-m", "cli.embed", "extract", str(slides), "--cells", str(path), "--db", str(db),
-           "--local-backbone", "test-vit-local", "--context-backbone", "test-vit-context", "--context-px", "64", "--quiet"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_cli("cli.embed", "extract", slides, "--cells", path, "--db", db, "--local-backbone", "test-vit-local",
+                   "--context-backbone", "test-vit-context", "--context-px", "64", "--quiet")  # fmt: skip
     assert proc.returncode != 0
     assert "broken" in proc.stderr and "not_there" in proc.stderr and "Traceback" not in proc.stderr
     assert _unique_keys(db) == (cells.height, cells.height)
@@ -159,7 +157,7 @@ def test_bad_cells_table_is_refused(synth_small, tmp_path):
 
 
 def test_info_reports_tables_and_size(extracted, synth_small):
-    proc = subprocess.run([sys.executable, "-m", "cli.embed", "info", str(extracted[0]), "--json"], capture_output=True, text=True)
+    proc = run_cli("cli.embed", "info", extracted[0], "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["tables"]["cells"]["cells"] == synth_small.n_cells

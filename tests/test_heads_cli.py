@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -13,6 +11,7 @@ from embedstore.errors import UserError
 from embedstore.store import Store
 from heads import runs
 from heads.train import TrainConfig
+from tests.clirun import heads
 from tests.test_embed_cli import usage_error
 
 QUICK = ["--epochs", "2", "--global-epochs", "2", "--gate-epochs", "1", "--batch-size", "64", "--no-scale", "--threads", "1"]
@@ -21,7 +20,7 @@ GUARD = ["--guard-um", "40"]
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli.heads", *map(str, args)], capture_output=True, text=True)
+    return heads(*args)  # in-process (tests/clirun.py)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ name, a new tissue, relabelled cells, one slide predicted again."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 
 import polars as pl
@@ -16,6 +14,7 @@ from embedstore.store import Store
 from heads import report, runs
 from heads.splits import SplitConfig
 from heads.train import TrainConfig
+from tests.clirun import run_cli
 
 CFG = TrainConfig(epochs=1, global_epochs=1, gate_epochs=1, batch_size=64)
 
@@ -142,8 +141,7 @@ def test_a_new_tissue_in_the_store_does_not_break_the_run(setup, tmp_path):
     assert sorted(pl.read_parquet(out / "predictions.parquet")["slide_id"].unique()) == others
     with pytest.raises(UserError, match="cannot predict them"):
         runs.predict(d, db, slides=[new_slide], out_dir=out, log=quiet)
-    proc = subprocess.run([sys.executable, "-m", "cli.heads", "predict", "--run", str(d), "--db", str(db),
-                           "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    proc = run_cli("cli.heads", "predict", "--run", d, "--db", db, "--out", out)
     assert proc.returncode == 1 and "warning:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert " ".join(f"--slide {s}" for s in others) in " ".join(proc.stderr.split())
 

@@ -1,8 +1,6 @@
 import gzip
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
@@ -18,6 +16,7 @@ from embedstore.io.xenium import (
     read_feature_matrix,
     xenium_to_he_px,
 )
+from tests.clirun import run_cli
 
 
 def _bundle_copy(synth, tmp_path, i=0):
@@ -236,16 +235,10 @@ def test_table_errors(synth_small, tmp_path):
 
 def test_cli_cells_writes_and_fails_cleanly(synth_small, tmp_path):
     out = tmp_path / "cells.parquet"
-    ok = subprocess.run(
-        [sys.executable, "-m", "cli.embed", "cells", str(synth_small.out_dir / "xenium"), "--out", str(out)],
-        capture_output=True, text=True,
-    )
+    ok = run_cli("cli.embed", "cells", synth_small.out_dir / "xenium", "--out", out)
     assert ok.returncode == 0, ok.stderr
     assert pl.read_parquet(out).height == synth_small.n_cells
-    bad = subprocess.run(
-        [sys.executable, "-m", "cli.embed", "cells", str(tmp_path / "nope.csv"), "--out", str(out), "--mpp", "0.25"],
-        capture_output=True, text=True,
-    )
+    bad = run_cli("cli.embed", "cells", tmp_path / "nope.csv", "--out", out, "--mpp", "0.25")
     assert bad.returncode != 0 and "no such table" in bad.stderr and "Traceback" not in bad.stderr
 
 

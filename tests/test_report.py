@@ -4,8 +4,6 @@ import base64
 import io
 import re
 import shutil
-import subprocess
-import sys
 from html import escape as html_escape
 
 import pytest
@@ -15,6 +13,7 @@ from embedstore.errors import UserError
 from heads import report, runs
 from heads.splits import SplitConfig
 from heads.train import TrainConfig
+from tests.clirun import run_cli
 
 
 def quiet(msg):
@@ -141,8 +140,7 @@ def test_cli_prints_the_path(predicted, tmp_path):
     db, run, _ = predicted
     out = tmp_path / "sub" / "page.html"
     uri = db.resolve().as_uri()
-    proc = subprocess.run([sys.executable, "-m", "cli.heads", "report", "--run", str(run), "--db", uri, "--out", str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run_cli("cli.heads", "report", "--run", run, "--db", uri, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out) and out.stat().st_size > 100_000
     assert "MB in" in proc.stderr  # size and time logged on stderr
