@@ -155,16 +155,31 @@ def test_missing_panel_genes_warn_and_hand_naming_wins(synth, tmp_path):
     assert "Myeloid" in frame2["label"].to_list() and "Macrophage" not in frame2["label"].to_list()
 
 
+def _store_of(cells: pl.DataFrame, db):
+    """The cells in a store with random vectors: `annotate --db` attaches labels by key, so no
+    extraction is needed to test it (an extraction of these 3000 cells took ~10 s)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from embedstore.store import Store, vectors_to_arrow
+
+    n, rng = cells.height, np.random.default_rng(0)
+    store = Store(db, create=True)
+    store.cells_table("cells", {"local": 8, "context": 8}, {"test": "annotate"})
+    vectors = {k: vectors_to_arrow(rng.normal(size=(n, 8))) for k in ("local", "context")}
+    store.append("cells", pa.table({
+        **{c: cells[c].to_arrow() for c in ("slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue")},
+        "run_id": ["t"] * n, "local_outside": np.zeros(n, np.float32), "local": vectors["local"],
+        "context_outside": np.zeros(n, np.float32), "context": vectors["context"],
+    }))  # fmt: skip
+    return db
+
+
 def test_cli_writes_labels_report_and_store_label_set(synth, tmp_path):
-    from embedstore.extract.pipeline import ExtractConfig, extract
     from embedstore.store import Store
     from heads.runs import load_cell_data
-    from tests.conftest import FAST
 
-    db = tmp_path / "db"
-    cells = pl.read_parquet(synth.cells_path).drop("label")
-    cells.write_parquet(tmp_path / "cells.parquet")
-    extract(synth.out_dir / "slides", tmp_path / "cells.parquet", db, ExtractConfig(**FAST))
+    db = _store_of(pl.read_parquet(synth.cells_path), tmp_path / "db")
     out = tmp_path / "labels.parquet"
     # in-process (typer's runner), so numba's JIT of scanpy/umap from the fixture is reused:
     # a subprocess compiles it all again (~40 s)
