@@ -200,3 +200,35 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch, run, tmp_path
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install \.\[ray\]"):
         predict_ray(run[1], run[0], out_dir=tmp_path)
+
+
+def test_cells_of_a_tissue_the_run_never_saw_are_left_out_as_in_one_process(run, cluster, tmp_path):
+    """A slide of an unknown tissue gets no task; a slide mixing tissues has its known cells
+    predicted; the error names what was left out and the rows are the single process's."""
+    import shutil
+
+    from heads import runs
+    from heads.distributed import predict_ray
+
+    db, run_dir = run
+    db = shutil.copytree(db, tmp_path / "db")  # the module's store stays as the other tests expect
+    store = Store(db)
+    rows = store.open("cells").to_lance().to_table()
+    slides = sorted(set(rows.column("slide_id").to_pylist()))
+    whole = pl.from_arrow(rows).filter(pl.col("slide_id") == slides[0])
+    new = pl.concat([
+        whole.with_columns(slide_id=pl.lit("kidney_slide"), tissue=pl.lit("kidney")),  # a slide of kidney only
+        whole.head(5).with_columns(cell_id=pl.col("cell_id") + "_k", tissue=pl.lit("kidney")),  # mixed: 5 cells
+    ])  # fmt: skip
+    store.append("cells", new.to_arrow().cast(rows.schema))
+    with pytest.raises(runs.SlidesSkipped) as one:
+        runs.predict(run_dir, db, out_dir=tmp_path / "one", log=lambda m: None)
+    with pytest.raises(runs.SlidesSkipped) as on_ray:
+        predict_ray(run_dir, db, out_dir=tmp_path / "ray", workers=1, log=lambda m: None)
+    assert str(on_ray.value) == str(one.value)
+    assert "kidney_slide (kidney: " in str(on_ray.value) and f"{slides[0]} (kidney: 5 cells)" in str(on_ray.value)
+    ref = pl.read_parquet(tmp_path / "one" / "predictions.parquet")
+    got = pl.read_parquet(tmp_path / "ray" / "predictions.parquet")
+    _same(got, ref)
+    assert "kidney_slide" not in got["slide_id"].to_list() and not got["cell_id"].str.ends_with("_k").any()
+    assert got.height == rows.num_rows  # every cell of a trained tissue, the mixed slide's too
