@@ -25,6 +25,7 @@ def _log(msg: str) -> None:
 
 @app.command()
 def train(
+    ctx: typer.Context,
     db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) with the cached vectors")],
     out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints, split, metrics)")],
     stage: Annotated[str, typer.Option(help="local, global, gate or all")] = "all",
@@ -42,7 +43,7 @@ def train(
     gate_epochs: Annotated[int, typer.Option(help="stage-3 epochs")] = 1,
     batch_size: Annotated[int, typer.Option(help="cells per step")] = 1024,
     patience: Annotated[int, typer.Option(help="epochs without improvement before stopping")] = 2,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed of training, and of the split at --stage local or all (later stages keep that split)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     scale: Annotated[bool, typer.Option(help="smaller batches, more epochs for small training sets")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is faster on a busy machine)")] = None,
@@ -50,7 +51,7 @@ def train(
 ) -> None:
     """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
     from heads.runs import train as run_train
-    from heads.splits import SplitConfig
+    from heads.splits import SPLIT_OPTIONS, SplitConfig
     from heads.train import TrainConfig
 
     cfg = TrainConfig(
@@ -58,13 +59,18 @@ def train(
         batch_size=batch_size, patience=patience, seed=seed, device=device, film=film,
         stage3_heads=stage3_heads, alpha_schedule=alpha_schedule,
     )  # fmt: skip
+    # the split options typed on the command line: a later stage compares those with its saved
+    # split even at their default value (one not typed is the saved split's, whatever it is).
+    # By name: typer may vendor its own click, whose ParameterSource is another enum
+    typed = tuple(name for name in (*SPLIT_OPTIONS, "seed")
+                  if getattr(ctx.get_parameter_source(name), "name", None) not in ("DEFAULT", "DEFAULT_MAP"))  # fmt: skip
     split_cfg = SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, guard_um=guard_um, seed=seed)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale,
-              split_config=split_cfg, min_label_confidence=min_label_confidence, log=_log)
+              split_config=split_cfg, split_given=typed, min_label_confidence=min_label_confidence, log=_log)
     console.print(f"[green]trained[/] stage {stage} -> {out}")
 
 

@@ -39,6 +39,7 @@ from embedstore.errors import UserError
 from embedstore.store import DEFAULT_TABLE, Store
 
 from . import checkpoint as ckpt
+from .train import trained_tissues
 
 Log = Callable[[str], None]
 TARGET_LAYERS = ("last-block", "patch-embed")
@@ -257,6 +258,41 @@ def _lookup(loaded: Any, slide: str, cell: str) -> int:
     return int(hits[0])
 
 
+def _check_tissues(store: Store, table: str, refs: Sequence[tuple[str, str]], tissues: Sequence[str],
+                   trained: Sequence[str]) -> None:  # fmt: skip
+    """Refuse cells of a tissue the run's local head never learnt, as `heads predict` does:
+    unknown to the run, or in its vocabulary without training cells (held out with --holdout,
+    or only in val/test), whose FiLM embedding is its untrained initialisation. Every such
+    cell is named at once."""
+    unknown: dict[str, str] = {}  # cell -> tissue
+    untrained: dict[str, str] = {}
+    metas: dict[str, Any] = {}
+    for sid, cid in refs:
+        if sid not in metas:
+            metas[sid] = store.load(table, slides=[sid], vectors=())
+        tissue = metas[sid].meta.row(_lookup(metas[sid], sid, cid), named=True)["tissue"]
+        if tissue not in tissues:
+            unknown[f"{sid}:{cid}"] = tissue
+        elif tissue not in trained:
+            untrained[f"{sid}:{cid}"] = tissue
+
+    def said(cells: dict[str, str]) -> str:
+        return ", ".join(f"{c} ({t})" for c, t in cells.items())
+
+    if unknown:
+        raise UserError(f"cell(s) {said(unknown)} have a tissue unknown to the run (tissues: "
+                        f"{', '.join(tissues)}): the run has no prediction of them to explain")  # fmt: skip
+    if untrained:
+        names = sorted(set(untrained.values()))
+        raise UserError(
+            f"cell(s) {said(untrained)} have a tissue this run had no training cells for (held out, "
+            f"or only in val/test; trained tissues: {', '.join(trained)}): the local head's embedding "
+            "of it is untrained, and `heads predict` refuses such cells, so there is no prediction of "
+            f"them to explain. Explain cells of a trained tissue, or train heads with training cells "
+            f"of {', '.join(map(repr, names))}"
+        )
+
+
 def _class_index(classes: list[str], class_name: str | None) -> int | None:
     if class_name is None:
         return None
@@ -324,20 +360,18 @@ def compute(
     if "context" in wanted and config.get("context_mode", "exact") != "exact":
         raise UserError(f"the context vectors of table {table!r} are pooled from shared tiles "
                         "(--context tiled), not one field per cell: explain --path local")  # fmt: skip
+    keys = store.keys_frame(table)
+    refs = [resolve_cell(c, keys) for c in cells]
+    _check_tissues(store, table, refs, tissues, trained_tissues(info))  # before any backbone is built
     backbones = {k: load_backbone(_vector_config(config, k), k,
                                   local_weights if k == "local" else context_weights, dev)
                  for k in wanted}  # fmt: skip
     paths = _slide_paths(db, slides)
-    keys = store.keys_frame(table)
-    refs = [resolve_cell(c, keys) for c in cells]
     out: list[CellExplanation] = []
     for sid, cid in refs:
         loaded = store.load(table, slides=[sid])
         row = _lookup(loaded, sid, cid)
         rec = loaded.meta.row(row, named=True)
-        if rec["tissue"] not in tissues:
-            raise UserError(f"cell {sid}:{cid} has tissue {rec['tissue']!r}, unknown to the run "
-                            f"(tissues: {', '.join(tissues)})")  # fmt: skip
         if sid not in paths or not Path(paths[sid]).exists():
             raise UserError(f"slide file of {sid!r} not found (recorded: {paths.get(sid)}); pass --slides DIR")
         t = torch.tensor([tissues.index(rec["tissue"])], device=dev)

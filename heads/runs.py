@@ -196,11 +196,14 @@ def train(
     split_config: SplitConfig | None = None,
     min_label_confidence: float = 0.6,
     log: Log = print,
+    split_given: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train `stage` on the store's cached vectors (labels with a confidence below
     `min_label_confidence` are left out); the split is made by stage `local` (or `all`) and
     saved just before its checkpoint (later stages reuse it and refuse split options of their
-    own), and the conformal calibration and safety rule are fitted on its validation cells
+    own: `split_given` names the fields of `split_config` set explicitly, each then checked even
+    at its default; None: those at their default count as not given; `check_same_settings`),
+    and the conformal calibration and safety rule are fitted on its validation cells
     (`fit_posthoc`). What the old stage's models made is moved to RUN/stale/ only once the new
     stage is trained (`retire_later_stages`).
 
@@ -218,7 +221,8 @@ def train(
     else:  # a later stage trains on the split its local head was trained on
         ckpt.read_info(run_dir, "local")  # no local head: say so first
         split = load_split(run_dir, data, stages=ckpt.STAGES[: ckpt.STAGES.index(stage)])
-        check_same_settings(split, holdout, split_config, stage)
+        for note in check_same_settings(split, holdout, split_config, stage, split_given):
+            log(note)
     if scale:
         cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -172,27 +172,59 @@ def split_digest(table: pl.DataFrame) -> str:
 SPLIT_OPTIONS = ("val_fraction", "test_fraction", "guard_um")
 
 
-def check_same_settings(saved: Split, holdout: Sequence[str], config: SplitConfig | None, stage: str) -> None:
+def check_same_settings(
+    saved: Split,
+    holdout: Sequence[str],
+    config: SplitConfig | None,
+    stage: str,
+    given: Collection[str] | None = None,
+) -> list[str]:
     """Refuse split options given to a later stage (`global`, `gate`) that differ from the saved
-    split's: that stage trains on the split its local head was trained on. Options at their
-    default count as not given."""
+    split's: that stage trains on the split its local head was trained on.
+
+    `given`: the names of `config`'s fields set explicitly (`heads train` passes the options
+    typed on its command line): each of SPLIT_OPTIONS among them is compared with the saved
+    split's, even at its default value; the others are not looked at. None (Python callers
+    passing a plain SplitConfig): options at their default count as not given. A `holdout` is
+    given when not empty. `test_fraction` is not compared when the saved split held slides out:
+    with `--holdout` the held-out slides are the test part, whatever the fraction.
+
+    The seed is never refused: `--seed` also seeds the stage's training, which may differ from
+    the local stage's; the split keeps the seed it was made with. Returns notes to log (a seed
+    other than the split's)."""
     settings = saved.info.get("settings", {})
-    given = {}
-    if holdout and sorted(holdout) != sorted(settings.get("holdout", [])):
-        given["holdout"] = list(holdout)
     defaults = {f.name: f.default for f in fields(SplitConfig)}
-    for name in SPLIT_OPTIONS if config is not None else ():
+    if config is None:
+        names: Collection[str] = ()
+    elif given is None:
+        names = [f.name for f in fields(SplitConfig) if getattr(config, f.name) != defaults[f.name]]
+    else:
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ValueError(f"given names no SplitConfig field: {', '.join(unknown)}")
+        names = given
+    said = {}
+    if holdout and sorted(holdout) != sorted(settings.get("holdout", [])):
+        said["holdout"] = list(holdout)
+    for name in SPLIT_OPTIONS:
+        if name not in names or (name == "test_fraction" and settings.get("holdout")):
+            continue
         value = getattr(config, name)
-        if value != defaults[name] and value != settings.get(name):
-            given[name] = value
-    if given:
-        said = ", ".join(f"--{k.replace('_', '-')} {_show(v)}" for k, v in given.items())
+        if value != settings.get(name):
+            said[name] = value
+    if said:
+        shown = ", ".join(f"--{k.replace('_', '-')} {_show(v)}" for k, v in said.items())
         kept = ", ".join(f"{k} {_show(settings[k])}" for k in ("holdout", *SPLIT_OPTIONS) if k in settings)
         raise UserError(
-            f"{said} cannot apply to --stage {stage}: the split comes from the local stage (this "
+            f"{shown} cannot apply to --stage {stage}: the split comes from the local stage (this "
             f"run's: source {saved.source}, {kept}; split.json). Drop the option, or retrain with "
             "--stage all to make a new split"
         )
+    notes = []
+    if "seed" in names and "seed" in settings and config.seed != settings["seed"]:
+        notes.append(f"note: --seed {config.seed} seeds the training of stage {stage} only; its split is the "
+                     f"local stage's, made with seed {settings['seed']}")  # fmt: skip
+    return notes
 
 
 def _show(value: Any) -> str:
