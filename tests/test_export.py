@@ -322,3 +322,14 @@ def test_cells_of_an_unfinished_extraction_are_said(store, tmp_path):
     s.record_run({**run, "status": "interrupted"})  # as a killed `embed extract` leaves it
     with pytest.warns(UserWarning, match=r"did not finish: .*\(interrupted\).*rerun `embed extract`"):
         ex.to_anndata(db, vectors=())
+
+
+def test_obs_names_stay_unique_when_ids_hold_colons():
+    """"a:b" + "c" and "a" + "b:c" both read "a:b:c": AnnData would hold two cells under one name."""
+    meta = pl.DataFrame({"slide_id": ["a:b", "a", "a", "x"], "cell_id": ["c", "b:c", "b:c-1", "y"]})
+    with pytest.warns(UserWarning, match=r"1 obs name\(s\).*'a:b:c'"):
+        names = ex._obs_names(meta)
+    assert names == ["a:b:c", "a:b:c-2", "a:b:c-1", "x:y"]  # "a:b:c-1" is a real cell's name: skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ex._obs_names(meta.head(1)) == ["a:b:c"]

@@ -347,8 +347,35 @@ def _obs_frame(meta: pl.DataFrame, classes: list[str]):
         if col in CLASS_COLUMNS and classes:
             cats = classes + [c for c in cats if c not in classes]
         obs[col] = pd.Categorical(obs[col], categories=cats)
-    obs.index = pd.Index((meta["slide_id"] + ":" + meta["cell_id"]).to_list(), dtype=object)
+    obs.index = pd.Index(_obs_names(meta), dtype=object)
     return obs
+
+
+def _obs_names(meta: pl.DataFrame) -> list[str]:
+    """"slide_id:cell_id", unique: ids holding ":" can make two cells' names alike ("a:b" + "c"
+    and "a" + "b:c"); a repeat then gets "-1", "-2"... (as AnnData's obs_names_make_unique),
+    with a warning. The slide_id and cell_id columns keep the true keys."""
+    names = (meta["slide_id"] + ":" + meta["cell_id"]).to_list()
+    if len(set(names)) == len(names):
+        return names
+    taken, seen, out = set(names), {}, []
+    for name in names:
+        if name not in seen:
+            seen[name] = 0
+            out.append(name)
+            continue
+        while True:
+            seen[name] += 1
+            candidate = f"{name}-{seen[name]}"
+            if candidate not in taken:
+                break
+        taken.add(candidate)
+        out.append(candidate)
+    clashes = sorted(n for n, k in seen.items() if k)
+    warnings.warn(f"{len(clashes)} obs name(s) \"slide_id:cell_id\" were alike for different cells (ids holding "
+                  f"':'; e.g. {clashes[0]!r}): repeats got -1, -2...; the slide_id and cell_id columns are exact",
+                  stacklevel=2)  # fmt: skip
+    return out
 
 
 def write_anndata(adata: anndata.AnnData, path: str | Path) -> Path:
