@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -21,11 +22,29 @@ _LOCAL_COLOR = "#1f77b4"
 _GLOBAL_COLOR = "#ff7f0e"
 
 
-def _save(fig: Figure, out_path: str | Path, dpi: int) -> Path:
+def _save(fig: Figure, out_path: str | Path, dpi: int, *, crop: bool = False) -> Path:
+    """Write `fig` (built with constrained layout) as a PNG, drawing it once.
+
+    `savefig` on a figure with a layout engine first draws it with rendering switched off to run
+    the layout (every text laid out, every image resampled), then draws it again for real;
+    `bbox_inches="tight"` adds a pass over every artist's extent on top. Here the layout runs
+    once at the saving resolution and is then frozen (layout engine removed), so `savefig` draws
+    once. Constrained layout already fits titles, labels and legends inside the canvas, so the
+    figure is saved as laid out; `crop=True` also cuts it to its content plus
+    `savefig.pad_inches`, as `bbox_inches="tight"` did, for a figure whose layout cannot fill
+    its canvas (a square heatmap leaves bands above and below). Texts inside an axes should be
+    `in_layout=False`, so that neither the layout nor the crop measures them.
+    """
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    fig.set_dpi(dpi)  # lay out at the resolution the PNG is drawn at
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+        fig.set_layout_engine(None)  # None, not "none": a placeholder engine would draw twice
+    bbox = fig.get_tightbbox().padded(rcParams["savefig.pad_inches"]) if crop else None
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches=bbox)
     return out
 
 
@@ -146,6 +165,7 @@ def confusion_heatmap(
                 va="center",
                 fontsize=fontsize,
                 color="white" if v > 0.5 else "black",
+                in_layout=False,  # inside its cell: nothing for the layout to make room for
             )
     rows = [
         f"{name} (n={int(support[i])})" if support is not None else name
@@ -156,7 +176,7 @@ def confusion_heatmap(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title or "Confusion matrix (rows normalised)")
-    return _save(fig, out_path, dpi)
+    return _save(fig, out_path, dpi, crop=True)  # the square heatmap leaves bands: crop them
 
 
 def complementarity_chart(

@@ -280,33 +280,63 @@ def same_slide_rate(index: CellIndex, vectors: np.ndarray, groups: np.ndarray, k
 
 def plot_same_slide_rate(rates: pl.DataFrame, path: str | Path, *, title: str | None = None,
                          max_groups: int = 80) -> Path:
-    """Bar chart per slide, observed vs expected same-slide neighbour share (log scale), PNG.
+    """Per slide, the observed share of same-slide neighbours against chance, as a PNG.
 
-    Draws the ``max_groups`` slides with the highest ratio when there are more.
+    One horizontal bar per slide on a linear 0..1 axis: ``observed``, the mean share of a cell's
+    nearest neighbours that come from its own slide; a black tick on the bar at ``expected``, the
+    share chance would give; and ``ratio`` = observed / expected printed at the right ("×3.2",
+    "n/a" where chance is 0). Ratio near 1: slides mix; far above 1: batch effect. Highest ratio
+    at the top; only the ``max_groups`` slides with the highest ratio are drawn when there are
+    more ("(top N of M)" in the title).
     """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg via savefig
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     need = {"group", "observed", "expected", "ratio"}
     if not need <= set(rates.columns):
         raise UserError(f"rate table lacks columns {sorted(need - set(rates.columns))}: pass "
                         "the output of same_slide_rate.")
     df = rates.sort("ratio", descending=True, nulls_last=True).head(max_groups)
+    n = df.height
     names = [str(v) for v in df["group"].to_list()]
-    obs = df["observed"].to_numpy()
-    exp = df["expected"].to_numpy()
-    pos = np.arange(len(names))
-    fig = Figure(figsize=(max(6.0, 0.32 * len(names) + 2), 4.5), dpi=120)
+    obs = df["observed"].cast(pl.Float64).to_numpy()
+    exp = df["expected"].cast(pl.Float64).to_numpy()
+    ratio = df["ratio"].cast(pl.Float64).fill_nan(None).to_list()
+    pos = np.arange(n)
+    row = 0.3 if n <= 20 else 0.2  # inches per slide
+    fs = 8 if n <= 40 else 7
+    fig = Figure(figsize=(8.0, max(3.2, row * n + 2.0)), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    floor = 1e-4
-    ax.bar(pos - 0.2, np.maximum(obs, floor), 0.4, label="observed", color="#c0392b")
-    ax.bar(pos + 0.2, np.maximum(exp, floor), 0.4, label="expected by chance", color="#7f8c8d")
-    ax.set_yscale("log")
-    ax.set_xticks(pos, names, rotation=90, fontsize=7)
-    ax.set_ylabel("share of neighbours from the same slide")
+    ax.grid(axis="x", color="0.88", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.barh(pos, np.nan_to_num(obs), 0.72, color="#c0392b")
+    ok = np.isfinite(exp)
+    ax.vlines(exp[ok], pos[ok] - 0.46, pos[ok] + 0.46, color="black", lw=2)
+    end = np.fmax(np.nan_to_num(obs), np.nan_to_num(exp))  # right of the bar and the tick
+    for i, r in enumerate(ratio):
+        text = "n/a" if r is None else f"×{r:.1f}" if r < 10 else f"×{r:.0f}"
+        ax.annotate(text, (float(end[i]), i), xytext=(4, 0), textcoords="offset points",
+                    ha="left", va="center", fontsize=fs, annotation_clip=False,
+                    color="0.45" if r is None else "black")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(n, 1) - 0.5, -0.5)  # highest ratio at the top
+    ax.set_yticks(pos, names, fontsize=fs)
+    ax.tick_params(axis="y", length=0)
+    if n > 25:  # a tall figure: the scale at the top as well
+        ax.tick_params(axis="x", top=True, labeltop=True)
+    ax.set_xlabel("share of a cell's nearest neighbours that come from its own slide")
     shown = "" if rates.height <= max_groups else f" (top {max_groups} of {rates.height})"
-    ax.set_title((title or "Same-slide neighbours: observed vs chance") + shown)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.suptitle((title or "Same-slide neighbours: observed vs chance") + shown)
+    note = ("bar: observed share; black tick: share expected by chance; ×ratio = observed ÷ chance\n"
+            "near ×1: slides mix; far above ×1: neighbours group by slide, not by cell type "
+            "(batch effect)")
+    if any(r is None for r in ratio):
+        note += "\nn/a: chance is 0 (a slide with a single cell)"
+    ax.set_title(note, fontsize=8, color="0.3")
+    fig.legend(handles=[Patch(color="#c0392b", label="observed share"),
+                        Line2D([], [], color="black", lw=2, label="share expected by chance")],
+               loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
