@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -22,8 +23,9 @@ _LOCAL_COLOR = "#1f77b4"
 _GLOBAL_COLOR = "#ff7f0e"
 
 
-def _save(fig: Figure, out_path: str | Path, dpi: int, *, crop: bool = False) -> Path:
-    """Write `fig` (built with constrained layout) as a PNG, drawing it once.
+def save_png(fig: Figure, out: str | Path | BinaryIO, dpi: int, *, crop: bool = False) -> Path | BinaryIO:
+    """Write `fig` (built with constrained layout) as a PNG to a path or a binary buffer,
+    drawing it once.
 
     `savefig` on a figure with a layout engine first draws it with rendering switched off to run
     the layout (every text laid out, every image resampled), then draws it again for real;
@@ -35,8 +37,9 @@ def _save(fig: Figure, out_path: str | Path, dpi: int, *, crop: bool = False) ->
     its canvas (a square heatmap leaves bands above and below). Texts inside an axes should be
     `in_layout=False`, so that neither the layout nor the crop measures them.
     """
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(out, str | Path):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.set_dpi(dpi)  # lay out at the resolution the PNG is drawn at
     engine = fig.get_layout_engine()
@@ -124,7 +127,7 @@ def reliability_diagram(
         hx.set_ylabel("share of cells" if j == 0 else "")
     if title:
         fig.suptitle(title)
-    return _save(fig, out_path, dpi)
+    return save_png(fig, out_path, dpi)
 
 
 def confusion_heatmap(
@@ -176,7 +179,7 @@ def confusion_heatmap(
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title or "Confusion matrix (rows normalised)")
-    return _save(fig, out_path, dpi, crop=True)  # the square heatmap leaves bands: crop them
+    return save_png(fig, out_path, dpi, crop=True)  # the square heatmap leaves bands: crop them
 
 
 def complementarity_chart(
@@ -214,4 +217,4 @@ def complementarity_chart(
     ax.set_xlabel("share of the class's cells")
     ax.legend(loc="lower right", fontsize=8, frameon=False)
     ax.set_title(title or "Complementarity: cells only one path gets right")
-    return _save(fig, out_path, dpi)
+    return save_png(fig, out_path, dpi)

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from embedstore.errors import UserError
@@ -36,6 +35,7 @@ from embedstore.store import DEFAULT_TABLE, Store, StoreError, is_uri
 
 from . import checkpoint as ckpt
 from .export import run_predictions
+from .plots import save_png
 
 Log = Callable[[str], None]
 #: (id, heading) of every section, in page order
@@ -92,9 +92,8 @@ def png_uri(data: bytes, kind: str = "png") -> str:
 
 def fig_uri(fig: Figure, dpi: int = DPI) -> str:
     """A matplotlib figure as a PNG data URI (Agg canvas, no pyplot state)."""
-    FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    save_png(fig, buf, dpi, crop=True)  # drawn once, cut to its content as bbox_inches="tight" did
     buf.seek(0)
     return file_uri(buf)
 

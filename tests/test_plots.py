@@ -101,7 +101,7 @@ def test_each_figure_is_drawn_once(figures, tmp_path) -> None:
 def test_same_look_as_the_tight_save(tmp_path, monkeypatch) -> None:
     classes = LONG[:10]
     now = draw_all(tmp_path / "now", classes)
-    monkeypatch.setattr(hp, "_save", tight_save)
+    monkeypatch.setattr(hp, "save_png", tight_save)
     before = draw_all(tmp_path / "before", classes)
     # the heatmap is cropped as before: the same PNG
     a, b = pixels(now["confusion"]), pixels(before["confusion"])
@@ -153,6 +153,6 @@ def test_values_printed_and_labels_inside(figures, tmp_path) -> None:
 def test_save_to_a_new_folder(tmp_path) -> None:
     fig = Figure(layout="constrained")
     fig.add_subplot().plot([0, 1], [0, 1])
-    p = hp._save(fig, tmp_path / "a" / "b" / "f.png", 50)
+    p = hp.save_png(fig, tmp_path / "a" / "b" / "f.png", 50)
     with Image.open(p) as im:
         assert im.format == "PNG" and im.size == (320, 240)  # 6.4 x 4.8 in at 50 dpi: uncropped
