@@ -332,14 +332,18 @@ def doctor(
     context_px: Annotated[int, typer.Option(help="context input size, as for extract")] = 512,
     mpp: Annotated[float | None, typer.Option(help="µm per level-0 pixel for all slides, as for extract")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
-    db: Annotated[Path | None, typer.Option(help="where the store will live (free disk space)")] = None,
+    db: Annotated[str | None, typer.Option(help="the store `embed extract --db` will write to: free disk space, and whether its table takes vectors made with these options (read only)")] = None,
+    table: Annotated[str, typer.Option(help="table for these vectors, as for extract (with --db)")] = "cells",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16, as for extract (compared with the --db table)")] = "auto",
+    context: Annotated[str, typer.Option(help="exact or tiled, as for extract (compared with the --db table; the timing measures exact)")] = "exact",
     timing: Annotated[bool, typer.Option(help="time both backbones on random crops (tens of seconds for real ones on a CPU)")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Preflight: versions, GPU, weights, slides (µm/px), expected time per 10k cells.
+    """Preflight: versions, GPU, weights, slides (µm/px), the store's table, expected time per 10k cells.
 
     Exits 1 when something would stop `embed extract` (missing weights, a slide that does not
-    open or has no µm/px, a missing package).
+    open or has no µm/px, a missing package, a --db table holding vectors made with other
+    backbones, context size, device or precision).
     """
     from rich.table import Table
     from rich.text import Text
@@ -349,8 +353,8 @@ def doctor(
     with console.status("checking...") as status:
         checks = run_checks(
             slides or (), local_backbone=local_backbone, context_backbone=context_backbone,
-            context_px=context_px, mpp=mpp, device=device, db=db, timing=timing,
-            notify=lambda m: status.update(f"checking {m}..."),
+            context_px=context_px, mpp=mpp, device=device, db=db, table=table, precision=precision,
+            context=context, timing=timing, notify=lambda m: status.update(f"checking {m}..."),
         )  # fmt: skip
     bad = blocking(checks)
     if as_json:

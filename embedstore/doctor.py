@@ -5,6 +5,9 @@ Each check is a `Check` with a status: "ok", "warn" (the run works, but worse: n
 The timing check runs the chosen architectures on random crops (random weights when the real
 ones are absent: the cost of a forward does not depend on the weights) and turns the measured
 per-crop times into an expected extraction time per 10k cells in exact context mode.
+With `--db`, the store check reads (never writes) the vector config of the table extract would
+write to and fails where extract would refuse these options (other backbones, context size,
+device type, precision or context mode), before any weights are loaded.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def check_slides(paths: Sequence[Path], mpp: float | None) -> list[Check]:
     return out
 
 
-def check_disk(db: Path | None, bytes_per_cell: int) -> list[Check]:
+def check_disk(db: str | Path | None, bytes_per_cell: int) -> list[Check]:
     where = Path(db) if db is not None else Path.cwd()
     probe = where
     while not probe.exists() and probe != probe.parent:
@@ -164,6 +167,123 @@ def check_disk(db: Path | None, bytes_per_cell: int) -> list[Check]:
     status = "ok" if free > 10 * per_m * 1e9 else "warn"
     return [Check("machine", "disk", status, f"{free / 1e9:.0f} GB free at {probe}; the store "
                   f"needs about {per_m:.1f} GB per million cells")]  # fmt: skip
+
+
+def check_options(precision: str, context: str, table: str) -> list[Check]:
+    """The extract options doctor takes only to compare with the store, refused as extract would."""
+    from .extract.pipeline import CONTEXT_MODES, PRECISIONS, bad_table_name
+
+    out = []
+    if precision not in PRECISIONS:
+        out.append(Check("options", "--precision", "fail", f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"))
+    if context not in CONTEXT_MODES:
+        out.append(Check("options", "--context", "fail", f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}"))
+    if bad_table_name(table):
+        out.append(Check("options", "--table", "fail", bad_table_name(table)))
+    return out
+
+
+def _stored(config: dict, path: str):
+    """The value at a dotted path of a vector config (None where absent)."""
+    value = config
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def check_store(
+    db: str | Path,
+    table: str = "cells",
+    *,
+    local_backbone: str,
+    context_backbone: str,
+    context_px: int,
+    device: str,
+    precision: str = "auto",
+    context: str = "exact",
+) -> list[Check]:
+    """Would `embed extract --db DB --table TABLE` with these options add to the stored table?
+
+    Compares, without loading weights and without writing anything, what these options decide
+    of the table's vector config (`embedstore.extract.pipeline.vector_config`) with the stored
+    one: both backbone names, the context input size, the device type and precision of the
+    forward (`device`: the device doctor resolved; `precision` as given to extract), and the
+    context mode. The weights' sha256 (and pooling, tiling) are compared by extract itself.
+    """
+    import torch
+
+    from .extract.pipeline import resolve_precision
+    from .store import Store, StoreError, is_uri
+
+    where = str(db)
+    if is_uri(where):
+        return [Check("store", "store", "warn", f"{where}: a remote store; doctor does not open remote stores, so the "
+                      f"vector config of table {table!r} is not compared here (`embed extract` compares it when it starts)",
+                      f"`embed info {where}` shows the stored backbones and input sizes")]  # fmt: skip
+    root = Path(where)
+    if not root.exists():
+        return [Check("store", "store", "ok", f"{root} does not exist yet: `embed extract` will create a new "
+                      f"store there, with table {table!r} for these options")]  # fmt: skip
+    new_path = "give the directory `embed extract --db` created, or a path that does not exist yet (a new store)"
+    if not root.is_dir():
+        return [Check("store", "store", "fail", f"{root} is a file, not a store (a store is a directory)", new_path)]
+    try:
+        if not any(root.iterdir()):
+            return [Check("store", "store", "ok", f"{root} is an empty directory: `embed extract` will create a new "
+                          f"store in it, with table {table!r} for these options")]  # fmt: skip
+        store = Store(root)
+        if not store.has(table):
+            tables = store.vector_tables()
+            return [Check("store", f"table {table}", "ok", f"the store at {root} has no table {table!r} yet (vector "
+                          f"tables: {', '.join(tables) or 'none'}): `embed extract` will make it for these options")]  # fmt: skip
+        stored = store.config_or_none(table)
+        if stored is None:
+            tables = store.vector_tables()
+            return [Check("store", f"table {table}", "fail", f"table {table!r} in {root} holds no vectors (extract "
+                          f"refuses it)", f"pick another --table (vector tables here: {', '.join(tables) or 'none'})")]  # fmt: skip
+        n_cells = store.open(table).count_rows()
+        taken = set(store.table_names())
+    except StoreError as exc:
+        return [Check("store", "store", "fail", str(exc), new_path)]
+    except Exception as exc:  # noqa: BLE001 - unreadable files, a broken table: all say the same
+        return [Check("store", "store", "fail", f"{root}: cannot open the store ({type(exc).__name__}: {exc})",
+                      f"check that this user can read it; {new_path}")]  # fmt: skip
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        return [Check("store", f"table {table}", "fail", f"--device {device}: {exc}", "use auto, cpu, cuda or cuda:N")]
+    used = resolve_precision(precision, dev)
+    now = [  # config path, what these options make of it, the extract option that sets it
+        ("vectors.local.backbone", local_backbone, "--local-backbone"),
+        ("vectors.context.backbone", context_backbone, "--context-backbone"),
+        ("vectors.context.input_px", context_px, "--context-px"),
+        ("vectors.local.compute.device_type", dev.type, "--device"),
+        ("vectors.context.compute.device_type", dev.type, "--device"),
+        ("vectors.local.compute.precision", used, "--precision"),
+        ("vectors.context.compute.precision", used, "--precision"),
+        ("context_mode", context, "--context"),
+    ]  # fmt: skip
+    diff, options = [], {}
+    for path, value, option in now:
+        old = _stored(stored, path)
+        if old != value:
+            diff.append(f"{path}: stored {old!r}, now {value!r}")
+            if old is not None:  # absent: a table made by an older version, no option makes it
+                options[option] = old
+    if diff:
+        new = next(f"{table}_v{i}" for i in range(2, 10_000) if f"{table}_v{i}" not in taken)
+        same = " ".join(f"{k} {v}" for k, v in options.items())
+        fix = (f"to add to this table, run `embed extract` (and this check) with {same}; or " if same else "")
+        return [Check("store", f"table {table}", "fail",
+                      f"table {table!r} in {root} holds vectors made with other settings, so `embed extract` "
+                      "would refuse to add to it: " + "; ".join(diff),
+                      fix + f"write these vectors to a new table with --table NAME (e.g. --table {new})")]  # fmt: skip
+    lp, cp = _stored(stored, "vectors.local.input_px"), _stored(stored, "vectors.context.input_px")
+    return [Check("store", f"table {table}", "ok",
+                  f"table {table!r} in {root}: {n_cells} cells of local {local_backbone} ({lp} px) and context "
+                  f"{context_backbone} ({cp} px), {dev.type} {used}, {context} context: these options match. The "
+                  "weights' sha256 (and pooling, tiling) are compared when `embed extract` starts: doctor does "
+                  "not hash multi-GB weight files")]  # fmt: skip
 
 
 def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> tuple[float, str]:
@@ -229,11 +349,17 @@ def run_checks(
     context_px: int = 512,
     mpp: float | None = None,
     device: str = "auto",
-    db: Path | None = None,
+    db: str | Path | None = None,
+    table: str = "cells",
+    precision: str = "auto",
+    context: str = "exact",
     timing: bool = True,
     notify: Callable[[str], None] = lambda _m: None,
 ) -> list[Check]:
-    """All checks, in order; `notify` hears which group is running (the timing takes a while)."""
+    """All checks, in order; `notify` hears which group is running (the timing takes a while).
+
+    With `db`: whether `embed extract` with these options could add to its `table` (`check_store`;
+    `precision` and `context` as given to extract, used only there)."""
     notify("packages")
     checks = check_packages()
     if any(c.status == "fail" for c in checks):
@@ -242,6 +368,11 @@ def run_checks(
     checks += gpu
     test_only = all(n.startswith("test-") for n in (local_backbone, context_backbone))
     checks += check_disk(db, 1_000 if test_only else BYTES_PER_CELL_REAL)
+    checks += check_options(precision, context, table)
+    if db is not None:
+        notify("store")
+        checks += check_store(db, table, local_backbone=local_backbone, context_backbone=context_backbone,
+                              context_px=context_px, device=dev, precision=precision, context=context)  # fmt: skip
     notify("weights")
     checks += check_weights([local_backbone, context_backbone])
     if slides:

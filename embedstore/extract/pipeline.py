@@ -89,9 +89,16 @@ class ExtractConfig:
                             f"--context-pooling {self.context_pooling} needs --context exact")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if not self.table or not self.table.replace("_", "").replace("-", "").isalnum():
-            raise UserError(f"--table {self.table!r}: use letters, digits, '_' and '-' only")
+        if bad_table_name(self.table):
+            raise UserError(bad_table_name(self.table))
         return self
+
+
+def bad_table_name(name: str) -> str | None:
+    """What is wrong with a vector table's name (None: nothing)."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        return f"--table {name!r}: use letters, digits, '_' and '-' only"
+    return None
 
 
 #: numeric precision of the backbone forward (part of the vectors' identity)
