@@ -2,9 +2,6 @@
 writes to the store (`extracted_store` is shared: nothing here may change it)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ import pytest
 from embedstore.doctor import Check, blocking, check_store, run_checks
 from embedstore.store import Store
 
+from .clirun import run_cli
 from .conftest import FAST
 
 
@@ -172,8 +170,7 @@ def test_doctor_never_writes_to_the_store(store, monkeypatch):
 
 
 def doctor_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli.embed", "doctor", *map(str, args)],
-                          capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    return run_cli("cli.embed", "doctor", *args)  # in-process (tests/clirun.py)
 
 
 def test_cli_json_has_the_failed_store_check_and_exits_1(store):
