@@ -45,11 +45,12 @@ def train(
     patience: Annotated[int, typer.Option(help="epochs without improvement before stopping")] = 2,
     seed: Annotated[int, typer.Option(help="random seed of training, and of the split at --stage local or all (later stages keep that split)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
-    scale: Annotated[bool, typer.Option(help="smaller batches, more epochs for small training sets")] = True,
+    scale: Annotated[bool, typer.Option(help="smaller batches, more epochs for small training sets (options typed here stay as given)")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is faster on a busy machine)")] = None,
     min_label_confidence: Annotated[float, typer.Option(help="leave out labels with a lower label_confidence (embed annotate's kept cells: 0.6)")] = 0.6,
 ) -> None:
     """Train a stage (each loads the previous stage's checkpoint from the run directory)."""
+    from heads.runs import SCALED_OPTIONS
     from heads.runs import train as run_train
     from heads.splits import SPLIT_OPTIONS, SplitConfig
     from heads.train import TrainConfig
@@ -59,10 +60,11 @@ def train(
         batch_size=batch_size, patience=patience, seed=seed, device=device, film=film,
         stage3_heads=stage3_heads, alpha_schedule=alpha_schedule,
     )  # fmt: skip
-    # the split options typed on the command line: a later stage compares those with its saved
-    # split even at their default value (one not typed is the saved split's, whatever it is).
+    # the options typed on the command line: a later stage compares typed split options with its
+    # saved split even at their default value (one not typed is the saved split's), and
+    # small-set scaling leaves typed epochs, batch size and patience as given.
     # By name: typer may vendor its own click, whose ParameterSource is another enum
-    typed = tuple(name for name in (*SPLIT_OPTIONS, "seed")
+    typed = tuple(name for name in (*SPLIT_OPTIONS, "seed", *SCALED_OPTIONS)
                   if getattr(ctx.get_parameter_source(name), "name", None) not in ("DEFAULT", "DEFAULT_MAP"))  # fmt: skip
     split_cfg = SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, guard_um=guard_um, seed=seed)
     if threads:
@@ -70,7 +72,8 @@ def train(
 
         torch.set_num_threads(threads)
     run_train(db, out, stage, cfg, table=table, holdout=tuple(holdout or ()), labels=labels, scale=scale,
-              split_config=split_cfg, split_given=typed, min_label_confidence=min_label_confidence, log=_log)
+              split_config=split_cfg, split_given=[n for n in typed if n not in SCALED_OPTIONS],
+              train_given=[n for n in typed if n in SCALED_OPTIONS], min_label_confidence=min_label_confidence, log=_log)
     console.print(f"[green]trained[/] stage {stage} -> {out}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,7 @@ def train(
     min_label_confidence: float = 0.6,
     log: Log = print,
     split_given: Sequence[str] | None = None,
+    train_given: Collection[str] = (),
 ) -> dict[str, Any]:
     """Train `stage` on the store's cached vectors (labels with a confidence below
     `min_label_confidence` are left out); the split is made by stage `local` (or `all`) and
@@ -207,7 +208,8 @@ def train(
     (`fit_posthoc`). What the old stage's models made is moved to RUN/stale/ only once the new
     stage is trained (`retire_later_stages`).
 
-    With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`).
+    With `scale`, small training sets get smaller batches and more epochs (`scale_for_size`),
+    except for the fields of `cfg` named in `train_given` (the options typed on the command line).
     """
     if stage not in STAGE_CHOICES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
@@ -224,7 +226,7 @@ def train(
         for note in check_same_settings(split, holdout, split_config, stage, split_given):
             log(note)
     if scale:
-        cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), log=log)
+        cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), keep=train_given, log=log)
 
     def before_save(name: str) -> None:
         # only now, with the stage trained: a failed or stopped run leaves the old one whole
@@ -297,24 +299,34 @@ def cell_keys(meta: pl.DataFrame) -> list[str]:
     return (meta["slide_id"].cast(pl.Utf8) + ":" + meta["cell_id"].cast(pl.Utf8)).to_list()
 
 
-def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, log: Log = print) -> TrainConfig:
+#: TrainConfig fields `scale_for_size` may change (`heads train` options of the same names)
+SCALED_OPTIONS = ("epochs", "global_epochs", "gate_epochs", "batch_size", "patience")
+
+
+def scale_for_size(cfg: TrainConfig, n_train: int, *, min_steps: int = 400, keep: Collection[str] = (),
+                   log: Log = print) -> TrainConfig:  # fmt: skip
     """Settings for a small training set: the defaults are sized for ~200k cells, where 4
     epochs of 1024-cell batches are ~600 optimiser steps; a few thousand cells would get a
     handful. Batches shrink to ~1/16 of the set (>= 32 cells) and epochs and patience grow
-    until every stage sees at least `min_steps` steps. Large sets are left unchanged."""
-    bs = min(cfg.batch_size, max(32, n_train // 16))
+    until every stage sees at least `min_steps` steps. Large sets are left unchanged, and so
+    are the fields named in `keep` (the options a user typed: `--epochs 2` means 2)."""
+    small_bs = min(cfg.batch_size, max(32, n_train // 16))
+    bs = cfg.batch_size if "batch_size" in keep else small_bs
     steps_per_epoch = max(1, -(-n_train // bs))
     factor = max(1, -(-min_steps // (steps_per_epoch * cfg.gate_epochs)))
     factor_local = max(1, -(-min_steps // (steps_per_epoch * cfg.epochs)))
-    if bs == cfg.batch_size and factor == 1 and factor_local == 1:
+    now = {"epochs": cfg.epochs, "global_epochs": cfg.stage2_epochs, "gate_epochs": cfg.gate_epochs,
+           "batch_size": cfg.batch_size, "patience": cfg.patience}  # fmt: skip
+    proposed = {"epochs": cfg.epochs * factor_local, "global_epochs": cfg.stage2_epochs * factor_local,
+                "gate_epochs": cfg.gate_epochs * factor, "batch_size": small_bs, "patience": cfg.patience * factor_local}  # fmt: skip
+    change = {k: v for k, v in proposed.items() if v != now[k] and k not in keep}
+    if not change:
         return cfg
-    new = replace(
-        cfg, batch_size=bs, epochs=cfg.epochs * factor_local,
-        global_epochs=cfg.stage2_epochs * factor_local, gate_epochs=cfg.gate_epochs * factor,
-        patience=cfg.patience * factor_local, warmup_steps=min(cfg.warmup_steps, steps_per_epoch),
-    )  # fmt: skip
-    log(f"small training set ({n_train} cells): batch {bs}, epochs {new.epochs}/"
-        f"{new.stage2_epochs}/{new.gate_epochs}, patience {new.patience} (>= {min_steps} steps a stage)")  # fmt: skip
+    new = replace(cfg, **change, warmup_steps=min(cfg.warmup_steps, steps_per_epoch))
+    kept = [f"--{k.replace('_', '-')} {now[k]}" for k in SCALED_OPTIONS if k in keep and proposed[k] != now[k]]
+    log(f"small training set ({n_train} cells): batch {new.batch_size}, epochs {new.epochs}/"
+        f"{new.stage2_epochs}/{new.gate_epochs}, patience {new.patience} (>= {min_steps} steps a stage"
+        f"{'; as given: ' + ', '.join(kept) if kept else ''}; --no-scale keeps every setting)")  # fmt: skip
     return new
 
 

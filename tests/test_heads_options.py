@@ -188,3 +188,28 @@ def test_explain_cli_names_the_tissue(db, local_run, tmp_path):
     assert isinstance(result.exception, UserError)
     assert "(pancreas)" in str(result.exception) and "trained tissues: colon, lung" in str(result.exception)
     assert not list((tmp_path / "x").glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small-set scaling leaves the options a user typed as given
+
+
+def test_scaling_keeps_what_was_given():
+    said = []
+    cfg = TrainConfig(epochs=2, global_epochs=3, gate_epochs=1, batch_size=1024, patience=2)
+    free = runs.scale_for_size(cfg, 800, log=said.append)
+    assert (free.batch_size, free.epochs, free.gate_epochs) == (50, 26, 25)  # 16 steps an epoch and "as given" not in said[-1]
+    kept = runs.scale_for_size(cfg, 800, keep=("epochs", "batch_size"), log=said.append)
+    assert (kept.batch_size, kept.epochs) == (1024, 2)  # as typed
+    assert kept.gate_epochs == 400 and kept.stage2_epochs == 600  # scaled for the 1-step epochs of 1024 cells
+    assert "as given: --epochs 2, --batch-size 1024" in said[-1]
+    every = runs.scale_for_size(cfg, 800, keep=runs.SCALED_OPTIONS, log=said.append)
+    assert every is cfg  # nothing left to scale: unchanged, nothing said
+    assert runs.scale_for_size(cfg, 10**6, log=said.append) is cfg  # a large set: the defaults
+
+
+def test_cli_typed_epochs_survive_scaling(db, tmp_path):
+    result = cli("train", "--db", db, "--out", tmp_path / "r", "--stage", "local", "--epochs", "1", "--threads", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    line = next(ln for ln in result.output.splitlines() if "small training set" in ln)
+    assert re.search(r"epochs 1/\d+/\d+", line) and "as given: --epochs 1" in line, line
