@@ -69,6 +69,10 @@ bench-neighbours *args:
 bench-report *args:
     python bench/report.py {{args}}
 
+# heads eval's figures: drawn once (save_png) vs savefig(bbox_inches="tight"), CPU s and ratio (JSON)
+bench-plots *args:
+    python bench/plots.py {{args}}
+
 # Ray (needs the ray extra): extraction 1 vs 2 workers, a big slide in shards, a file:// URI store (JSON)
 bench-ray-extract *args:
     python bench/ray_extract.py {{args}}
