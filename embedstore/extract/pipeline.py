@@ -214,8 +214,11 @@ def slide_paths_by_id(slides) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for path in find_slides(slides):
         sid = slide_id_from_path(path)
+        if sid in out and out[sid].resolve() == path.resolve():
+            continue  # one file given twice (a folder and a file in it, overlapping globs)
         if sid in out:
-            raise SlideError(f"two slide files share the id {sid!r}: {out[sid]} and {path}")
+            raise SlideError(f"two slide files share the id {sid!r}: {out[sid]} and {path}; give one "
+                             "of them (a slide's id is its file name without the extension)")
         out[sid] = path
     return out
 
@@ -419,7 +422,7 @@ def _run_slides(
     with make_pool(cfg.readers, cfg.workers) as pool:
         for sid in slide_ids:
             sub = cells.filter(pl.col("slide_id") == sid)
-            result = _extract_slide(sid, sub, paths.get(sid), steps, store, cfg, run_id, device, pool, emit)
+            result = _extract_slide(sid, sub, paths.get(sid), steps, store, cfg, run_id, device, pool, emit, known=paths)
             results.append(result)
             run["slides"][sid] = {k: v for k, v in asdict(result).items() if k != "slide_id"}
             store.record_run(run)
@@ -498,17 +501,25 @@ def _table_mpp(cells: pl.DataFrame) -> float | None:
 
 def _extract_slide(
     sid: str, cells: pl.DataFrame, path: Path | None, steps: list[VectorStep], store: Store,
-    cfg: ExtractConfig, run_id: str, device, pool: Executor, emit,
+    cfg: ExtractConfig, run_id: str, device, pool: Executor, emit, known=(),
 ) -> SlideResult:
+    """`known`: the ids of the slide files given (to name a near miss when `path` is None)."""
     t0 = time.perf_counter()
-    if path is None:
-        return SlideResult(sid, None, "failed", reason="no slide file with this id among the slides given")
     stored = store.stored_keys(cfg.table, sid)
     todo = cells.filter(~pl.col("cell_id").is_in(list(stored))) if stored else cells
-    result = SlideResult(sid, str(path), "done", already=cells.height - todo.height)
-    if todo.height == 0:
+    result = SlideResult(sid, None if path is None else str(path), "done", already=cells.height - todo.height)
+    if todo.height == 0:  # all stored: no file needed (it may have been moved or renamed since)
         result.status = "skipped"
         emit("slide", {"slide_id": sid, "total": cells.height, "todo": 0})
+        return result
+    if path is None:
+        from ..io.slides import slide_id_from_path
+
+        near = {sid.casefold(), slide_id_from_path(sid).casefold()}  # "s1", "S1.svs" for S1
+        twins = [k for k in known if k.casefold() in near]
+        hint = (f" (a file gives the id {twins[0]!r}: an id is the file's name without its extension, "
+                "case-sensitive; rename the file or fix the table)") if twins else ""
+        result.status, result.reason = "failed", f"no slide file with this id among the slides given{hint}"
         return result
     try:
         slide = Slide(path, mpp=cfg.mpp)

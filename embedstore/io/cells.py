@@ -409,9 +409,15 @@ def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
     frame = frame.with_columns(pl.col("slide_id", "cell_id", "tissue").cast(pl.Utf8))
     frame = clean_text_columns(frame, ["label", "split"]).with_columns(pl.col("tissue").fill_null("unknown"))
     check_splits(frame)
-    bad = frame.filter(~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite()).fill_null(True))
+    bad = frame.filter((~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite())).fill_null(True))
     if bad.height:
-        raise CellsError(f"{bad.height} cells have NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}")
+        raise CellsError(f"{bad.height} cells have missing or NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}; "
+                         "drop them (`embed cells` drops and counts them)")
+    bad = frame.filter((~(pl.col("x_um").is_finite() & pl.col("y_um").is_finite())).fill_null(True))
+    if bad.height:
+        raise CellsError(f"{bad.height} cells have no x_um/y_um (missing, NaN or inf), e.g. "
+                         f"{bad['cell_id'][:3].to_list()}; make the table with `embed cells SOURCE --slides ...`, "
+                         "which fills them from the slide's µm/px")
     check_unique_keys(frame, "cell table")
     return frame
 

@@ -120,6 +120,18 @@ class Slide:
         if not self.path.exists():
             raise SlideError(f"{self.path}: no such slide file")
         self._handle, backend = _open_backend(self.path)
+        read_w, read_h = self._handle.dimensions
+        # vendor formats (SVS, NDPI, BIF, SCN...) say where level 0 is; a generic TIFF does not
+        generic = backend != "openslide" or self._handle.properties.get("openslide.vendor") == "generic-tiff"
+        if generic and (larger := _larger_page(self.path, read_w, read_h)) is not None:
+            self.close()
+            page, w, h = larger
+            raise SlideError(
+                f"{self.path}: page {page} ({w}x{h} px) is larger than the image {backend} reads as "
+                f"full resolution ({read_w}x{read_h} px): a pyramid stored smallest first, or an "
+                f"overview before the scan. Re-save it largest first, e.g. `vips tiffsave "
+                f"'{self.path}[page={page}]' out.tif --tile --pyramid`"
+            )
         # OpenSlide handles are thread-safe; serialise reads through other backends
         self._lock = threading.Lock() if backend != "openslide" else contextlib.nullcontext()
         props = dict(self._handle.properties)
@@ -387,6 +399,27 @@ def _open_backend(path: Path):
     )
 
 
+def _larger_page(path: Path, width: int, height: int, max_pages: int = 64) -> tuple[int, int, int] | None:
+    """(index, width, height) of the largest top-level TIFF page where it has more pixels than
+    the `width` x `height` a backend opened as level 0 (it takes the first page's pyramid), else
+    None (also for files tifffile does not read)."""
+    if path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+        return None
+    largest = None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            for i in range(min(len(tif.pages), max_pages)):
+                page = tif.pages[i]
+                w, h = int(page.imagewidth), int(page.imagelength)
+                if w * h > (largest[1] * largest[2] if largest else width * height):
+                    largest = (i, w, h)
+    except Exception:  # noqa: BLE001 - not a TIFF, or one only the backends read
+        return None
+    return largest
+
+
 def _empty(path: Path) -> str | None:
     """What is plainly wrong with a file no backend opens: it is empty, or a TIFF without images."""
     if path.stat().st_size == 0:
@@ -504,6 +537,8 @@ def _decode_tiff(path: Path) -> np.ndarray:
         page = tif.pages[0]
         _check_plain_size(path, int(page.imagewidth), int(page.imagelength))
         arr = page.asarray()
+        if page.axes.startswith("S") and arr.ndim == 3:  # planar RGB (PlanarConfiguration 2)
+            arr = np.moveaxis(arr, 0, -1)
     return _as_rgb_pixels(path, arr)
 
 
