@@ -442,7 +442,7 @@ def explain(
     found = compute(run_dir, db, cells, table=table, path=path, target_layer=target_layer,
                     class_name=class_name, slides=slides, device=device, local_weights=local_weights,
                     context_weights=context_weights, log=log)  # fmt: skip
-    written = [render_cell(c, out_dir / f"{_safe(c.slide_id)}__{_safe(c.cell_id)}.png") for c in found]
+    written = [render_cell(c, out_dir / name) for c, name in zip(found, _file_names(found), strict=True)]
     written.append(render_grid(found, out_dir / "grid.png"))
     return written
 
@@ -453,6 +453,25 @@ def explain(
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _file_names(cells: Sequence[CellExplanation]) -> list[str]:
+    """SLIDE__CELL.png per cell; a name that had to change characters ("a b", "a:b", "α"), or
+    that another cell's name equals ignoring case, gets a short hash of its SLIDE:CELL key, so
+    two cells never share a file and a cell always gets the same name."""
+    import hashlib
+    from collections import Counter
+
+    bases = [f"{_safe(c.slide_id)}__{_safe(c.cell_id)}" for c in cells]
+    keys = {}  # name, ignoring case -> the cells' keys that have it
+    for c, b in zip(cells, bases, strict=True):
+        keys.setdefault(b.lower(), Counter())[c.key] += 1
+    names = []
+    for c, b in zip(cells, bases, strict=True):
+        if b != f"{c.slide_id}__{c.cell_id}" or len(keys[b.lower()]) > 1:
+            b += "-" + hashlib.sha256(c.key.encode()).hexdigest()[:8]
+        names.append(f"{b}.png")
+    return names
 
 
 def _draw(ax_crop: Any, ax_cam: Any, e: PathExplanation, fontsize: float) -> None:

@@ -79,6 +79,7 @@ class Ctx:
     slides: str | Path | None
     log: Log
     index_dir: Path | None = None  # FAISS indexes (default DB/_faiss; a temporary one for URI stores)
+    metrics_note: str | None = None  # metrics.json was made on another store or table
 
     @property
     def info(self) -> dict[str, Any]:
@@ -140,7 +141,14 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log) -> dict[str, Any
             f"{path} is missing: evaluating the run first (as `heads eval --run {run_dir} --db {db}`)"
         )
         evaluate_run(run_dir, db, table=table, log=log)
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): delete it (the report then evaluates the run again) "
+                        f"or run `heads eval --run {run_dir} --db {db}`") from None  # fmt: skip
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path} is not `heads eval`'s metrics: delete it, or run `heads eval --run {run_dir} --db {db}`")
+    return metrics
 
 
 def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log = print) -> pl.DataFrame:
@@ -166,16 +174,38 @@ def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log
             pl.col("label_confidence") < MIN_LABEL_CONFIDENCE
         )
         meta = meta.with_columns(label=pl.when(low).then(None).otherwise(pl.col("label")))
-    return preds.join(meta, on=["slide_id", "cell_id"], how="inner")
+    cells = preds.join(meta, on=["slide_id", "cell_id"], how="inner")
+    if cells.height == 0:  # another table's cells (the predictions table is shared by the store's tables)
+        raise UserError(f"none of the {preds.height} predictions of run {run_dir.resolve().name!r} in {db} is a cell of "
+                        f"table {table!r}: report on the table the run predicted (--table), or run `heads predict "
+                        f"--run {run_dir} --db {db} --table {table}` first")  # fmt: skip
+    return cells
 
 
 def check_run(run_dir: Path) -> list[str]:
     """The run's classes, or a UserError saying the run directory is not a trained run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run {run_dir} is a file, not a run directory: pass the --out folder of `heads train`")
     if not run_dir.is_dir():
         raise UserError(
             f"run directory {run_dir} does not exist: train one with `heads train --db DB --out {run_dir}`"
         )
     return list(ckpt.read_info(run_dir, "local")["classes"])
+
+
+def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any]) -> str | None:
+    """What to say when metrics.json was made by `heads eval` on another store or table than
+    the one this page shows the predictions of (None when the same, or not recorded)."""
+    from .runs import store_key
+
+    info = metrics.get("info", {}) if isinstance(metrics.get("info"), dict) else {}
+    made_on, made_table = info.get("store"), info.get("table", table)
+    if made_on is None or (made_on == store_key(db) and made_table == table):
+        return None
+    return (f"{run_dir / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
+            f"not on {db} (table {table!r}): the results, per-class F1, confusion, calibration, conformal and "
+            f"complementarity sections are of that store, the gate and galleries of this one; run `heads eval "
+            f"--run {run_dir} --db {db}` for this store's metrics")  # fmt: skip
 
 
 # -- sections ---------------------------------------------------------------------------------
@@ -201,7 +231,8 @@ def section_results(ctx: Ctx) -> str:
     info = ctx.info
     split = info.get("split", {})
     counts = ", ".join(f"{p} {split[p]}" for p in ("train", "val", "test", "guard") if p in split)
-    out = [f"<table><tr><th>path</th>{head}</tr>{''.join(rows)}</table>"]
+    out = [note(f"warning: {ctx.metrics_note}")] if ctx.metrics_note else []
+    out.append(f"<table><tr><th>path</th>{head}</tr>{''.join(rows)}</table>")
     out.append(f"<p>Scored on the <b>{html.escape(str(info.get('on', '?')))}</b> cells "
                f"({info.get('cells', '?')} labelled cells). Split ({html.escape(str(split.get('source', '?')))}): "
                f"{html.escape(counts) or 'not recorded'}. Baselines on the cached vectors (logreg, xgboost, knn; which ran) "
@@ -641,6 +672,8 @@ def write_report(
     run_dir, db = Path(run_dir), str(db)  # a directory or a URI
     classes = check_run(run_dir)
     out = Path(out) if out else run_dir / "report.html"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the HTML file to write, e.g. --out {out / 'report.html'}")
     ensure_dir(out.parent, "the report")  # a bad --out fails now, not after the work
     if not Store(db).has(table):
         raise UserError(
@@ -648,7 +681,10 @@ def write_report(
         )
     cells = load_cells(run_dir, db, table, classes, log)
     metrics = load_metrics(run_dir, db, table, log)
-    ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None)
+    ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None,
+              metrics_note=_metrics_elsewhere(run_dir, db, table, metrics))  # fmt: skip
+    if ctx.metrics_note:
+        log(f"warning: {ctx.metrics_note}")
     bodies = {}
     for sid, build in BUILDERS.items():
         t = time.perf_counter()

@@ -19,7 +19,7 @@ import polars as pl
 
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
-from embedstore.store import DEFAULT_TABLE, Store, sql_in
+from embedstore.store import DEFAULT_TABLE, Store, is_uri, sql_in
 
 from . import checkpoint as ckpt
 from .calibration import TemperatureScaler, expected_calibration_error
@@ -421,6 +421,9 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not cohort and on not in (*EVAL_ON, "holdout"):
         raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
+    if cohort and on != "test":  # the cohort has no part of the run's split: all its cells are scored
+        raise UserError(f"--on {on} picks a part of the run's own split; --cohort {cohort} scores every labelled cell "
+                        "of --db: leave out --on, or evaluate the run's own store without --cohort")  # fmt: skip
     info = ckpt.read_info(run_dir, "local")
     classes, tissues = info["classes"], info["tissues"]
     out_dir = ensure_dir(run_dir / (f"cohort-{cohort}" if cohort else ""), "the evaluation outputs")
@@ -484,6 +487,9 @@ def evaluate_run(
     if val_rows.size:
         val_probs = _with_safety(predict_all(data.subset(val_rows), run_dir, device=device), rule)
 
+    # metrics.json vouches for the plots and tables beside it (`heads report` embeds them): gone
+    # while they are rewritten, back (in one rename) once all are, so a kill leaves none to trust
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     result_rows, curves = [], {}
     for name, key in PATHS.items():
         if key not in probs:
@@ -533,7 +539,7 @@ def evaluate_run(
         result_rows += base
 
     table_df = results_table(result_rows)
-    extra = {"run": str(run_dir), "db": str(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
+    extra = {"run": str(run_dir), "db": str(db), "store": store_key(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
              "classes_present": present, "classes_missing": [c for c in classes if c not in present],
              "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
              "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside}}  # fmt: skip
@@ -547,9 +553,21 @@ def evaluate_run(
         extra["conformal"] = conformal
     if comp is not None:
         extra["complementarity"] = comp.to_dicts()
-    write_metrics_json(result_rows, out_dir / "metrics.json", extra=extra)
+    with atomic_path(out_dir / "metrics.json") as tmp:
+        write_metrics_json(result_rows, tmp, extra=extra)
     return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp,
             "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
+
+
+def store_key(db: str | Path) -> str:
+    """Where a store is, one way however it is given: a local directory (or file:// URI) as its
+    resolved path, another URI as given (`heads report` compares it with metrics.json's)."""
+    text = str(db)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif is_uri(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
 
 
 def _temperature(p: np.ndarray, y: np.ndarray, p_val: np.ndarray | None, y_val: np.ndarray | None) -> dict:

@@ -1,0 +1,215 @@
+"""`heads eval | report | explain` on awkward real-world inputs: a table without this run's
+predictions, an --out that is a folder, an evaluation killed midway, metrics made on another
+store, cell ids that differ only in characters a file name cannot hold, --on with --cohort.
+
+Runs are trained on a small store written directly (no slides, no extraction): a few seconds."""
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from embedstore.store import Store, vectors_to_arrow
+from heads import explain as ex
+from heads import report, runs
+from heads.splits import SplitConfig
+from heads.train import TrainConfig
+from tests.clirun import run_cli
+
+QUICK = TrainConfig(epochs=1, global_epochs=1, gate_epochs=1, batch_size=64)
+SLIDES = {"s0": "colon", "s1": "lung", "s2": "colon"}
+
+
+def quiet(_msg):
+    pass
+
+
+def write_cells(store: Store, table: str, slides, ids, rng, y=None, n_classes=3):
+    n = len(ids)
+    y = rng.integers(0, n_classes, n) if y is None else y
+    local = (np.random.default_rng(0).normal(size=(n_classes, 16)) * 2)[y] + rng.normal(size=(n, 16))
+    x_um, y_um = rng.uniform(0, 400, n), rng.uniform(0, 400, n)
+    store.cells_table(table, {"local": 16, "context": 8}, {"test": 1})
+    store.append(table, pa.table({
+        "slide_id": slides, "cell_id": ids, "x_px": x_um * 4, "y_px": y_um * 4, "x_um": x_um, "y_um": y_um,
+        "tissue": [SLIDES.get(s, "colon") for s in slides], "run_id": ["t"] * n,
+        "local_outside": np.zeros(n, np.float32), "local": vectors_to_arrow(local.astype(np.float32)),
+        "context_outside": np.zeros(n, np.float32),
+        "context": vectors_to_arrow(rng.normal(size=(n, 8)).astype(np.float32)),
+    }))  # fmt: skip
+    return y
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, one_torch_thread):
+    """3 slides of 160 cells, 3 classes, 16 + 8-d vectors; a run trained on all stages,
+    evaluated and predicted (its folder is copied by the tests that change it)."""
+    rng = np.random.default_rng(0)
+    slides = np.repeat(list(SLIDES), 160)
+    ids = np.array([f"c{i:04d}" for i in range(len(slides))])
+    root = tmp_path_factory.mktemp("inputs")
+    db = root / "db"
+    store = Store(db, create=True)
+    y = write_cells(store, "cells", slides, ids, rng)
+    store.set_labels(pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": [f"k{v}" for v in y]}), source="t")
+    run = root / "run"
+    runs.train(db, run, "all", QUICK, scale=False, split_config=SplitConfig(guard_um=10), log=quiet)
+    runs.evaluate_run(run, db, baselines=(), log=quiet)
+    runs.predict(run, db, log=quiet)
+    return db, run
+
+
+@pytest.fixture
+def setup(base, tmp_path):
+    """A private copy of the store and the run."""
+    db, run = tmp_path / "db", tmp_path / "run"
+    shutil.copytree(base[0], db)
+    shutil.copytree(base[1], run)
+    return db, run
+
+
+def one_error_line(result, *words):
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# heads report
+
+
+def test_report_of_a_table_whose_cells_this_run_did_not_predict_is_refused(setup, tmp_path):
+    """A second vector table in the store (another cohort): the predictions joined none of its
+    cells and the calibration section crashed with an IndexError traceback."""
+    db, run = setup
+    write_cells(Store(db), "other", ["z0"] * 40, [f"o{i}" for i in range(40)], np.random.default_rng(1))
+    out = tmp_path / "o.html"
+    result = run_cli("cli.heads", "report", "--run", run, "--db", db, "--table", "other", "--out", out)
+    one_error_line(result, "'other'", "heads predict")
+    assert not out.exists()
+
+
+def test_report_out_that_is_a_folder_is_refused_before_the_work(setup, tmp_path):
+    """It failed at the very end with "Is a directory: .../.folder.tmp-PID"."""
+    db, run = setup
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    (folder / "unrelated.txt").write_text("keep me")
+    result = run_cli("cli.heads", "report", "--run", run, "--db", db, "--out", folder)
+    line = one_error_line(result, str(folder), "folder")
+    assert ".tmp-" not in line
+    assert "report: results" not in result.stderr  # refused before any section was built
+    assert (folder / "unrelated.txt").read_text() == "keep me"
+    assert sorted(p.name for p in folder.iterdir()) == ["unrelated.txt"]
+
+
+def test_report_run_that_is_a_file(setup, tmp_path):
+    db, _ = setup
+    f = tmp_path / "run.txt"
+    f.write_text("not a run")
+    line = one_error_line(run_cli("cli.heads", "report", "--run", f, "--db", db), str(f))
+    assert "is a file" in line and "does not exist" not in line
+
+
+def test_a_killed_eval_leaves_no_metrics_the_report_trusts(setup, monkeypatch):
+    """metrics.json was written in place, last: a kill left new plots beside the old
+    metrics.json (or a half-written one), and the report trusted them."""
+    db, run = setup
+    old = json.loads((run / "metrics.json").read_text())
+    assert old["info"]["on"] == "test"
+
+    def killed(rows, path, extra=None):
+        with open(path, "w") as f:
+            f.write('{"paths": {"local (FiLM)": {')  # a kill in the middle of the write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "write_metrics_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runs.evaluate_run(run, db, on="val", baselines=(), log=quiet)
+    monkeypatch.undo()
+    # the plots of the killed evaluation (on val) are there: no metrics.json may vouch for them
+    assert not (run / "metrics.json").exists()
+    assert not list(run.glob(".metrics.json*"))
+    said = []
+    report.write_report(run, db, log=said.append)  # evaluates again, as for a new run
+    assert any("metrics.json is missing" in m for m in said)
+    assert json.loads((run / "metrics.json").read_text())["info"]["on"] == "test"
+
+
+def test_a_half_written_metrics_json_is_one_error_line(setup):
+    db, run = setup
+    (run / "metrics.json").write_text('{"paths": {"gate": {"accuracy": 0.')
+    one_error_line(run_cli("cli.heads", "report", "--run", run, "--db", db), "metrics.json", "heads eval")
+
+
+def test_report_says_when_its_metrics_were_made_on_another_store(setup, tmp_path):
+    """The page showed the training store's test metrics beside another store's predictions
+    and galleries without a word."""
+    db, run = setup
+    runs.evaluate_run(run, db, baselines=(), log=quiet)  # the copy's metrics, on the copied store
+    other = tmp_path / "other_db"
+    shutil.copytree(db, other)
+    runs.predict(run, other, out_dir=tmp_path / "p", log=quiet)
+    said = []
+    page = report.write_report(run, other, tmp_path / "o.html", log=said.append).read_text()
+    assert any(m.startswith("warning:") and str(db) in m and str(other) in m for m in said), said
+    assert "was made by `heads eval` on " + html_text(str(db)) in page
+    # the same store given another way (a file:// URI) is the same store: no warning
+    said.clear()
+    report.write_report(run, f"file://{db}", tmp_path / "u.html", log=said.append)
+    assert not [m for m in said if m.startswith("warning:")], said
+
+
+def html_text(s):
+    import html
+
+    return html.escape(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# heads eval
+
+
+def test_cohort_eval_refuses_a_part_of_the_split(setup):
+    """--on val with --cohort was silently ignored: every cell of the cohort was scored."""
+    db, run = setup
+    before = sorted(p.name for p in run.iterdir())
+    result = run_cli("cli.heads", "eval", "--run", run, "--db", db, "--cohort", "c1", "--on", "val",
+                     "--baselines", "none")  # fmt: skip
+    one_error_line(result, "--on val", "--cohort")
+    assert sorted(p.name for p in run.iterdir()) == before  # no cohort-c1/ folder made
+    assert run_cli("cli.heads", "eval", "--run", run, "--db", db, "--cohort", "c1", "--baselines", "none").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# heads explain
+
+
+def fake_cell(slide, cell):
+    crop = np.zeros((8, 8, 3), np.uint8)
+    cam = np.zeros((8, 8), np.float32)
+    e = ex.PathExplanation("local", "local (FiLM)", "last-block", crop, cam, cam[:2, :2], "k0", 0.5, "k0", 0.5, 1.0)
+    return ex.CellExplanation(slide, cell, "colon", "k0", [e])
+
+
+def test_explain_cells_whose_ids_differ_only_in_odd_characters_get_their_own_png(tmp_path, monkeypatch):
+    """'a b', 'a:b' and 'a_b' (QuPath, Xenium, unicode ids) all became s0__a_b.png: the later
+    cells overwrote the earlier ones' figures."""
+    ids = ["a b", "a:b", "a_b", "α", "β", "A_B", "x/../y", "c-01.x"]
+    monkeypatch.setattr(ex, "compute", lambda run, db, cells, **k: [fake_cell(*c.split(":", 1)) for c in cells])
+    written = ex.explain("run", "db", [f"s0:{c}" for c in ids], tmp_path / "x")
+    pngs = written[:-1]
+    assert written[-1].name == "grid.png"
+    assert len({p.name.lower() for p in pngs}) == len(ids)  # distinct, even on a case-blind disk
+    assert all(p.parent == tmp_path / "x" and p.exists() for p in pngs)
+    assert pngs[-1].name == "s0__c-01.x.png"  # a plain id keeps its plain name
+    # the same cell gets the same name in every run (a name says which cell it shows)
+    again = ex.explain("run", "db", [f"s0:{c}" for c in ids[::-1]], tmp_path / "y")[:-1]
+    assert [p.name for p in again] == [p.name for p in pngs][::-1]
