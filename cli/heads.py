@@ -170,7 +170,7 @@ def predict(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
     db: Annotated[str, typer.Option(help="LanceDB store (directory or URI) with the cells to label")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
-    out: Annotated[Path | None, typer.Option(help="folder for predictions.parquet and geojson/ (default RUN/predictions)")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for predictions.parquet and geojson/ (default RUN/predictions; for a store other than the training store RUN/predictions-<store>-<hash>)")] = None,
     slide: Annotated[list[str] | None, typer.Option(help="only these slides (repeatable)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
     coverage: Annotated[float, typer.Option(help="conformal level of each cell's set of plausible classes")] = 0.9,

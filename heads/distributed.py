@@ -153,14 +153,14 @@ def predict_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if slides_per_task < 1:
         raise UserError(f"slides_per_task must be >= 1, not {slides_per_task!r}")
-    from .runs import skipped, unknown_tissues
+    from .runs import predictions_dir, skipped, unknown_tissues
     from .train import trained_tissues
 
     run_dir = Path(run_dir).absolute()
     tissues = trained_tissues(ckpt.read_info(run_dir, "local"))  # no run: fail before anything starts
     db = store_location(db)
     unknown = unknown_tissues(db, table, slides, tissues)  # as `predict`: what cannot be predicted
-    out = Path(out_dir) if out_dir else run_dir / "predictions"
+    out = Path(out_dir) if out_dir else predictions_dir(run_dir, db)
     out = ensure_dir(out, "the predictions").absolute()
     counts = _slide_counts(db, table, slides)
     if unknown.height:  # slides of unknown tissue only: no task; mixed slides: their known cells

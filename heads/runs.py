@@ -7,7 +7,9 @@ exactly the same cells, and, after `evaluate_run`, `metrics.json` plus its plots
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
@@ -135,11 +137,12 @@ def _with_file_labels(meta: pl.DataFrame, path: str | Path, keys: pl.DataFrame, 
     return meta.drop(given, strict=False).join(known.select(*KEYS, *given), on=KEYS, how="left", maintain_order="left")
 
 
-def save_split(run_dir: Path, data: CellData, split: Split) -> None:
+def save_split(run_dir: Path, data: CellData, split: Split, store: str | None = None) -> None:
     """split.parquet (slide_id, cell_id, split incl. "guard") and split.json (settings, counts
-    per slide and class, leak, digest: the one the checkpoints trained on it record)."""
+    per slide and class, leak, digest: the one the checkpoints trained on it record; `store`:
+    the training store, as `store_key` gives it)."""
     frame = split_table(data.meta, split.labels(len(data)))
-    info = {**split.summary(), **split.info, "digest": split_digest(frame)}
+    info = {**split.summary(), **split.info, "digest": split_digest(frame), **({"store": store} if store else {})}
     with atomic_path(run_dir / SPLIT_FILE) as tmp:
         frame.write_parquet(tmp)
     with atomic_path(run_dir / SPLIT_INFO_FILE) as tmp:
@@ -232,7 +235,7 @@ def train(
         # only now, with the stage trained: a failed or stopped run leaves the old one whole
         retire_later_stages(run_dir, name, log=log)
         if name == "local":
-            save_split(run_dir, data, split)  # on disk before the checkpoint trained on it
+            save_split(run_dir, data, split, store=store_key(db))  # on disk before the checkpoint trained on it
 
     out = train_stage(stage, data, run_dir, cfg, split=split, before_save=before_save, log=log)
     # the post-hoc rules run the heads: only on val cells of tissues they were trained on
@@ -559,6 +562,22 @@ def evaluate_run(
             "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
 
 
+def predictions_dir(run_dir: str | Path, db: str | Path) -> Path:
+    """Where `heads predict` writes by default: RUN/predictions for the store the run was
+    trained on (or a run that does not record it), RUN/predictions-<store>-<hash> for another
+    store, so that predicting a cohort never replaces the training store's files."""
+    run_dir = Path(run_dir)
+    try:
+        trained_on = json.loads((run_dir / SPLIT_INFO_FILE).read_text()).get("store")
+    except (OSError, ValueError, AttributeError):  # no split.json (yet), or not ours: the default
+        trained_on = None
+    here = store_key(db)
+    if trained_on is None or trained_on == here:
+        return run_dir / "predictions"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", here.rstrip("/").rsplit("/", 1)[-1]).strip("._") or "store"
+    return run_dir / f"predictions-{name}-{hashlib.sha256(here.encode()).hexdigest()[:6]}"
+
+
 def store_key(db: str | Path) -> str:
     """Where a store is, one way however it is given: a local directory (or file:// URI) as its
     resolved path, another URI as given (`heads report` compares it with metrics.json's)."""
@@ -677,7 +696,8 @@ def predict(
     log: Log = print,
 ) -> pl.DataFrame:
     """Per-cell predictions of every stored cell: a `predictions` table in the store (one
-    row per run and cell, replaced on rerun) plus Parquet and QuPath GeoJSON (one per slide).
+    row per run and cell, replaced on rerun) plus Parquet and QuPath GeoJSON (one per slide),
+    in `out_dir` (default `predictions_dir`: not the training store's folder for another store).
 
     When the run has them: `safety_class` (the safety rule's class) and the conformal set at
     `conformal_level` (`conformal_set`: class names joined by "|", `set_size`; an empty set
@@ -692,7 +712,7 @@ def predict(
     # no run: fail before making the output folder; a tissue without training cells is unknown
     tissues = trained_tissues(ckpt.read_info(run_dir, "local"))
     unknown = unknown_tissues(db, table, slides, tissues)
-    out_dir = ensure_dir(Path(out_dir) if out_dir else run_dir / "predictions", "the predictions")
+    out_dir = ensure_dir(Path(out_dir) if out_dir else predictions_dir(run_dir, db), "the predictions")
     frame = predict_frame(run_dir, db, table=table, slides=slides, device=device, tissues=tissues if unknown.height else None,
                           conformal_level=conformal_level, class_conditional=class_conditional)  # fmt: skip
     parquet = out_dir / "predictions.parquet"

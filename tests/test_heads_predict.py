@@ -160,3 +160,23 @@ def test_class_names_holding_the_set_separator_are_refused(setup, tmp_path):
     (old / "local.json").write_text(json.dumps(info))
     with pytest.raises(UserError, match=r"contain '\|'"):
         runs.predict_frame(old, db, slides=setup["slides"][:1])
+
+
+def test_predicting_another_store_keeps_the_training_stores_files(setup, tmp_path):
+    """A cohort predicted with the default --out replaced RUN/predictions/predictions.parquet,
+    the training store's predictions, without a word."""
+    db, slides = setup["db"], [s for s in setup["slides"] if s != setup["new_slide"]]
+    run = shutil.copytree(setup["C"], tmp_path / "run")
+    runs.predict(run, db, slides=slides, log=quiet)
+    parquet = run / "predictions" / "predictions.parquet"
+    before = parquet.read_bytes()
+    cohort = shutil.copytree(db, tmp_path / "cohort" / "db")
+    said = []
+    frame = runs.predict(run, cohort, slides=slides[:1], log=said.append)
+    assert parquet.read_bytes() == before
+    (other,) = [p for p in run.iterdir() if p.name.startswith("predictions-")]
+    assert re.fullmatch(r"predictions-db-[0-9a-f]{6}", other.name) and str(other / "predictions.parquet") in said[-1]
+    assert pl.read_parquet(other / "predictions.parquet").height == frame.height
+    # the training store however it is written: the run's own folder
+    assert runs.predictions_dir(run, db) == runs.predictions_dir(run, db.resolve().as_uri()) == run / "predictions"
+    assert runs.predictions_dir(run, cohort) == other
