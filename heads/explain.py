@@ -228,16 +228,6 @@ def load_backbone(vec_cfg: dict, kind: str, weights: str | Path | None, device: 
     return backbone
 
 
-def _slide_paths(db: str | Path, slides: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
-    from embedstore.io.slides import find_slides, slide_id_from_path
-    from embedstore.search.explore import slide_paths
-
-    paths = slide_paths(db)
-    if slides is not None:
-        paths.update({slide_id_from_path(p): Path(p) for p in find_slides(slides)})
-    return paths
-
-
 def read_crop(slide: Any, x_px: float, y_px: float, vec_cfg: dict) -> np.ndarray:
     """The cell's field as the extraction pass cut it: at the pyramid level's own pixels
     (`resample=False`), for the backbone to resize."""
@@ -366,14 +356,18 @@ def compute(
     backbones = {k: load_backbone(_vector_config(config, k), k,
                                   local_weights if k == "local" else context_weights, dev)
                  for k in wanted}  # fmt: skip
-    paths = _slide_paths(db, slides)
+    from embedstore.search.explore import slide_paths
+
+    paths = slide_paths(db, slides)
     out: list[CellExplanation] = []
     for sid, cid in refs:
         loaded = store.load(table, slides=[sid])
         row = _lookup(loaded, sid, cid)
         rec = loaded.meta.row(row, named=True)
         if sid not in paths or not Path(paths[sid]).exists():
-            raise UserError(f"slide file of {sid!r} not found (recorded: {paths.get(sid)}); pass --slides DIR")
+            where = "in --slides or " if slides is not None else ""
+            raise UserError(f"slide file of {sid!r} not found {where}where extraction recorded it ({paths.get(sid)}); "
+                            "pass --slides with the folder that holds it")  # fmt: skip
         t = torch.tensor([tissues.index(rec["tissue"])], device=dev)
         stored = {k: loaded.vectors[k][row] for k in ("local", "context")}
         cell = CellExplanation(sid, cid, rec["tissue"], rec.get("label"))

@@ -520,13 +520,9 @@ def gallery_picks(
 
 
 def _slide_files(db: Path, slides: str | Path | None) -> dict[str, Path]:
-    from embedstore.io.slides import find_slides, slide_id_from_path
     from embedstore.search.explore import slide_paths
 
-    paths = slide_paths(db)
-    if slides is not None:
-        paths.update({slide_id_from_path(p): p for p in find_slides(slides)})
-    return {k: Path(v) for k, v in paths.items() if Path(v).exists()}
+    return {k: v for k, v in slide_paths(db, slides).items() if v.exists()}
 
 
 def _jpeg_uri(img: np.ndarray, box_frac: float | None = None) -> str:
@@ -675,6 +671,10 @@ def write_report(
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the HTML file to write, e.g. --out {out / 'report.html'}")
     ensure_dir(out.parent, "the report")  # a bad --out fails now, not after the work
+    if slides is not None:
+        from embedstore.io.slides import find_slides
+
+        find_slides(slides)  # a --slides path that does not exist fails now, not as a note in the page
     if not Store(db).has(table):
         raise UserError(
             f"{db} has no table {table!r}: pass the run's store with --db (and --table)"

@@ -90,7 +90,9 @@ def _reference_cam(trained, cell: str, layer: str, class_name: str) -> np.ndarra
     sid, cid = cell.split(":")
     meta = Store(db).load("cells", slides=[sid], vectors=()).meta
     rec = meta.filter(meta["cell_id"] == cid).row(0, named=True)
-    paths = {p.stem: p for p in (ex._slide_paths(db, None)).values()}
+    from embedstore.search.explore import slide_paths
+
+    paths = {p.stem: p for p in slide_paths(db).values()}
     with Slide(paths[sid]) as slide:
         crop = ex.read_crop(slide, rec["x_px"], rec["y_px"], config)
     bb = build_backbone("test-vit-local", pooling=config["pooling"], input_px=config["input_px"])

@@ -110,6 +110,15 @@ def test_report_out_that_is_a_folder_is_refused_before_the_work(setup, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["unrelated.txt"]
 
 
+def test_report_slides_that_do_not_exist_are_refused_before_the_work(setup, tmp_path):
+    """A mistyped --slides exited 0 with only a note in the galleries section."""
+    db, run = setup
+    out = tmp_path / "r.html"
+    result = run_cli("cli.heads", "report", "--run", run, "--db", db, "--out", out, "--slides", tmp_path / "nope")
+    one_error_line(result, str(tmp_path / "nope"), "no such file")
+    assert "report: results" not in result.stderr and not out.exists()
+
+
 def test_report_run_that_is_a_file(setup, tmp_path):
     db, _ = setup
     f = tmp_path / "run.txt"

@@ -320,17 +320,23 @@ def batch_effect(
     return rates
 
 
-def slide_paths(db: str | Path) -> dict[str, Path]:
-    """Slide files recorded by the extraction runs (latest run first wins)."""
+def slide_paths(db: str | Path, slides=None) -> dict[str, Path]:
+    """Slide files by id: those recorded by the extraction runs (latest run first wins), then
+    those found in `slides` (files, folders or globs, as `embed extract` takes them), which win:
+    slides moved since extraction. A `slides` path that does not exist is a SlideError."""
     import json
+
+    from ..io.slides import find_slides, slide_id_from_path
 
     runs = Store(db).runs()
     out: dict[str, Path] = {}
     if runs.height:
-        for slides in reversed(runs.sort("started")["slides"].to_list()):
-            for sid, rec in json.loads(slides or "{}").items():
+        for recorded in reversed(runs.sort("started")["slides"].to_list()):
+            for sid, rec in json.loads(recorded or "{}").items():
                 if rec.get("path") and sid not in out:
                     out[sid] = Path(rec["path"])
+    if slides is not None:
+        out.update({slide_id_from_path(p): Path(p) for p in find_slides(slides)})
     return out
 
 
@@ -347,11 +353,9 @@ def gallery(
     from matplotlib.figure import Figure
 
     from ..geometry import CropSpec
-    from ..io.slides import Slide, find_slides, slide_id_from_path
+    from ..io.slides import Slide
 
-    paths = slide_paths(db)
-    if slides is not None:
-        paths.update({slide_id_from_path(p): p for p in find_slides(slides)})
+    paths = slide_paths(db, slides)
     spec = CropSpec(crop_um, 224)
     n = neighbours.height
     rows = (n + columns - 1) // columns
