@@ -432,10 +432,16 @@ def explain(
     """Grad-CAM figures: one PNG per cell plus `grid.png` of all of them (paths returned)."""
     from embedstore.fileio import ensure_dir
 
-    out_dir = ensure_dir(out_dir, "the explanations")
-    found = compute(run_dir, db, cells, table=table, path=path, target_layer=target_layer,
-                    class_name=class_name, slides=slides, device=device, local_weights=local_weights,
-                    context_weights=context_weights, log=log)  # fmt: skip
+    made = not Path(out_dir).exists()
+    out_dir = ensure_dir(out_dir, "the explanations")  # an --out that cannot be made fails first
+    try:
+        found = compute(run_dir, db, cells, table=table, path=path, target_layer=target_layer,
+                        class_name=class_name, slides=slides, device=device, local_weights=local_weights,
+                        context_weights=context_weights, log=log)  # fmt: skip
+    except BaseException:
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # refused: leave no empty folder behind
+        raise
     written = [render_cell(c, out_dir / name) for c, name in zip(found, _file_names(found), strict=True)]
     written.append(render_grid(found, out_dir / "grid.png"))
     return written

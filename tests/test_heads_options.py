@@ -187,7 +187,10 @@ def test_explain_cli_names_the_tissue(db, local_run, tmp_path):
                  "--path", "local")  # fmt: skip
     assert isinstance(result.exception, UserError)
     assert "(pancreas)" in str(result.exception) and "trained tissues: colon, lung" in str(result.exception)
-    assert not list((tmp_path / "x").glob("*.png"))
+    assert not (tmp_path / "x").exists()  # refused: no empty --out folder left behind
+    (tmp_path / "y").mkdir()  # a folder the user made stays
+    cli("explain", "--run", local_run, "--db", db, "--cell", cell_of(db, "s2"), "--out", tmp_path / "y", "--path", "local")
+    assert (tmp_path / "y").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------
