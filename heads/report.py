@@ -151,9 +151,21 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log) -> dict[str, Any
     return metrics
 
 
-def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log = print) -> pl.DataFrame:
+def eval_min_label_confidence(run_dir: Path) -> float:
+    """The label-confidence cut `heads eval` scored metrics.json with (the default when it is
+    missing, unreadable or older than the record): the page counts the same labels."""
+    try:
+        value = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))["info"]["min_label_confidence"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return MIN_LABEL_CONFIDENCE
+    return float(value) if isinstance(value, int | float) else MIN_LABEL_CONFIDENCE
+
+
+def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log = print,
+               min_label_confidence: float = MIN_LABEL_CONFIDENCE) -> pl.DataFrame:  # fmt: skip
     """The store's predictions of this run (made by this very run folder, not one of the same
-    name: `run_predictions`) joined with each cell's coordinates and label."""
+    name: `run_predictions`) joined with each cell's coordinates and label (labels with a
+    lower `label_confidence` count as none, as in `heads eval`)."""
     try:
         preds = run_predictions(db, run_dir, classes, log)
     except StoreError:
@@ -171,7 +183,7 @@ def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log
         "label_confidence" in meta.columns
     ):  # labels `heads eval` would not score are not labels here
         low = pl.col("label_confidence").is_not_null() & (
-            pl.col("label_confidence") < MIN_LABEL_CONFIDENCE
+            pl.col("label_confidence") < min_label_confidence
         )
         meta = meta.with_columns(label=pl.when(low).then(None).otherwise(pl.col("label")))
     cells = preds.join(meta, on=["slide_id", "cell_id"], how="inner")
@@ -679,7 +691,7 @@ def write_report(
         raise UserError(
             f"{db} has no table {table!r}: pass the run's store with --db (and --table)"
         )
-    cells = load_cells(run_dir, db, table, classes, log)
+    cells = load_cells(run_dir, db, table, classes, log, eval_min_label_confidence(run_dir))
     metrics = load_metrics(run_dir, db, table, log)
     ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None,
               metrics_note=_metrics_elsewhere(run_dir, db, table, metrics))  # fmt: skip

@@ -545,7 +545,8 @@ def evaluate_run(
     extra = {"run": str(run_dir), "db": str(db), "store": store_key(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
              "classes_present": present, "classes_missing": [c for c in classes if c not in present],
              "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
-             "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside}}  # fmt: skip
+             "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside},
+             "min_label_confidence": min_label_confidence}  # fmt: skip
     if selection:
         extra["warning"] = SELECTION_NOTE
     if split is not None:

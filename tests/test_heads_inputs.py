@@ -222,3 +222,23 @@ def test_explain_cells_whose_ids_differ_only_in_odd_characters_get_their_own_png
     # the same cell gets the same name in every run (a name says which cell it shows)
     again = ex.explain("run", "db", [f"s0:{c}" for c in ids[::-1]], tmp_path / "y")[:-1]
     assert [p.name for p in again] == [p.name for p in pngs][::-1]
+
+
+def test_report_counts_the_labels_eval_scored(setup):
+    """The page dropped labels below a fixed 0.6 confidence whatever `heads eval
+    --min-label-confidence` had scored: its galleries and calibration counted other cells."""
+    db, run = setup
+    labels = Store(db).labels()
+    low = labels.with_columns(label_confidence=pl.when(pl.int_range(pl.len()) % 2 == 0).then(0.3).otherwise(0.9))
+    Store(db).set_labels(low.drop("source"), source="t")
+    classes = report.check_run(run)
+    runs.evaluate_run(run, db, baselines=(), min_label_confidence=0.0, log=quiet)
+    assert report.eval_min_label_confidence(run) == 0.0
+    every = report.load_cells(run, db, "cells", classes, quiet, report.eval_min_label_confidence(run))
+    assert every["label"].null_count() == 0
+    runs.evaluate_run(run, db, baselines=(), log=quiet)  # the default cut, 0.6
+    assert report.eval_min_label_confidence(run) == 0.6
+    kept = report.load_cells(run, db, "cells", classes, quiet, report.eval_min_label_confidence(run))
+    assert kept["label"].null_count() == every.height // 2
+    (run / "metrics.json").unlink()
+    assert report.eval_min_label_confidence(run) == report.MIN_LABEL_CONFIDENCE  # eval will run with it
