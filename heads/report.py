@@ -292,7 +292,8 @@ def section_f1(ctx: Ctx) -> str:
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1 on the scored cells")
-    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    # above the bars, never over them (inside the axes it hid the last classes' bars)
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="outside upper center", ncols=len(names), frameon=False)
     return figure(
         fig_uri(fig),
         "Per-class F1 of each head path side by side (and the best baseline): a class "

@@ -242,3 +242,23 @@ def test_report_counts_the_labels_eval_scored(setup):
     assert kept["label"].null_count() == every.height // 2
     (run / "metrics.json").unlink()
     assert report.eval_min_label_confidence(run) == report.MIN_LABEL_CONFIDENCE  # eval will run with it
+
+
+def test_per_class_f1_legend_never_covers_bars(monkeypatch):
+    """With 30+ classes the legend, inside the axes at lower right, hid the last classes' bars."""
+    from types import SimpleNamespace
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    classes = [f"class {i}" for i in range(34)]
+    paths = {p: {"per_class_f1": dict.fromkeys(classes, 0.99), "support": dict.fromkeys(classes, 10)}
+             for p in ("local (FiLM)", "global", "gate")}  # fmt: skip
+    seen = []
+    monkeypatch.setattr(report, "fig_uri", lambda fig, dpi=report.DPI: seen.append(fig) or "data:,")
+    report.section_f1(SimpleNamespace(metrics={"paths": paths}, classes=classes))
+    (fig,) = seen
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    assert ax.get_legend() is None and len(fig.legends) == 1
+    legend, bars = fig.legends[0].get_window_extent(), ax.get_window_extent()
+    assert legend.y0 >= bars.y1  # above the plotting area
