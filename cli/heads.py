@@ -117,8 +117,10 @@ def eval_(
     if result["selection"]:
         title += " [bold red](the cells that chose the model: optimistic)[/]"
     emit(rich_results_table(result["table"], title=title))
-    console.print("val F1: the same model on the validation cells that chose it; gap = val F1 - "
-                  "macro-F1 (selection optimism plus any val/test difference)", highlight=False)  # fmt: skip
+    val = result["table"]["val_macro_f1"] if "val_macro_f1" in result["table"].columns else None
+    if val is not None and val.cast(float).fill_nan(None).is_not_null().any():  # none in a cohort
+        console.print("val F1: the same model on the validation cells that chose it; gap = val F1 - "
+                      "macro-F1 (selection optimism plus any val/test difference)", highlight=False)  # fmt: skip
     if result["conformal"] is not None:
         from rich.table import Table
 

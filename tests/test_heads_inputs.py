@@ -194,7 +194,11 @@ def test_cohort_eval_refuses_a_part_of_the_split(setup):
                      "--baselines", "none")  # fmt: skip
     one_error_line(result, "--on val", "--cohort")
     assert sorted(p.name for p in run.iterdir()) == before  # no cohort-c1/ folder made
-    assert run_cli("cli.heads", "eval", "--run", run, "--db", db, "--cohort", "c1", "--baselines", "none").returncode == 0
+    cohort = run_cli("cli.heads", "eval", "--run", run, "--db", db, "--cohort", "c1", "--baselines", "none")
+    assert cohort.returncode == 0, cohort.stderr
+    assert "val F1:" not in cohort.stderr  # a cohort has no validation cells: no footnote about them
+    own = run_cli("cli.heads", "eval", "--run", run, "--db", db, "--baselines", "none")
+    assert own.returncode == 0 and "val F1:" in own.stderr
 
 
 # ---------------------------------------------------------------------------------------------
