@@ -178,8 +178,8 @@ def check_options(precision: str, context: str, table: str) -> list[Check]:
         out.append(Check("options", "--precision", "fail", f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"))
     if context not in CONTEXT_MODES:
         out.append(Check("options", "--context", "fail", f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}"))
-    if bad_table_name(table):
-        out.append(Check("options", "--table", "fail", bad_table_name(table)))
+    if problem := bad_table_name(table):
+        out.append(Check("options", "--table", "fail", problem))
     return out
 
 

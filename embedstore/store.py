@@ -145,6 +145,18 @@ def store_location(db: str | Path) -> str:
     return str(db) if is_uri(db) else str(Path(db).absolute())
 
 
+def store_key(db: str | Path) -> str:
+    """One name per store however it is given (to compare two): a directory, or a file:// URI
+    of one, as its resolved path; another URI as given. `heads` records it with a run's split
+    and metrics."""
+    text = str(db)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif is_uri(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
 def _key_meta(position: int) -> dict[str, str]:
     return {PK_META: "true", f"{PK_META}:position": str(position + 1)}
 

@@ -208,7 +208,7 @@ def check_run(run_dir: Path) -> list[str]:
 def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any]) -> str | None:
     """What to say when metrics.json was made by `heads eval` on another store or table than
     the one this page shows the predictions of (None when the same, or not recorded)."""
-    from .runs import store_key
+    from embedstore.store import store_key
 
     info = metrics.get("info", {}) if isinstance(metrics.get("info"), dict) else {}
     made_on, made_table = info.get("store"), info.get("table", table)

@@ -21,7 +21,7 @@ import polars as pl
 
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
-from embedstore.store import DEFAULT_TABLE, Store, is_uri, sql_in
+from embedstore.store import DEFAULT_TABLE, Store, sql_in, store_key
 
 from . import checkpoint as ckpt
 from .calibration import TemperatureScaler, expected_calibration_error
@@ -577,17 +577,6 @@ def predictions_dir(run_dir: str | Path, db: str | Path) -> Path:
         return run_dir / "predictions"
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", here.rstrip("/").rsplit("/", 1)[-1]).strip("._") or "store"
     return run_dir / f"predictions-{name}-{hashlib.sha256(here.encode()).hexdigest()[:6]}"
-
-
-def store_key(db: str | Path) -> str:
-    """Where a store is, one way however it is given: a local directory (or file:// URI) as its
-    resolved path, another URI as given (`heads report` compares it with metrics.json's)."""
-    text = str(db)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif is_uri(text):
-        return text.rstrip("/")
-    return str(Path(text).expanduser().resolve())
 
 
 def _temperature(p: np.ndarray, y: np.ndarray, p_val: np.ndarray | None, y_val: np.ndarray | None) -> dict:

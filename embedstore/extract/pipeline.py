@@ -89,8 +89,8 @@ class ExtractConfig:
                             f"--context-pooling {self.context_pooling} needs --context exact")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if bad_table_name(self.table):
-            raise UserError(bad_table_name(self.table))
+        if problem := bad_table_name(self.table):
+            raise UserError(problem)
         return self
 
 
