@@ -6,6 +6,11 @@ NUCLASS_KILL_AT="commit.during:2" SIGKILLs this process the 2nd time it reaches 
 With NUCLASS_KILL_ONCE=PATH the count is ignored across processes: the first process to reach
 the point while PATH is absent creates it and dies, all others carry on (a task retried in a
 new worker process then runs through).
+
+Pause points, for the tests of concurrent commands: NUCLASS_PAUSE_AT="predict.write" makes
+`pause("predict.write")` create NUCLASS_PAUSE_FILE + ".reached" and wait until
+NUCLASS_PAUSE_FILE exists (two minutes at most), so a test can start a second command while
+the first is held at a known place.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 import random
 import signal
 import threading
+import time
+from pathlib import Path
 
 _SPEC = os.environ.get("NUCLASS_KILL_AT", "")
 _hits: dict[str, int] = {}
@@ -43,3 +50,13 @@ def _die() -> None:
         except FileExistsError:
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause(name: str) -> None:
+    if os.environ.get("NUCLASS_PAUSE_AT") != name:
+        return
+    go = Path(os.environ["NUCLASS_PAUSE_FILE"])
+    Path(f"{go}.reached").touch()
+    deadline = time.monotonic() + 120
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

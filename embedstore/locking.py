@@ -15,7 +15,7 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _held: dict[str, list] = {}  # path -> [fd, depth]: re-entrant within a process
@@ -23,8 +23,9 @@ _mutex = threading.RLock()
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing), waiting for other holders.
+def exclusive(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing), waiting for other holders
+    (`on_wait` is called first when it has to wait: to say why nothing happens).
 
     Re-entrant in one process (nested `with` blocks on the same path hold it once).
     """
@@ -35,7 +36,12 @@ def exclusive(path: str | Path) -> Iterator[None]:
             Path(key).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if on_wait is not None:
+                        on_wait()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:
                 os.close(fd)
                 raise
@@ -87,3 +93,54 @@ class LifeLock:
             return False
         finally:
             os.close(fd)
+
+
+class Busy(Exception):
+    """`file_lock(..., wait=False)`: another holder has the lock."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold a shared or exclusive flock on `path` for the `with` block; yields whether it is held.
+
+    Not re-entrant: in one process, two exclusive holds (or exclusive plus shared) of the same
+    path block each other. With wait=False a held lock raises `Busy` at once. A lock file that
+    cannot be made (a read-only run folder) is opened read-only, and when it cannot be opened at
+    all (no such folder) a shared hold goes on unlocked (yields False): nobody can write there.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # no folder there (or a file): nothing to hold, the caller says what is wrong
+            if not shared:
+                raise
+            yield False
+            return
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(str(path)) from None
+        yield True
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def held_exclusively(path: str | Path) -> bool:
+    """Whether some process holds an exclusive flock on `path` (not merely shared ones)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

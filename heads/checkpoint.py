@@ -8,6 +8,7 @@ backbone identity (names, weight hashes, dims, pooling, input size) differ from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from embedstore import faults
 from embedstore.errors import UserError
 from heads.context import ContextHead
 from heads.data import CellData
@@ -95,9 +97,13 @@ def save_stage(
     }
     tmp_w = weights_path.with_suffix(".safetensors.tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT, "stage": stage})
+    # the JSON names its weights: a kill between the two renames, or a weights file copied in
+    # from another run, leaves a pair `load_stage` refuses instead of reading
+    info["weights_sha256"] = _sha256(tmp_w)
     tmp_j = json_path.with_suffix(".json.tmp")
     tmp_j.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp_w, weights_path)
+    faults.point("heads.save")
     os.replace(tmp_j, json_path)
     return weights_path, json_path
 
@@ -139,6 +145,13 @@ def load_stage(
     if data is not None:
         check_compatible(info, data, where=str(stage_paths(run_dir, stage)[1]))
     weights_path = stage_paths(run_dir, stage)[0]
+    want = info.get("weights_sha256")  # absent in checkpoints saved before it was recorded
+    if want is not None and _sha256(weights_path) != want:
+        raise UserError(
+            f"{weights_path} is not the file {weights_path.with_suffix('.json').name} was saved with (its sha256 "
+            f"differs): the run folder mixes two trainings (one stopped while saving, or files copied from "
+            f"another run); retrain stage `{stage}` with `heads train --stage {stage} --out {Path(run_dir)}`"
+        )
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
@@ -241,6 +254,10 @@ def check_provenance(expected: dict[str, Any], got: dict[str, Any], where: str) 
         f"[{'; '.join(lines_have) or 'nothing recorded'}]. Embed the cells with the same "
         "backbones and weights as the training set, or retrain the heads on these vectors"
     )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _json_normalise(obj: Any) -> Any:

@@ -30,10 +30,12 @@ import polars as pl
 
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
+from embedstore.locking import exclusive
 from embedstore.raycluster import import_ray, start_ray
 from embedstore.store import DEFAULT_TABLE, Store, store_location
 
 from . import checkpoint as ckpt
+from . import runlock
 from .export import write_geojson, write_parquet
 
 Log = Callable[[str], None]
@@ -119,6 +121,7 @@ def _slide_counts(db: str, table: str, slides: Sequence[str] | None) -> pl.DataF
     return counts
 
 
+@runlock.reads_run
 def predict_ray(
     run_dir: str | Path,
     db: str | Path,
@@ -153,7 +156,7 @@ def predict_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if slides_per_task < 1:
         raise UserError(f"slides_per_task must be >= 1, not {slides_per_task!r}")
-    from .runs import predictions_dir, skipped, unknown_tissues
+    from .runs import PREDICT_LOCK, predictions_dir, skipped, unknown_tissues
     from .train import trained_tissues
 
     run_dir = Path(run_dir).absolute()
@@ -162,35 +165,37 @@ def predict_ray(
     unknown = unknown_tissues(db, table, slides, tissues)  # as `predict`: what cannot be predicted
     out = Path(out_dir) if out_dir else predictions_dir(run_dir, db)
     out = ensure_dir(out, "the predictions").absolute()
-    counts = _slide_counts(db, table, slides)
-    if unknown.height:  # slides of unknown tissue only: no task; mixed slides: their known cells
-        left_out = unknown.group_by("slide_id").agg(pl.col("cells").sum())
-        whole = counts.join(left_out, on="slide_id", how="inner").filter(pl.col("cells") == pl.col("cells_right"))
-        counts = counts.filter(~pl.col("slide_id").is_in(whole["slide_id"].to_list()))
-    earlier = pl.read_parquet(out / "predictions.parquet") if slides and (out / "predictions.parquet").exists() else None
-    ids = counts["slide_id"].to_list()
-    tasks = [ids[i : i + slides_per_task] for i in range(0, len(ids), slides_per_task)]
-    per_slide = dict(counts.iter_rows())
-    started = start_ray(ray, address, workers)
-    try:
-        t0 = time.perf_counter()
-        actor = ray.remote(_PredictWorker).options(
-            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_retries, max_task_retries=max_retries)  # fmt: skip
-        handles = [actor.remote(str(run_dir), device, cpus_per_worker) for _ in range(workers)]
-        infos = ray.get([h.info.remote() for h in handles])
-        startup = time.perf_counter() - t0
-        emit("ray_workers", {"workers": infos})
-        n_cells = int(counts["cells"].sum())
-        emit("start", {"slides": len(ids), "cells": n_cells, "run_id": f"ray:{workers} workers"})
-        job = dt.datetime.now(dt.UTC).strftime("ray-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-        args = (db, table, str(out), job, conformal_level, class_conditional, tissues if unknown.height else None)
-        named = list(zip(handles, (i["actor_id"] for i in infos), strict=True))
-        results = _schedule(ray, named, tasks, args, per_slide, emit, poll_s)
-        cells = _merge_parts(out, job, len(tasks), earlier, slides, log)
-        seconds = time.perf_counter() - t0
-    finally:
-        if started:
-            ray.shutdown()
+    # as `predict`: one job at a time per folder
+    with exclusive(out / PREDICT_LOCK, on_wait=lambda: log(f"waiting for another `heads predict` writing into {out}...")):
+        counts = _slide_counts(db, table, slides)
+        if unknown.height:  # slides of unknown tissue only: no task; mixed slides: their known cells
+            left_out = unknown.group_by("slide_id").agg(pl.col("cells").sum())
+            whole = counts.join(left_out, on="slide_id", how="inner").filter(pl.col("cells") == pl.col("cells_right"))
+            counts = counts.filter(~pl.col("slide_id").is_in(whole["slide_id"].to_list()))
+        earlier = pl.read_parquet(out / "predictions.parquet") if slides and (out / "predictions.parquet").exists() else None
+        ids = counts["slide_id"].to_list()
+        tasks = [ids[i : i + slides_per_task] for i in range(0, len(ids), slides_per_task)]
+        per_slide = dict(counts.iter_rows())
+        started = start_ray(ray, address, workers)
+        try:
+            t0 = time.perf_counter()
+            actor = ray.remote(_PredictWorker).options(
+                num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_retries, max_task_retries=max_retries)  # fmt: skip
+            handles = [actor.remote(str(run_dir), device, cpus_per_worker) for _ in range(workers)]
+            infos = ray.get([h.info.remote() for h in handles])
+            startup = time.perf_counter() - t0
+            emit("ray_workers", {"workers": infos})
+            n_cells = int(counts["cells"].sum())
+            emit("start", {"slides": len(ids), "cells": n_cells, "run_id": f"ray:{workers} workers"})
+            job = dt.datetime.now(dt.UTC).strftime("ray-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+            args = (db, table, str(out), job, conformal_level, class_conditional, tissues if unknown.height else None)
+            named = list(zip(handles, (i["actor_id"] for i in infos), strict=True))
+            results = _schedule(ray, named, tasks, args, per_slide, emit, poll_s)
+            cells = _merge_parts(out, job, len(tasks), earlier, slides, log)
+            seconds = time.perf_counter() - t0
+        finally:
+            if started:
+                ray.shutdown()
     by_worker: dict[str, list[str]] = {}
     for r in results:
         by_worker.setdefault(r["worker"]["actor_id"], []).extend(r["slides"])

@@ -39,6 +39,7 @@ from embedstore.errors import UserError
 from embedstore.store import DEFAULT_TABLE, Store
 
 from . import checkpoint as ckpt
+from . import runlock
 from .train import trained_tissues
 
 Log = Callable[[str], None]
@@ -413,6 +414,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
+@runlock.reads_run
 def explain(
     run_dir: str | Path,
     db: str | Path,

@@ -34,6 +34,7 @@ from embedstore.fileio import atomic_path, ensure_dir
 from embedstore.store import DEFAULT_TABLE, Store, StoreError, is_uri
 
 from . import checkpoint as ckpt
+from . import runlock
 from .export import run_predictions
 from .plots import save_png
 
@@ -661,6 +662,7 @@ def render(ctx: Ctx, bodies: dict[str, str]) -> str:
             f"<nav><ol>{toc}</ol></nav>{secs}</main></body></html>\n")  # fmt: skip
 
 
+@runlock.reads_run
 def write_report(
     run_dir: str | Path,
     db: str | Path,

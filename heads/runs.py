@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from embedstore import faults
 from embedstore.errors import UserError
 from embedstore.fileio import atomic_path, ensure_dir
+from embedstore.locking import exclusive
 from embedstore.store import DEFAULT_TABLE, Store, sql_in, store_key
 
 from . import checkpoint as ckpt
+from . import runlock
 from .calibration import TemperatureScaler, expected_calibration_error
 from .data import CellData
 from .export import (
@@ -217,32 +220,35 @@ def train(
     if stage not in STAGE_CHOICES:
         raise UserError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CHOICES)}")
     run_dir = ensure_dir(run_dir, "the run")
-    data = load_cell_data(db, table=table, labels=labels, labelled_only=True, min_label_confidence=min_label_confidence)
-    check_class_names(data.classes)  # "|" joins a conformal set's classes in the predictions
-    log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
-        f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
-    if stage in ("local", "all"):
-        split = make_split(data.meta, holdout=holdout, config=split_config)
-    else:  # a later stage trains on the split its local head was trained on
-        ckpt.read_info(run_dir, "local")  # no local head: say so first
-        split = load_split(run_dir, data, stages=ckpt.STAGES[: ckpt.STAGES.index(stage)])
-        for note in check_same_settings(split, holdout, split_config, stage, split_given):
-            log(note)
-    if scale:
-        cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), keep=train_given, log=log)
+    with runlock.training(run_dir):
+        data = load_cell_data(db, table=table, labels=labels, labelled_only=True, min_label_confidence=min_label_confidence)
+        check_class_names(data.classes)  # "|" joins a conformal set's classes in the predictions
+        log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
+            f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
+        if stage in ("local", "all"):
+            split = make_split(data.meta, holdout=holdout, config=split_config)
+        else:  # a later stage trains on the split its local head was trained on
+            ckpt.read_info(run_dir, "local")  # no local head: say so first
+            split = load_split(run_dir, data, stages=ckpt.STAGES[: ckpt.STAGES.index(stage)])
+            for note in check_same_settings(split, holdout, split_config, stage, split_given):
+                log(note)
+        if scale:
+            cfg = scale_for_size(cfg, int((data.label.numpy()[split.train] >= 0).sum()), keep=train_given, log=log)
 
-    def before_save(name: str) -> None:
-        # only now, with the stage trained: a failed or stopped run leaves the old one whole
-        retire_later_stages(run_dir, name, log=log)
-        if name == "local":
-            save_split(run_dir, data, split, store=store_key(db))  # on disk before the checkpoint trained on it
+        def before_save(name: str) -> None:
+            # only now, with the stage trained: a failed or stopped run leaves the old one whole
+            runlock.mark_started(run_dir, stage)  # until the post-hoc rules are fitted
+            retire_later_stages(run_dir, name, log=log)
+            if name == "local":
+                save_split(run_dir, data, split, store=store_key(db))  # on disk before the checkpoint trained on it
 
-    out = train_stage(stage, data, run_dir, cfg, split=split, before_save=before_save, log=log)
-    # the post-hoc rules run the heads: only on val cells of tissues they were trained on
-    trained = trained_tissues(ckpt.read_info(run_dir, "local"))
-    val = split.val[_of_tissues(data, split.val, trained)]
-    fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
-    return out
+        out = train_stage(stage, data, run_dir, cfg, split=split, before_save=before_save, log=log)
+        # the post-hoc rules run the heads: only on val cells of tissues they were trained on
+        trained = trained_tissues(ckpt.read_info(run_dir, "local"))
+        val = split.val[_of_tissues(data, split.val, trained)]
+        fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
+        runlock.mark_finished(run_dir)
+        return out
 
 
 #: what a run made from its models as they were (stale once a stage is retrained): `heads
@@ -388,6 +394,7 @@ def _with_safety(probs: dict[str, np.ndarray], rule: dict[str, Any] | None) -> d
     return probs
 
 
+@runlock.reads_run
 def evaluate_run(
     run_dir: str | Path,
     db: str | Path,
@@ -490,77 +497,82 @@ def evaluate_run(
     if val_rows.size:
         val_probs = _with_safety(predict_all(data.subset(val_rows), run_dir, device=device), rule)
 
-    # metrics.json vouches for the plots and tables beside it (`heads report` embeds them): gone
-    # while they are rewritten, back (in one rename) once all are, so a kill leaves none to trust
-    (out_dir / "metrics.json").unlink(missing_ok=True)
-    result_rows, curves = [], {}
-    for name, key in PATHS.items():
-        if key not in probs:
-            continue
-        p = probs[key]
-        row = {"name": name, **evaluate(y, p, classes)}
-        if val_probs is not None:
-            row["val_macro_f1"] = macro_f1(y_val, val_probs[key].argmax(1))
-            row["selection_gap"] = row["val_macro_f1"] - row["macro_f1"]
-        if temperature:
-            row.update(_temperature(p, y, val_probs[key] if val_probs and not selection else None,
-                                    y_val if not selection else None))  # fmt: skip
-        result_rows.append(row)
-        curves[name] = (p, y)
-        cm = np.asarray(row["confusion"]["normalized"], dtype=float)
-        safe = name.split(" ")[0]
-        pl.DataFrame({"true": classes, **{c: cm[:, j] for j, c in enumerate(classes)}}).write_csv(out_dir / f"confusion_{safe}.csv")
-        confusion_heatmap(cm, classes, out_dir / f"confusion_{safe}.png", title=f"{name}: row-normalised confusion")
-    reliability_diagram(curves, out_dir / "reliability.png", title="Reliability (10 bins)")
-    comp = None
-    if "p_global" in probs:
-        comp = complementarity(y, probs["p_local"].argmax(1), probs["p_global"].argmax(1), classes)
-        comp.write_csv(out_dir / "complementarity.csv")
-        complementarity_chart(comp, out_dir / "complementarity.png")
+    # two evals of one run write their files one after the other, never interleaved
+    with exclusive(out_dir / ".eval.lock"):
+        # metrics.json vouches for the plots and tables beside it (`heads report` embeds them): gone
+        # while they are rewritten, back (in one rename) once all are, so a kill leaves none to trust
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        result_rows, curves = [], {}
+        for name, key in PATHS.items():
+            if key not in probs:
+                continue
+            p = probs[key]
+            row = {"name": name, **evaluate(y, p, classes)}
+            if val_probs is not None:
+                row["val_macro_f1"] = macro_f1(y_val, val_probs[key].argmax(1))
+                row["selection_gap"] = row["val_macro_f1"] - row["macro_f1"]
+            if temperature:
+                row.update(_temperature(p, y, val_probs[key] if val_probs and not selection else None,
+                                        y_val if not selection else None))  # fmt: skip
+            result_rows.append(row)
+            curves[name] = (p, y)
+            cm = np.asarray(row["confusion"]["normalized"], dtype=float)
+            safe = name.split(" ")[0]
+            pl.DataFrame({"true": classes, **{c: cm[:, j] for j, c in enumerate(classes)}}).write_csv(out_dir / f"confusion_{safe}.csv")
+            confusion_heatmap(cm, classes, out_dir / f"confusion_{safe}.png", title=f"{name}: row-normalised confusion")
+        reliability_diagram(curves, out_dir / "reliability.png", title="Reliability (10 bins)")
+        comp = None
+        if "p_global" in probs:
+            comp = complementarity(y, probs["p_local"].argmax(1), probs["p_global"].argmax(1), classes)
+            comp.write_csv(out_dir / "complementarity.csv")
+            complementarity_chart(comp, out_dir / "complementarity.png")
 
-    conformal = None
-    sets_model = ConformalSets.load(run_dir)
-    if sets_model is not None and f"p_{sets_model.path}" in probs:
-        keys = cell_keys(data.meta[rows])
-        conformal = {"level": conformal_level, "path": sets_model.path, "score": "aps-randomised"}
-        for mode, cc in (("marginal", False), ("class_conditional", True)):
-            sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], keys, conformal_level, cc)
-            conformal[mode] = set_coverage(sets, y, classes)
+        conformal = None
+        sets_model = ConformalSets.load(run_dir)
+        if sets_model is not None and f"p_{sets_model.path}" in probs:
+            keys = cell_keys(data.meta[rows])
+            conformal = {"level": conformal_level, "path": sets_model.path, "score": "aps-randomised"}
+            for mode, cc in (("marginal", False), ("class_conditional", True)):
+                sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], keys, conformal_level, cc)
+                conformal[mode] = set_coverage(sets, y, classes)
 
-    if baselines and split is not None:
-        labelled_train = split.train[data.label.numpy()[split.train] >= 0]
-        u, c = data.local.numpy(), data.context.numpy()
-        log(f"baselines {', '.join(baselines)} on {labelled_train.size} train cells, selected on "
-            f"{val_rows.size} val cells{' (class-balanced)' if balanced else ''}...")  # fmt: skip
-        base = run_baselines(
-            {"local": u, "context": c, "both": [u, c]}, data.label.numpy(), labelled_train, rows, classes,
-            which=tuple(baselines), val_mask=val_rows if val_rows.size else None, balanced=balanced,
-        )  # fmt: skip
-        for r in base:
-            if r.get("val_macro_f1") is not None:
-                r["selection_gap"] = r["val_macro_f1"] - r["macro_f1"]
-        result_rows += base
+        if baselines and split is not None:
+            labelled_train = split.train[data.label.numpy()[split.train] >= 0]
+            u, c = data.local.numpy(), data.context.numpy()
+            log(f"baselines {', '.join(baselines)} on {labelled_train.size} train cells, selected on "
+                f"{val_rows.size} val cells{' (class-balanced)' if balanced else ''}...")  # fmt: skip
+            base = run_baselines(
+                {"local": u, "context": c, "both": [u, c]}, data.label.numpy(), labelled_train, rows, classes,
+                which=tuple(baselines), val_mask=val_rows if val_rows.size else None, balanced=balanced,
+            )  # fmt: skip
+            for r in base:
+                if r.get("val_macro_f1") is not None:
+                    r["selection_gap"] = r["val_macro_f1"] - r["macro_f1"]
+            result_rows += base
 
-    table_df = results_table(result_rows)
-    extra = {"run": str(run_dir), "db": str(db), "store": store_key(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
-             "classes_present": present, "classes_missing": [c for c in classes if c not in present],
-             "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
-             "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside},
-             "min_label_confidence": min_label_confidence}  # fmt: skip
-    if selection:
-        extra["warning"] = SELECTION_NOTE
-    if split is not None:
-        extra["split"] = {**split.summary(), **{k: v for k, v in split.info.items() if k != "per_class"}}
-    if rule is not None:
-        extra["safety_rule"] = rule
-    if conformal is not None:
-        extra["conformal"] = conformal
-    if comp is not None:
-        extra["complementarity"] = comp.to_dicts()
-    with atomic_path(out_dir / "metrics.json") as tmp:
-        write_metrics_json(result_rows, tmp, extra=extra)
-    return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp,
-            "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
+        table_df = results_table(result_rows)
+        extra = {"run": str(run_dir), "db": str(db), "store": store_key(db), "table": table, "on": cohort or on, "cells": int(len(rows)),
+                 "classes_present": present, "classes_missing": [c for c in classes if c not in present],
+                 "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
+                 "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside},
+                 "min_label_confidence": min_label_confidence}  # fmt: skip
+        if selection:
+            extra["warning"] = SELECTION_NOTE
+        if split is not None:
+            extra["split"] = {**split.summary(), **{k: v for k, v in split.info.items() if k != "per_class"}}
+        if rule is not None:
+            extra["safety_rule"] = rule
+        if conformal is not None:
+            extra["conformal"] = conformal
+        if comp is not None:
+            extra["complementarity"] = comp.to_dicts()
+        with atomic_path(out_dir / "metrics.json") as tmp:
+            write_metrics_json(result_rows, tmp, extra=extra)
+        return {"table": table_df, "rows": result_rows, "out_dir": out_dir, "complementarity": comp,
+                "conformal": conformal, "selection": selection, "on": cohort or on}  # fmt: skip
+
+
+PREDICT_LOCK = ".predict.lock"
 
 
 def predictions_dir(run_dir: str | Path, db: str | Path) -> Path:
@@ -673,6 +685,7 @@ def predict_frame(
     return frame
 
 
+@runlock.reads_run
 def predict(
     run_dir: str | Path,
     db: str | Path,
@@ -706,11 +719,14 @@ def predict(
     frame = predict_frame(run_dir, db, table=table, slides=slides, device=device, tissues=tissues if unknown.height else None,
                           conformal_level=conformal_level, class_conditional=class_conditional)  # fmt: skip
     parquet = out_dir / "predictions.parquet"
-    kept = _with_earlier_slides(frame, parquet, slides, log)
-    with atomic_path(parquet) as tmp:
-        write_parquet(kept, tmp)
-    write_geojson(frame, out_dir / "geojson")
-    Store(db).write_predictions(frame)
+    # two predicts into one folder: one after the other, so neither drops the other's slides
+    with exclusive(out_dir / PREDICT_LOCK, on_wait=lambda: log(f"waiting for another `heads predict` writing into {out_dir}...")):
+        kept = _with_earlier_slides(frame, parquet, slides, log)
+        faults.pause("predict.write")
+        with atomic_path(parquet) as tmp:
+            write_parquet(kept, tmp)
+        write_geojson(frame, out_dir / "geojson")
+        Store(db).write_predictions(frame)
     log(f"{frame.height} predictions -> store table `predictions`, {parquet} ({kept.height} rows), {out_dir / 'geojson'}/")
     if unknown.height:
         raise skipped(unknown, tissues, frame["slide_id"].unique(maintain_order=True).to_list(), frame.height, frame)

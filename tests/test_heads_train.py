@@ -502,8 +502,9 @@ def test_a_run_stopped_between_stages_keeps_its_local_head_with_its_split(store_
     new = make_split(data.meta, config=SplitConfig(val_fraction=0.3))
     assert np.array_equal(split.train, new.train) and np.array_equal(split.test, new.test)
     assert ckpt.read_info(run, "local")["split"]["digest"] == split.info["digest"] == new.info["digest"]
-    left = sorted(p.name for p in run.iterdir())
+    left = sorted(p.name for p in run.iterdir() if not p.name.startswith("."))
     assert left == ["local.json", "local.safetensors", "split.json", "split.parquet", "stale"]
+    assert (run / ".training").exists()  # readers say the train was stopped: rerun it
     stale = {p.name for d in (run / "stale").iterdir() for p in d.iterdir()}
     assert {"global.json", "gate.safetensors", "safety.json", "conformal.parquet", "conformal.json",
             "cohort-b", "predictions", *made} <= stale  # fmt: skip
