@@ -145,13 +145,6 @@ def load_stage(
     if data is not None:
         check_compatible(info, data, where=str(stage_paths(run_dir, stage)[1]))
     weights_path = stage_paths(run_dir, stage)[0]
-    want = info.get("weights_sha256")  # absent in checkpoints saved before it was recorded
-    if want is not None and _sha256(weights_path) != want:
-        raise UserError(
-            f"{weights_path} is not the file {weights_path.with_suffix('.json').name} was saved with (its sha256 "
-            f"differs): the run folder mixes two trainings (one stopped while saving, or files copied from "
-            f"another run); retrain stage `{stage}` with `heads train --stage {stage} --out {Path(run_dir)}`"
-        )
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type (and OSError)
@@ -159,6 +152,13 @@ def load_stage(
             f"{weights_path} cannot be read: it is truncated or corrupt ({e}); retrain stage "
             f"`{stage}` with `heads train --stage {stage} --out {Path(run_dir)}`"
         ) from e
+    want = info.get("weights_sha256")  # absent in checkpoints saved before it was recorded
+    if want is not None and _sha256(weights_path) != want:
+        raise UserError(
+            f"{weights_path} is not the file {weights_path.with_suffix('.json').name} was saved with (its sha256 "
+            f"differs): the run folder mixes two trainings (one stopped while saving, or files copied from "
+            f"another run); retrain stage `{stage}` with `heads train --stage {stage} --out {Path(run_dir)}`"
+        )
     modules: dict[str, nn.Module] = {}
     for name in STAGE_MODULES[stage]:
         spec = info["modules"][name]

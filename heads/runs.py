@@ -654,7 +654,8 @@ def predict_frame(
     """The predictions frame of the stored cells of `slides` (all when None) and `tissues`
     (all when None), as `predict` writes it. Every column is a function of the cell alone
     (conformal draws are keyed by cell), so frames of disjoint slide groups concatenate to the
-    frame of their union. `run` is the run folder's name, `run_digest` and `run_dir` say which
+    frame of their union, up to float32 rounding (on some CPUs the matrix kernels round a
+    batch of another size differently: 6e-8). `run` is the run folder's name, `run_digest` and `run_dir` say which
     run folder it is (`heads.export.run_digest`).
 
     `loaded`: the run already read by `load_run` (run_dir is then only its name's source)."""
