@@ -23,6 +23,23 @@ def _log(msg: str) -> None:
     console.print(escape(msg), highlight=False)  # "[local] ..." is text, not markup
 
 
+def _read_synonyms(path: Path | None) -> dict[str, str | None] | None:
+    """--synonyms: a JSON object {raw label: training class, or null to drop the label}."""
+    from embedstore.errors import UserError
+
+    if path is None:
+        return None
+    try:
+        syn = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise UserError(f"--synonyms {path} cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise UserError(f"--synonyms {path} is not valid JSON ({exc})") from None
+    if not isinstance(syn, dict) or not all(v is None or isinstance(v, str) for v in syn.values()):
+        raise UserError(f'--synonyms {path} must be a JSON object {{"raw label": "training class" or null}}')
+    return syn
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -98,7 +115,7 @@ def eval_(
     from heads.metrics import rich_results_table
     from heads.runs import evaluate_run
 
-    syn = json.loads(synonyms.read_text()) if synonyms else None
+    syn = _read_synonyms(synonyms)
     which = () if baselines.strip().lower() in ("", "none") else tuple(b.strip() for b in baselines.split(","))
     result = evaluate_run(
         run_dir, db, table=table, on=on, cohort=cohort, synonyms=syn, baselines=which, balanced=balanced,
@@ -157,13 +174,20 @@ def report(
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     slides: Annotated[Path | None, typer.Option(help="slide file or folder, when the recorded slide paths moved")] = None,
     index_dir: Annotated[Path | None, typer.Option(help="where FAISS indexes live (default DB/_faiss; for a URI store a temporary one)")] = None,
+    cohort: Annotated[str | None, typer.Option(help="--db is the held-out cohort NAME of `heads eval --cohort` (page: RUN/cohort-NAME/report.html)")] = None,
+    synonyms: Annotated[Path | None, typer.Option(help="JSON {raw label: training class or null} for --cohort, when it is not evaluated yet")] = None,
 ) -> None:
     """One self-contained HTML page of the run: metrics, plots, galleries (runs `eval` if needed)."""
     from rich.text import Text
 
+    from embedstore.errors import UserError
     from heads.report import write_report
 
-    page = write_report(run_dir, db, out, table=table, slides=slides, index_dir=index_dir, log=_log)
+    if synonyms is not None and not cohort:
+        raise UserError("--synonyms maps a cohort's labels: give it with --cohort NAME")
+    syn = _read_synonyms(synonyms)
+    page = write_report(run_dir, db, out, table=table, slides=slides, index_dir=index_dir, cohort=cohort,
+                        synonyms=syn, log=_log)  # fmt: skip
     emit(Text(str(page)))  # no markup
 
 

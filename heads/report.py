@@ -81,6 +81,12 @@ class Ctx:
     log: Log
     index_dir: Path | None = None  # FAISS indexes (default DB/_faiss; a temporary one for URI stores)
     metrics_note: str | None = None  # metrics.json was made on another store or table
+    cohort: str | None = None  # the page of a held-out cohort (`heads eval --cohort`)
+
+    @property
+    def evaluated(self) -> Path:
+        """Where `heads eval` wrote metrics.json and its plots."""
+        return eval_dir(self.run_dir, self.cohort)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -132,24 +138,39 @@ def note(text: str) -> str:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def load_metrics(run_dir: Path, db: Path, table: str, log: Log) -> dict[str, Any]:
-    """metrics.json, made with `heads eval`'s defaults when the run has none yet."""
-    path = run_dir / "metrics.json"
+def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | None = None,
+                 synonyms: dict[str, str | None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """metrics.json (of `cohort`: RUN/cohort-NAME/), made with `heads eval`'s defaults (and
+    `synonyms`) when the run has none yet."""
+    path = eval_dir(run_dir, cohort) / "metrics.json"
+    command = f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
     if not path.exists():
         from .runs import evaluate_run
 
-        log(
-            f"{path} is missing: evaluating the run first (as `heads eval --run {run_dir} --db {db}`)"
-        )
-        evaluate_run(run_dir, db, table=table, log=log)
+        log(f"{path} is missing: evaluating the run first (as `{command}`)")
+        evaluate_run(run_dir, db, table=table, cohort=cohort, synonyms=synonyms, log=log)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}): delete it (the report then evaluates the run again) "
-                        f"or run `heads eval --run {run_dir} --db {db}`") from None  # fmt: skip
+                        f"or run `{command}`") from None  # fmt: skip
     if not isinstance(metrics, dict):
-        raise UserError(f"{path} is not `heads eval`'s metrics: delete it, or run `heads eval --run {run_dir} --db {db}`")
+        raise UserError(f"{path} is not `heads eval`'s metrics: delete it, or run `{command}`")
+    if cohort and synonyms is not None and _recorded_synonyms(metrics) != synonyms:
+        raise UserError(f"{path} was scored with other synonyms than --synonyms gives: run `{command} --synonyms "
+                        f"FILE` with them (or leave --synonyms out to report the scored ones)")  # fmt: skip
     return metrics
+
+
+def eval_dir(run_dir: Path, cohort: str | None) -> Path:
+    """Where `heads eval` writes: the run folder, or RUN/cohort-NAME for a cohort."""
+    return Path(run_dir) / f"cohort-{cohort}" if cohort else Path(run_dir)
+
+
+def _recorded_synonyms(metrics: dict[str, Any]) -> dict[str, str | None]:
+    info = metrics.get("info") if isinstance(metrics.get("info"), dict) else {}
+    syn = info.get("synonyms")
+    return syn if isinstance(syn, dict) else {}
 
 
 def eval_min_label_confidence(run_dir: Path) -> float:
@@ -195,6 +216,16 @@ def load_cells(run_dir: Path, db: Path, table: str, classes: list[str], log: Log
     return cells
 
 
+def cohort_labels(cells: pl.DataFrame, synonyms: dict[str, str | None], classes: list[str]) -> pl.DataFrame:
+    """A cohort's raw labels as training classes, mapped as `heads eval --cohort` maps them
+    (through its synonyms; labels that match no class are none)."""
+    from .metrics import apply_synonyms
+
+    mapped = apply_synonyms(cells["label"].to_list(), synonyms, classes)
+    labels = np.where(mapped.keep, np.asarray(mapped.labels, dtype=object), None)
+    return cells.with_columns(label=pl.Series(labels.tolist(), dtype=pl.Utf8))
+
+
 def check_run(run_dir: Path) -> list[str]:
     """The run's classes, or a UserError saying the run directory is not a trained run."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -206,7 +237,7 @@ def check_run(run_dir: Path) -> list[str]:
     return list(ckpt.read_info(run_dir, "local")["classes"])
 
 
-def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any]) -> str | None:
+def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any], cohort: str | None = None) -> str | None:
     """What to say when metrics.json was made by `heads eval` on another store or table than
     the one this page shows the predictions of (None when the same, or not recorded)."""
     from embedstore.store import store_key
@@ -215,10 +246,11 @@ def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, An
     made_on, made_table = info.get("store"), info.get("table", table)
     if made_on is None or (made_on == store_key(db) and made_table == table):
         return None
-    return (f"{run_dir / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
+    command = f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
+    return (f"{eval_dir(run_dir, cohort) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
             f"not on {db} (table {table!r}): the results, per-class F1, confusion, calibration, conformal and "
-            f"complementarity sections are of that store, the gate and galleries of this one; run `heads eval "
-            f"--run {run_dir} --db {db}` for this store's metrics")  # fmt: skip
+            f"complementarity sections are of that store, the gate and galleries of this one; run `{command}` "
+            "for this store's metrics")  # fmt: skip
 
 
 # -- sections ---------------------------------------------------------------------------------
@@ -312,7 +344,7 @@ def section_confusion(ctx: Ctx) -> str:
         conf = m.get("confusion", {}).get("normalized")
         if conf is None:
             continue
-        png = ctx.run_dir / f"confusion_{name.split(' ')[0]}.png"  # as `heads eval` names them
+        png = ctx.evaluated / f"confusion_{name.split(' ')[0]}.png"  # as `heads eval` names them
         if png.exists():
             uri = file_uri(png, max_px=640)
         else:
@@ -359,7 +391,7 @@ def section_calibration(ctx: Ctx) -> str:
     from .plots import reliability_diagram
 
     out = []
-    png = ctx.run_dir / "reliability.png"
+    png = ctx.evaluated / "reliability.png"
     if png.exists():
         out.append(figure(file_uri(png), "Reliability of every path before temperature scaling (from `heads eval`): "
                           "bars on the diagonal mean the confidence can be read as a probability; red is the gap.",
@@ -646,7 +678,7 @@ figcaption{font-size:13px;color:#555;margin-top:.3em} .note{color:#8a5a00;font-s
 
 def render(ctx: Ctx, bodies: dict[str, str]) -> str:
     """The page: header, table of contents, one <section id=...> per section."""
-    title = f"NuClass run: {ctx.run_dir.resolve().name}"
+    title = f"NuClass run: {ctx.run_dir.resolve().name}" + (f" on cohort {ctx.cohort}" if ctx.cohort else "")
     toc = "".join(f'<li><a href="#{sid}">{html.escape(h)}</a></li>' for sid, h in SECTIONS)
     secs = "".join(
         f'<section id="{sid}"><h2>{html.escape(h)}</h2>{bodies[sid]}</section>'
@@ -671,10 +703,15 @@ def write_report(
     table: str = DEFAULT_TABLE,
     slides: str | Path | None = None,
     index_dir: str | Path | None = None,
+    cohort: str | None = None,
+    synonyms: dict[str, str | None] | None = None,
     log: Log = print,
 ) -> Path:
     """Write the run's HTML report (default RUN/report.html, atomically); returns its path.
 
+    `cohort`: the page of a held-out cohort `db` (default RUN/cohort-NAME/report.html), from
+    `heads eval --cohort NAME`'s metrics, run first with `synonyms` when there are none; its
+    labels are mapped to the training classes through the synonyms that eval recorded.
     `slides`: a slide file or folder, for stores whose recorded slide paths moved.
     `index_dir`: where FAISS indexes live (as `embed index --index-dir`); default DB/_faiss,
     and for a store given as a URI a temporary index, built for this page only.
@@ -682,7 +719,8 @@ def write_report(
     t0 = time.perf_counter()
     run_dir, db = Path(run_dir), str(db)  # a directory or a URI
     classes = check_run(run_dir)
-    out = Path(out) if out else run_dir / "report.html"
+    evaluated = eval_dir(run_dir, cohort)
+    out = Path(out) if out else evaluated / "report.html"
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the HTML file to write, e.g. --out {out / 'report.html'}")
     ensure_dir(out.parent, "the report")  # a bad --out fails now, not after the work
@@ -694,10 +732,12 @@ def write_report(
         raise UserError(
             f"{db} has no table {table!r}: pass the run's store with --db (and --table)"
         )
-    cells = load_cells(run_dir, db, table, classes, log, eval_min_label_confidence(run_dir))
-    metrics = load_metrics(run_dir, db, table, log)
+    cells = load_cells(run_dir, db, table, classes, log, eval_min_label_confidence(evaluated))
+    metrics = load_metrics(run_dir, db, table, log, cohort, synonyms)
+    if cohort:
+        cells = cohort_labels(cells, _recorded_synonyms(metrics), classes)
     ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None,
-              metrics_note=_metrics_elsewhere(run_dir, db, table, metrics))  # fmt: skip
+              metrics_note=_metrics_elsewhere(run_dir, db, table, metrics, cohort), cohort=cohort)  # fmt: skip
     if ctx.metrics_note:
         log(f"warning: {ctx.metrics_note}")
     bodies = {}

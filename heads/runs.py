@@ -556,6 +556,8 @@ def evaluate_run(
                  "selection_cells": selection, "macro_f1": MACRO_F1_DEFINITION,
                  "labels_outside_classes": {"cells": sum(outside.values()), "labels": outside},
                  "min_label_confidence": min_label_confidence}  # fmt: skip
+        if cohort:
+            extra["synonyms"] = dict(synonyms or {})  # `heads report --cohort` maps the labels as here
         if selection:
             extra["warning"] = SELECTION_NOTE
         if split is not None:

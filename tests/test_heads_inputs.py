@@ -266,3 +266,46 @@ def test_per_class_f1_legend_never_covers_bars(monkeypatch):
     assert ax.get_legend() is None and len(fig.legends) == 1
     legend, bars = fig.legends[0].get_window_extent(), ax.get_window_extent()
     assert legend.y0 >= bars.y1  # above the plotting area
+
+
+def test_report_of_a_held_out_cohort(setup, tmp_path):
+    """`heads report --cohort`: the page of a cohort store, from `heads eval --cohort`'s metrics
+    (run first with --synonyms when missing), its raw labels mapped to the training classes as
+    eval mapped them; other synonyms than the scored ones are refused."""
+    _, run = setup
+    rng = np.random.default_rng(7)
+    cohort = tmp_path / "cohort"
+    store = Store(cohort, create=True)
+    slides = np.repeat(["t0", "t1"], 90)
+    ids = np.array([f"x{i:03d}" for i in range(len(slides))])
+    y = write_cells(store, "cells", slides, ids, rng)
+    raw = np.array(["Type A", "Type B", "k2"], dtype=object)[y]  # two renamed classes, one as trained
+    raw[:10] = "debris"  # dropped on purpose (null)
+    store.set_labels(pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": raw.tolist()}), source="t")
+    syn = tmp_path / "syn.json"
+    syn.write_text(json.dumps({"Type A": "k0", "Type B": "k1", "debris": None}))
+    assert run_cli("cli.heads", "predict", "--run", run, "--db", cohort).returncode == 0
+
+    result = run_cli("cli.heads", "report", "--run", run, "--db", cohort, "--cohort", "c1", "--synonyms", syn)
+    assert result.returncode == 0, result.stderr
+    page = run / "cohort-c1" / "report.html"
+    assert result.stdout.strip() == str(page)
+    metrics = json.loads((run / "cohort-c1" / "metrics.json").read_text())
+    assert metrics["info"]["on"] == "c1" and metrics["info"]["synonyms"]["Type A"] == "k0"
+    assert metrics["info"]["cells"] == 170  # every labelled cohort cell but the debris
+    text = page.read_text()
+    assert "on cohort c1" in text and "<b>c1</b> cells (170 labelled cells)" in text
+    assert "on the 170 scored cells" in text  # calibration on the mapped labels (raw names are no class)
+    scored = report.cohort_labels(report.load_cells(run, str(cohort), "cells", ["k0", "k1", "k2"]),
+                                  metrics["info"]["synonyms"], ["k0", "k1", "k2"])  # fmt: skip
+    assert scored["label"].is_not_null().sum() == 170 and set(scored["label"].drop_nulls()) == {"k0", "k1", "k2"}
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"Type A": "k1", "Type B": "k0"}))
+    result = run_cli("cli.heads", "report", "--run", run, "--db", cohort, "--cohort", "c1", "--synonyms", other)
+    one_error_line(result, "other synonyms", "--cohort c1")
+    result = run_cli("cli.heads", "report", "--run", run, "--db", cohort, "--synonyms", syn)
+    one_error_line(result, "--synonyms", "--cohort NAME")
+    (tmp_path / "bad.json").write_text("{not json")
+    result = run_cli("cli.heads", "eval", "--run", run, "--db", cohort, "--cohort", "c2", "--synonyms", tmp_path / "bad.json")
+    one_error_line(result, "is not valid JSON")
