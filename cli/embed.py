@@ -103,7 +103,9 @@ def cells(
             raise CellsError(f"{source}: a Xenium bundle is a directory (with experiment.xenium)")
         bundles = [source] if _is_bundle(source) else sorted(p for p in source.iterdir() if _is_bundle(p))
         if not bundles:
-            raise CellsError(f"{source}: neither a Xenium bundle nor a directory of bundles")
+            lacks = " (it has no experiment.xenium: copy it from the original Xenium output)" if any(
+                (source / n).exists() for n in ("cells.parquet", "cells.csv.gz", "cells.csv")) else ""  # fmt: skip
+            raise CellsError(f"{source}: neither a Xenium bundle nor a directory of bundles{lacks}")
         one_bundle = {"--slide": slide, "--slide-id": slide_id, "--alignment": alignment}
         given = [opt for opt, v in one_bundle.items() if v is not None]
         if given and len(bundles) > 1:
@@ -476,6 +478,10 @@ def annotate(
                                       source=f"annotate:{name}", table=table, replace=False)  # fmt: skip
         console.print(f"label set {name!r}: labels of {counts['matched']} stored cells (kept = confidence >= "
                       f"{min_confidence:g}; `heads train` uses only those by default)")  # fmt: skip
+        if counts["lost"]["label"]:
+            console.print(f"[yellow]warning:[/] {counts['lost']['label']} stored cells lost their label (cells this "
+                          f"recipe leaves unlabelled); `embed labels --db {escape(db)} --restore "
+                          f"{counts['previous_version']}` undoes this")  # fmt: skip
         if counts["unknown"]:
             console.print(f"{counts['unknown']} labelled cells are not in the store (not extracted yet?), e.g. "
                           f"{counts['unknown_examples']}", markup=False)  # fmt: skip

@@ -17,8 +17,10 @@ by hand; a synonyms table maps names to final classes.
 Confidence per cell (METHOD.md): 0.6 x neighbour purity (share of its 50 PCA-space neighbours
 in its cluster) + 0.4 x marker margin (own class score minus the best other class's), robust
 scaled to [0, 1] as clip(0.5 + 0.5 (m - median) / (3 MAD), 0, 1) over the sample's labelled
-cells. `kept` = labelled and confidence >= 0.60. A doublet carries two classes' markers, so its
-margin, hence its confidence, is low.
+cells. A name from the synonyms table is scored as the panel class it renames (classes renamed
+to one name are not each other's rivals); a class named by hand that no panel class has markers
+for has no margin, and its purity stands in for it. `kept` = labelled and confidence >= 0.60.
+A doublet carries two classes' markers, so its margin, hence its confidence, is low.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def read_panel(path: str | Path) -> dict[str, list[str]]:
             f"{path}: class(es) with a single marker gene: {shown}; give each class at least two "
             "markers, so that one noisy or ambient gene cannot name a cluster"
         )
+    same: dict[frozenset[str], list[str]] = {}
+    for cls, genes in panel.items():
+        same.setdefault(frozenset(genes), []).append(cls)
+    twins = [" and ".join(c) for c in same.values() if len(c) > 1]
+    if twins:
+        raise UserError(f"{path}: classes {'; '.join(twins)} have the same marker genes, so no cluster can be "
+                        "named one rather than the other; give each a marker of its own, or merge them")  # fmt: skip
     return panel
 
 
@@ -284,6 +293,28 @@ def _ranked_markers(adata: Any, cfg: AnnotateConfig) -> dict[str, list[str]]:
     return out
 
 
+def neighbour_purity(x: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """Per cell, the share of its k nearest neighbours (itself excluded) in its own cluster; in a
+    cluster of n <= k cells, of its n - 1 nearest, so that a small, well separated cluster (a rare
+    type that re-clustering split out) can be wholly pure. A cluster of one cell has purity 0."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    if n < 2:
+        return np.zeros(n)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, nn = index.search(x, min(k + 1, n))
+    same = np.cumsum(groups[nn[:, 1:]] == groups[:, None], axis=1)
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    k_cell = np.minimum(same.shape[1], sizes[inverse] - 1)
+    out = np.zeros(n)
+    has = k_cell > 0
+    out[has] = same[has, k_cell[has] - 1] / k_cell[has]
+    return out
+
+
 def annotate_sample(
     adata: Any,
     panel: Mapping[str, Sequence[str]],
@@ -299,7 +330,6 @@ def annotate_sample(
     Returns one row per cell: cell_id, label, label_confidence, kept, cluster, n_counts,
     control_share, marker_margin, purity.
     """
-    import faiss
     import scanpy as sc
 
     genes = set(map(str, adata.var_names))
@@ -332,6 +362,7 @@ def annotate_sample(
         markers = _ranked_markers(a, cfg)
         groups = a.obs["leiden"].astype(str).to_numpy()
         names: dict[str, str | None] = {}
+        scored_as: dict[str, str | None] = {}  # the panel class whose markers a cluster's name stands for
         for c in sorted(set(groups), key=cluster_order):
             mean = scores[groups == c].mean(axis=0)
             order = np.argsort(-mean)
@@ -343,6 +374,7 @@ def annotate_sample(
             key = f"{sample}:{c}"
             if cluster_map is not None and (key in cluster_map or (c in cluster_map)):
                 named = cluster_map.get(key, cluster_map.get(c))
+            scored_as[c] = named if named in usable else None
             if named is not None and synonyms is not None and named in synonyms:
                 named = synonyms[named]
             names[c] = named
@@ -354,28 +386,26 @@ def annotate_sample(
                 "top_markers": " ".join(markers[c][:10]),
             })  # fmt: skip
         lab = np.array([names[g] for g in groups], dtype=object)
-        # neighbour purity: share of the 50 nearest PCA neighbours (itself excluded) in its cluster
-        x = np.ascontiguousarray(a.obsm["X_pca"], dtype=np.float32)
-        k = min(cfg.purity_neighbors + 1, a.n_obs)
-        index = faiss.IndexFlatL2(x.shape[1])
-        index.add(x)
-        _, nn = index.search(x, k)
-        same = groups[nn[:, 1:]] == groups[:, None]
-        pur = same.mean(axis=1) if k > 1 else np.ones(a.n_obs)
-        # marker margin: own class score minus the best other class's, robust-scaled
+        pur = neighbour_purity(a.obsm["X_pca"], groups, cfg.purity_neighbors)
+        # marker margin: own class score minus the best score of a class with another final name
+        # (a name given through --synonyms is scored as the panel class it renames)
         col = {c: j for j, c in enumerate(classes)}
+        final = np.array([synonyms.get(c, c) if synonyms is not None else c for c in classes], dtype=object)
         rows = np.flatnonzero(lab != None)  # noqa: E711 - object array
         m = np.full(a.n_obs, np.nan)
         if rows.size:
-            own = np.array([col.get(lab[i], -1) for i in rows])
+            own = np.array([col.get(scored_as[groups[i]], -1) for i in rows])
             known = own >= 0
             s = scores[rows]
             own_s = np.where(known, s[np.arange(rows.size), own.clip(0)], np.nan)
             other = s.copy()
+            for name in set(lab[rows]):
+                other[np.ix_(lab[rows] == name, final == name)] = -np.inf
             other[np.arange(rows.size), own.clip(0)] = -np.inf
             m[rows] = np.where(known, own_s - other.max(axis=1), np.nan)
         scaled = robust_scale(m)
-        conf = 0.6 * pur + 0.4 * np.where(np.isnan(scaled), 0.0, scaled)
+        # a class without panel markers (named by hand) has no margin: its purity stands in
+        conf = 0.6 * pur + 0.4 * np.where(np.isnan(scaled), pur, scaled)
         conf = np.where(lab != None, conf, np.nan)  # noqa: E711
         qc_rows = np.flatnonzero(qc)
         label[qc_rows], cluster[qc_rows] = lab, np.array([f"{sample}:{g}" for g in groups], dtype=object)
@@ -541,6 +571,10 @@ def annotate(
                         "annotate that bundle alone with it")  # fmt: skip
     panel = read_panel(panel_path)
     cmap = read_cluster_map(clusters) if clusters else None
+    bare = [k for k in cmap or {} if ":" not in k]
+    if bare and len(roots) > 1:
+        raise UserError(f"{clusters}: cluster {bare[0]!r} names no sample, and {len(roots)} bundles were given: "
+                        "write each cluster as SAMPLE:ID, as the report and the labels' cluster column do")  # fmt: skip
     syn = read_synonyms(synonyms) if synonyms else None
     results = []
     for root in roots:
@@ -551,6 +585,12 @@ def annotate(
         log(f"{root.name}: {res.frame.height} cells, {res.clusters.height} clusters "
             f"({res.clusters['class'].null_count()} unnamed), {kept} kept ({kept / max(res.frame.height, 1):.0%})")  # fmt: skip
         results.append(res)
+    if cmap:
+        found = {k for r in results for k in r.clusters["cluster"].to_list()}
+        unused = [k for k in cmap if k not in found and not any(f.endswith(f":{k}") for f in found)]
+        if unused:
+            log(f"warning: {clusters}: {len(unused)} of its clusters are not among the clusters found "
+                f"(e.g. {unused[:3]}), so they named nothing; clusters are SAMPLE:ID as in the report")  # fmt: skip
     frame = pl.concat([r.frame for r in results], how="diagonal_relaxed")
     dup = frame.group_by("slide_id", "cell_id").len().filter(pl.col("len") > 1)
     if dup.height:

@@ -8,7 +8,7 @@ Bad rows are never dropped silently. The documented rule (`on_bad="drop"`, the d
 - a centroid with a NaN/inf coordinate is dropped;
 - a repeated (slide_id, cell_id) keeps its first row, later rows are dropped;
 - a centroid outside the slide (x_px not in [0, width), y_px not in [0, height)) is dropped;
-- a cell whose slide_id matches no slide given is dropped.
+- a cell whose slide_id is missing or matches no slide given is dropped.
 Each kind is counted, with examples, in a `CellReport`. `on_bad="error"` raises instead.
 """
 
@@ -112,11 +112,15 @@ def _fold(name: str) -> str:
 
 
 def _decoded_csv(path: Path) -> bytes:
-    """The file's bytes as UTF-8: a file that is not valid UTF-8 is read as Windows-1252, the
-    encoding of CSVs saved by Excel and QuPath on Windows ("Centroid X \u00b5m")."""
+    """The file's bytes as UTF-8: a file with a UTF-16 byte-order mark (Excel's "Unicode Text")
+    is decoded as UTF-16; another that is not valid UTF-8 is read as Windows-1252, the encoding
+    of CSVs saved by Excel and QuPath on Windows ("Centroid X \u00b5m")."""
+    import codecs
     import gzip
 
     raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16").encode("utf-8")
     try:
         raw.decode("utf-8")
         return raw
@@ -343,6 +347,8 @@ def normalise(
     report = CellReport(n_in=frame.height)
     key = pl.col("slide_id") + pl.lit("/") + pl.col("cell_id")
 
+    report.add("no slide id", frame.filter(pl.col("slide_id").is_null())["cell_id"].to_list())
+    frame = frame.filter(pl.col("slide_id").is_not_null())
     unknown = frame.filter(~pl.col("slide_id").is_in(list(slides)))
     report.add(
         f"slide not found; known slides: {', '.join(sorted(known if known is not None else slides)) or 'none'}",

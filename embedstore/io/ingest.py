@@ -66,7 +66,7 @@ def ingest_table(
         geos = slide_geometries([p for sid, p in by_id.items() if sid in named], mpp)
         return C.normalise(frame, unit, geos, on_bad=on_bad, known=list(by_id))
     if mpp is not None:
-        geos = {sid: C.SlideGeometry(mpp) for sid in frame["slide_id"].unique().to_list()}
+        geos = {sid: C.SlideGeometry(mpp) for sid in frame["slide_id"].drop_nulls().unique().to_list()}
     else:
         raise CellsError("give the slides (--slides DIR) or their µm per pixel (--mpp) to place the cells")
     return C.normalise(frame, unit, geos, on_bad=on_bad)

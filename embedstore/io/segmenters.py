@@ -49,9 +49,10 @@ _LAYER_KEYS = {"objectType", "object_type", "classification", "isLocked", "color
 _TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz", ".parquet", ".pq")
 _LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 _JSON_SUFFIXES = (".geojson", ".geojson.gz", ".json", ".json.gz")
-#: file stems that name the tool's output, not the slide (CellViT: <slide>/cells.json)
+#: file stems that name the tool's output, not the slide (CellViT: <slide>/cells.json; Cellpose:
+#: <slide>_cp_masks.png)
 _GENERIC_STEMS = {"cells", "cell_detection", "cell_detections", "detections", "labels", "label",
-                  "masks", "mask", "nuclei", "objects", "segmentation"}  # fmt: skip
+                  "masks", "mask", "cp_masks", "nuclei", "objects", "segmentation"}  # fmt: skip
 _TAG_SUFFIXES = tuple(f"{sep}{stem}" for stem in sorted(_GENERIC_STEMS) for sep in ("_", "-", "."))
 
 
@@ -265,12 +266,28 @@ def feature_ids(feats: Sequence[Mapping], chosen: Sequence[int]) -> tuple[list[s
     return ids, note
 
 
+def _class_name(cls: Mapping) -> str | None:
+    """A QuPath classification object as QuPath writes the class in its tables ("Tumor: Positive"):
+    `name`, or a derived class's `names` list (>= 0.4), or `name` under its `parentClass` chain
+    (<= 0.3)."""
+    names = cls.get("names")
+    if isinstance(names, list) and names:
+        return ": ".join(map(str, names))
+    if cls.get("name") is None:
+        return None
+    parent = cls.get("parentClass")
+    above = _class_name(parent) if isinstance(parent, Mapping) else None
+    return f"{above}: {cls['name']}" if above else str(cls["name"])
+
+
 def feature_label(feat: Mapping) -> str | None:
-    """properties.classification.name, the old classification string, else properties.name."""
+    """properties.classification (see `_class_name`), the old classification string, else
+    properties.name."""
     props = _props(feat)
     cls = props.get("classification")
-    if isinstance(cls, Mapping) and cls.get("name") is not None:
-        return str(cls["name"])
+    named = _class_name(cls) if isinstance(cls, Mapping) else None
+    if named is not None:
+        return named
     if isinstance(cls, str) and cls.strip():
         return cls
     name = props.get("name")

@@ -168,11 +168,14 @@ def check_alignment(matrix: np.ndarray, pixel_size: float, slide_mpp: float | No
     implied = pixel_size * float(np.sqrt(abs(det)))
     if slide_mpp is not None and abs(implied / slide_mpp - 1) > SCALE_TOLERANCE:
         inverse = pixel_size / float(np.sqrt(abs(det)))
-        hint = (
-            " It looks like the inverse (Xenium -> H&E) matrix: pass --invert-alignment."
-            if abs(inverse / slide_mpp - 1) <= SCALE_TOLERANCE
-            else " Check that this alignment belongs to this slide, or fix the slide's µm/px with --mpp."
-        )
+        to_um = float(np.sqrt(abs(det)))  # a matrix to Xenium µm implies this µm per H&E pixel
+        if abs(inverse / slide_mpp - 1) <= SCALE_TOLERANCE:
+            hint = " It looks like the inverse (Xenium -> H&E) matrix: pass --invert-alignment."
+        elif abs(to_um / slide_mpp - 1) <= SCALE_TOLERANCE:
+            hint = (f" It looks like a matrix to Xenium µm, not to morphology-image pixels: divide its first two "
+                    f"rows by the pixel size ({pixel_size:g}) and pass the result with --alignment.")  # fmt: skip
+        else:
+            hint = " Check that this alignment belongs to this slide, or fix the slide's µm/px with --mpp."
         raise AlignmentError(
             f"{where}: the alignment implies {implied:.4f} µm per H&E pixel but the slide says "
             f"{slide_mpp:.4f} (more than {SCALE_TOLERANCE:.0%} apart).{hint}"
