@@ -338,6 +338,9 @@ def doctor(
     table: Annotated[str, typer.Option(help="table for these vectors, as for extract (with --db)")] = "cells",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16, as for extract (compared with the --db table)")] = "auto",
     context: Annotated[str, typer.Option(help="exact or tiled, as for extract (compared with the --db table; the timing measures exact)")] = "exact",
+    context_pooling: Annotated[str | None, typer.Option(help="cls or mean, as for extract (compared with the --db table)")] = None,
+    tile_px: Annotated[int, typer.Option(help="tiled context: tile side, as for extract (compared with the --db table)")] = 1024,
+    tile_overlap_px: Annotated[int, typer.Option(help="tiled context: tile overlap, as for extract (compared with the --db table)")] = 256,
     timing: Annotated[bool, typer.Option(help="time both backbones on random crops (tens of seconds for real ones on a CPU)")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
@@ -356,7 +359,8 @@ def doctor(
         checks = run_checks(
             slides or (), local_backbone=local_backbone, context_backbone=context_backbone,
             context_px=context_px, mpp=mpp, device=device, db=db, table=table, precision=precision,
-            context=context, timing=timing, notify=lambda m: status.update(f"checking {m}..."),
+            context=context, context_pooling=context_pooling, tile_px=tile_px, tile_overlap_px=tile_overlap_px,
+            timing=timing, notify=lambda m: status.update(f"checking {m}..."),
         )  # fmt: skip
     bad = blocking(checks)
     if as_json:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .extract.tiled import OVERLAP_PX, TILE_PX
 
 #: import name -> distribution name; all are required by the package
 REQUIRED_PACKAGES = {
@@ -169,7 +170,7 @@ def check_disk(db: str | Path | None, bytes_per_cell: int) -> list[Check]:
                   f"needs about {per_m:.1f} GB per million cells")]  # fmt: skip
 
 
-def check_options(precision: str, context: str, table: str) -> list[Check]:
+def check_options(precision: str, context: str, table: str, context_pooling: str | None = None) -> list[Check]:
     """The extract options doctor takes only to compare with the store, refused as extract would."""
     from .extract.pipeline import CONTEXT_MODES, PRECISIONS, bad_table_name
 
@@ -180,6 +181,9 @@ def check_options(precision: str, context: str, table: str) -> list[Check]:
         out.append(Check("options", "--context", "fail", f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}"))
     if problem := bad_table_name(table):
         out.append(Check("options", "--table", "fail", problem))
+    if context == "tiled" and context_pooling not in (None, "mean"):
+        out.append(Check("options", "--context-pooling", "fail", "--context tiled pools the patch tokens in each "
+                         f"cell's window (mean); --context-pooling {context_pooling} needs --context exact"))  # fmt: skip
     return out
 
 
@@ -201,14 +205,18 @@ def check_store(
     device: str,
     precision: str = "auto",
     context: str = "exact",
+    context_pooling: str | None = None,
+    tile_px: int = TILE_PX,
+    tile_overlap_px: int = OVERLAP_PX,
 ) -> list[Check]:
     """Would `embed extract --db DB --table TABLE` with these options add to the stored table?
 
     Compares, without loading weights and without writing anything, what these options decide
     of the table's vector config (`embedstore.extract.pipeline.vector_config`) with the stored
     one: both backbone names, the context input size, the device type and precision of the
-    forward (`device`: the device doctor resolved; `precision` as given to extract), and the
-    context mode. The weights' sha256 (and pooling, tiling) are compared by extract itself.
+    forward (`device`: the device doctor resolved; `precision` as given to extract), the
+    context mode, the context pooling and, in tiled mode, the tile size and overlap. The
+    weights' sha256 is compared by extract itself (doctor does not hash multi-GB files).
     """
     import torch
 
@@ -253,6 +261,7 @@ def check_store(
     except RuntimeError as exc:
         return [Check("store", f"table {table}", "fail", f"--device {device}: {exc}", "use auto, cpu, cuda or cuda:N")]
     used = resolve_precision(precision, dev)
+    tiled = context == "tiled"
     now = [  # config path, what these options make of it, the extract option that sets it
         ("vectors.local.backbone", local_backbone, "--local-backbone"),
         ("vectors.context.backbone", context_backbone, "--context-backbone"),
@@ -263,6 +272,12 @@ def check_store(
         ("vectors.context.compute.precision", used, "--precision"),
         ("context_mode", context, "--context"),
     ]  # fmt: skip
+    if _stored(stored, "context_mode") in (None, context):  # another mode: its pooling and tiles differ too
+        now += [
+            ("vectors.context.pooling", "mean" if tiled else _pooling(context_backbone, context_pooling), "--context-pooling"),
+            ("vectors.context.tiling.tile_px", tile_px if tiled else None, "--tile-px"),
+            ("vectors.context.tiling.overlap_px", tile_overlap_px if tiled else None, "--tile-overlap-px"),
+        ]  # fmt: skip
     diff, options = [], {}
     for path, value, option in now:
         old = _stored(stored, path)
@@ -282,8 +297,20 @@ def check_store(
     return [Check("store", f"table {table}", "ok",
                   f"table {table!r} in {root}: {n_cells} cells of local {local_backbone} ({lp} px) and context "
                   f"{context_backbone} ({cp} px), {dev.type} {used}, {context} context: these options match. The "
-                  "weights' sha256 (and pooling, tiling) are compared when `embed extract` starts: doctor does "
-                  "not hash multi-GB weight files")]  # fmt: skip
+                  "weights' sha256 is compared when `embed extract` starts: doctor does not hash multi-GB weight "
+                  "files")]  # fmt: skip
+
+
+def _pooling(backbone: str, given: str | None) -> str | None:
+    """The context pooling extract would use: the one given, else the backbone's default."""
+    if given is not None:
+        return given
+    from .extract.backbones import get_spec
+
+    try:
+        return get_spec(backbone).pooling
+    except UserError:  # an unknown name: the weights check says so
+        return None
 
 
 def _time_forward(name: str, input_px: int | None, device: str, batch: int) -> tuple[float, str]:
@@ -353,6 +380,9 @@ def run_checks(
     table: str = "cells",
     precision: str = "auto",
     context: str = "exact",
+    context_pooling: str | None = None,
+    tile_px: int = TILE_PX,
+    tile_overlap_px: int = OVERLAP_PX,
     timing: bool = True,
     notify: Callable[[str], None] = lambda _m: None,
 ) -> list[Check]:
@@ -368,11 +398,12 @@ def run_checks(
     checks += gpu
     test_only = all(n.startswith("test-") for n in (local_backbone, context_backbone))
     checks += check_disk(db, 1_000 if test_only else BYTES_PER_CELL_REAL)
-    checks += check_options(precision, context, table)
+    checks += check_options(precision, context, table, context_pooling)
     if db is not None:
         notify("store")
         checks += check_store(db, table, local_backbone=local_backbone, context_backbone=context_backbone,
-                              context_px=context_px, device=dev, precision=precision, context=context)  # fmt: skip
+                              context_px=context_px, device=dev, precision=precision, context=context,
+                              context_pooling=context_pooling, tile_px=tile_px, tile_overlap_px=tile_overlap_px)  # fmt: skip
     notify("weights")
     checks += check_weights([local_backbone, context_backbone])
     if slides:

@@ -59,8 +59,9 @@ def test_matching_options_are_ok_with_table_cells_and_backbones(store):
         ({"local_backbone": "test-vit-context"},
          "vectors.local.backbone: stored 'test-vit-local', now 'test-vit-context'", "--local-backbone test-vit-local"),
         ({"context": "tiled"}, "context_mode: stored 'exact', now 'tiled'", "--context exact"),
+        ({"context_pooling": "mean"}, "vectors.context.pooling: stored 'cls', now 'mean'", "--context-pooling cls"),
     ],
-    ids=["context_backbone", "context_px", "local_backbone", "context_mode"],
+    ids=["context_backbone", "context_px", "local_backbone", "context_mode", "context_pooling"],
 )  # fmt: skip
 def test_other_backbone_context_size_or_mode_fails_naming_stored_now_and_the_fix(store, change, said, fix):
     db, stored = store
@@ -104,13 +105,14 @@ def test_doctor_agrees_with_what_extract_would_compute(store):
     db, stored = store
     dev = torch.device(stored["vectors"]["local"]["compute"]["device_type"])
     for change in ({}, {"context_input_px": 256}, {"precision": "bf16"}, {"precision": "fp32"},
-                   {"context": "tiled"}, {"context_backbone": "test-vit-local", "context_input_px": 224}):  # fmt: skip
+                   {"context": "tiled"}, {"context_backbone": "test-vit-local", "context_input_px": 224},
+                   {"context_pooling": "mean"}, {"context_pooling": "cls"}):  # fmt: skip
         cfg = ExtractConfig(**{**FAST, "device": dev.type, **change})
         wanted = vector_config(build_steps(cfg, dev))
         differs = {line.split(":")[0] for line in config_diff(stored, wanted)}
         (check,) = check_store(db, local_backbone=cfg.local_backbone, context_backbone=cfg.context_backbone,
                                context_px=cfg.context_input_px, device=dev.type, precision=cfg.precision,
-                               context=cfg.context)  # fmt: skip
+                               context=cfg.context, context_pooling=cfg.context_pooling)  # fmt: skip
         assert (check.status == "fail") == bool(differs), (change, differs, check)
         named = {part.split(":")[0] for part in check.detail.split("add to it: ")[-1].split("; ")} if differs else set()
         assert named <= differs, (change, named, differs)
@@ -189,3 +191,27 @@ def test_cli_json_has_the_failed_store_check_and_exits_1(store):
     assert [c["name"] for c in report["checks"] if c["status"] == "fail"] == ["table cells"]
     assert "block a run" in proc.stderr and "table cells" in proc.stderr
     assert snapshot(db) == before
+
+
+def test_tiles_of_a_tiled_table_are_compared(tmp_path, store):
+    """A table of tiled context vectors (its config as extract makes it; no cells needed) and
+    doctor asked about other tiles: refused as extract refuses them, naming the stored tiles."""
+    import torch
+
+    from embedstore.extract.pipeline import ExtractConfig, build_steps, vector_config
+
+    _, stored = store
+    dev = torch.device(stored["vectors"]["local"]["compute"]["device_type"])
+    cfg = ExtractConfig(**{**FAST, "device": dev.type, "context": "tiled", "tile_px": 512, "tile_overlap_px": 128})
+    steps = build_steps(cfg, dev)
+    db = tmp_path / "tiled"
+    Store(db, create=True).cells_table("cells", {s.name: int(s.backbone.dim) for s in steps}, vector_config(steps))
+    ask = dict(local_backbone=cfg.local_backbone, context_backbone=cfg.context_backbone, context_px=cfg.context_input_px,
+               device=dev.type, context="tiled")  # fmt: skip
+    (same,) = check_store(db, **ask, tile_px=512, tile_overlap_px=128)
+    assert same.status == "ok", same
+    (check,) = check_store(db, **ask, tile_px=1024, tile_overlap_px=128)
+    assert check.status == "fail" and "vectors.context.tiling.tile_px: stored 512, now 1024" in check.detail
+    assert "--tile-px 512" in check.fix and check.detail.count("stored") == 1
+    (check,) = check_store(db, **ask, tile_px=512, tile_overlap_px=256)
+    assert check.status == "fail" and "--tile-overlap-px 128" in check.fix
