@@ -2,14 +2,16 @@
 
     python bench/faults.py [--kills 6] [--cells 160] [--seed 0] [--concurrent 3] [--keep DIR]
 
-Commands: `embed extract`, `embed labels`, `heads predict`, `embed index`, each run as a
-subprocess on a small synthetic cohort. Every trial kills the command one or more times with
+Commands: `embed extract`, `embed labels`, `heads predict`, `embed index`, `heads train`, each
+run as a subprocess on a small synthetic cohort. Every trial kills the command one or more times with
 SIGKILL, either at a random moment of its run or at a failpoint (`embedstore.faults`): inside
 a Lance commit (a timer fires 0-10 ms after the commit starts), just after one, while a run
 record, the label merge, the compaction, the predictions or the index are written. After
 every kill the store must hold no duplicate key; after the rerun that follows, every expected
 row must be there exactly once and hold the same values as an uninterrupted run (vectors to
-fp16 precision: cosine >= 0.9999, labels and predictions exactly, the index answering the same neighbours).
+fp16 precision: cosine >= 0.9999, labels and predictions exactly, the index answering the same neighbours);
+a killed `heads train` must leave its run either whole (the old one) or refused by readers as
+half-saved, never a silent mix, and its rerun must finish it.
 Prints JSON: per command the kills made (and how many landed in a commit), rows lost, rows
 duplicated, the largest vector difference; the last two counts must be 0. Then rounds of two
 extractions into one store at once (the same cells; different slides): rows lost and
@@ -41,8 +43,8 @@ BACKBONES = ["--local-backbone", "test-vit-local", "--context-backbone", "test-v
              "--context-px", "64", "--batch-size", "8", "--commit-every", "16", "--quiet"]  # fmt: skip
 
 
-def cli(prog: str, *args, kill: tuple | None = None, timeout: float = 600) -> dict:
-    """Run `prog args` (a console script module), killing it as `kill` says.
+def cli(prog: str, *args, kill: tuple | None = None, timeout: float = 600, argv: list[str] | None = None) -> dict:
+    """Run `prog args` (a console script module; or the command `argv`), killing it as `kill` says.
 
     kill: ("time", seconds) or ("point", "commit.during:3"). Returns returncode, killed, stderr.
     """
@@ -50,7 +52,7 @@ def cli(prog: str, *args, kill: tuple | None = None, timeout: float = 600) -> di
     env.pop("NUCLASS_KILL_AT", None)
     if kill and kill[0] == "point":
         env["NUCLASS_KILL_AT"] = kill[1]
-    proc = subprocess.Popen([sys.executable, "-m", f"cli.{prog}", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.Popen(argv or [sys.executable, "-m", f"cli.{prog}", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     if kill and kill[0] == "time":
         try:
@@ -228,6 +230,49 @@ def trial_index(c: Cohort, db: Path, kills: list[tuple]) -> dict:
     return out
 
 
+#: `heads train --stage all` as the Cohort's run was trained (a split for its tiny slides), another seed
+TRAIN = """import sys
+from heads import runs
+from heads.splits import SplitConfig
+from heads.train import TrainConfig
+runs.train(sys.argv[1], sys.argv[2], "all", TrainConfig(epochs=1, global_epochs=1, gate_epochs=1, batch_size=64, seed=7),
+           split_config=SplitConfig(guard_um=0, min_cells=10, seed=7), scale=False, log=lambda m: None)
+"""
+
+
+def trial_train(c: Cohort, db: Path, kills: list[tuple]) -> dict:
+    """Retrain a copy of the run (another seed), killed; after each kill a reader either finds the
+    old run whole or is refused (the run is marked half-saved), never a mix; the rerun finishes it."""
+    from embedstore.errors import UserError
+    from heads import runs
+    from heads.export import run_digest
+
+    run = db.parent / f"{db.name}_run"
+    shutil.copytree(c.run, run)
+    old = run_digest(run)
+    argv = [sys.executable, "-c", TRAIN, str(db), str(run)]
+    out = {**new_tally(), "silent_mixes": 0, "refused_as_half_saved": 0, "old_run_whole": 0}
+    for kill in kills:
+        if not tally(out, kill, cli("", kill=kill, argv=argv)):
+            continue
+        try:
+            runs.evaluate_run(run, db, baselines=(), log=lambda m: None)
+        except UserError as exc:
+            half = "stopped before it finished" in str(exc)
+            out["refused_as_half_saved"] += half
+            out["silent_mixes"] += not half  # refused, but not for that: a mix the marker missed
+        else:
+            whole = run_digest(run) == old
+            out["old_run_whole"] += whole
+            out["silent_mixes"] += not whole
+    r = cli("", argv=argv)
+    assert r["returncode"] == 0, r["stderr"]
+    runs.evaluate_run(run, db, baselines=(), log=lambda m: None)
+    out["finished"] = (run_digest(run) != old and not (run / ".training").exists()
+                       and all((run / f).exists() for f in ("gate.json", "conformal.json", "safety.json")))  # fmt: skip
+    return out
+
+
 def plans(command: str, n: int, c: Cohort, rng: random.Random) -> list[list[tuple]]:
     """`n` kills for `command`, grouped into trials of one or two kills before the rerun."""
     n_commits = max(1, c.expected.height // 16)
@@ -237,8 +282,9 @@ def plans(command: str, n: int, c: Cohort, rng: random.Random) -> list[list[tupl
         "labels": ["labels.during:1"],
         "predict": ["predictions.during:1"],
         "index": ["index.during:1"],
+        "train": [f"heads.save:{rng.randint(1, 3)}", f"heads.save:{rng.randint(1, 3)}"],
     }[command]  # fmt: skip
-    span = {"extract": c.extract_s, "labels": 6.0, "predict": 12.0, "index": 10.0}[command]
+    span = {"extract": c.extract_s, "labels": 6.0, "predict": 12.0, "index": 10.0, "train": 7.0}[command]
     kills = []
     for i in range(n):
         if i % 2 == 0:
@@ -275,7 +321,8 @@ def concurrent(c: Cohort, n: int) -> dict:
     return out
 
 
-TRIALS = {"extract": trial_extract, "labels": trial_labels, "predict": trial_predict, "index": trial_index}
+TRIALS = {"extract": trial_extract, "labels": trial_labels, "predict": trial_predict, "index": trial_index,
+          "train": trial_train}
 
 
 def campaign(work: Path, *, kills: int | dict[str, int] = 6, n_cells: int = 160, seed: int = 0,

@@ -1,5 +1,6 @@
 """kill -9 at random moments and inside commits of extract, labels, predict and index: after
-each rerun every row is there once, with the values of an uninterrupted run (bench/faults.py)."""
+each rerun every row is there once, with the values of an uninterrupted run; a train killed
+while saving is refused by readers until its rerun finishes it (bench/faults.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -18,7 +19,7 @@ def _faults():
 @pytest.mark.slow
 def test_kills_lose_and_duplicate_nothing(tmp_path):
     # extract: one kill inside a commit, one at a random moment; the others: inside their commit
-    kills = {"extract": 2, "labels": 1, "predict": 1, "index": 1}
+    kills = {"extract": 2, "labels": 1, "predict": 1, "index": 1, "train": 1}
     report = _faults().campaign(tmp_path, kills=kills, n_cells=64, seed=1)
     for command in ("extract", "labels", "predict", "index"):
         r = report[command]
@@ -29,3 +30,6 @@ def test_kills_lose_and_duplicate_nothing(tmp_path):
     assert report["labels"]["wrong_values"] == 0 and report["labels"]["torn"] == 0
     assert report["predict"]["max_abs_proba_diff"] == 0 and report["predict"]["parquet_complete"]
     assert report["index"]["index_complete"] and report["index"]["same_neighbours"]
+    train = report["train"]  # killed between two files of a stage: refused as half-saved, then finished
+    assert train["kills"] == 1 and train["refused_as_half_saved"] == 1 and train["silent_mixes"] == 0
+    assert train["finished"]
