@@ -567,8 +567,12 @@ def similar(
     """
     from rich.table import Table
 
+    from embedstore.errors import UserError
     from embedstore.search import explore
 
+    for opt, path in (("--out", out), ("--gallery", gallery)):  # refused before the search
+        if path is not None and path.is_dir():
+            raise UserError(f"{opt} {path} is a folder; give the path of a {'.parquet' if opt == '--out' else '.png'} file")
     found = explore.similar(
         db, cell, k, table=table, vector=vector, exclude_same_slide=exclude_same_slide,
         tissues=tissue, splits=split, root=index_dir, notify=lambda m: console.print(m, markup=False),
@@ -616,6 +620,8 @@ def audit(
 
     if out.suffix.lower() != ".parquet":
         raise UserError(f"--out {out}: the review queue is a .parquet file (the .csv, GeoJSON and plot go beside it)")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the path of the review queue's .parquet file")
     queue, summary = explore.audit(
         db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, exclude_near_um=exclude_near_um, root=index_dir,
         progress=_search_progress("auditing"), notify=lambda m: console.print(m, markup=False), min_share=min_share,
@@ -638,6 +644,7 @@ def audit(
     rates = explore.batch_effect(db, f"{stem}_batch_effect.png", k=k, table=table, vector=vector, root=index_dir)
     ratio = rates["ratio"].median()
     shown = f"{ratio:.2f}x chance" if ratio is not None else "not measurable (too few cells per slide)"
+    plot = f" -> {stem}_batch_effect.png" if rates.height else ""  # no plot of a one-cell table
     if as_json:
         emit_json({"classes": summary.to_dicts(), "flagged": flagged.height, "labelled": queue.height,
                    "same_slide_ratio_median": ratio, "queue": str(out)})  # fmt: skip
@@ -649,7 +656,7 @@ def audit(
     console.print(
         f"{flagged.height} of {queue.height} labelled cells flagged; queue -> {out} (+ .csv"
         f"{', ' + str(geojson) + '/' if flagged.height else ''}); same-slide neighbours "
-        f"{shown} (median over slides) -> {stem}_batch_effect.png", markup=False, highlight=False,
+        f"{shown} (median over slides){plot}", markup=False, highlight=False,
     )
 
 

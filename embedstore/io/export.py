@@ -104,7 +104,8 @@ def collect(
 ) -> CellExport:
     """Cells of `table` (optionally some slides) with labels and one heads run's predictions."""
     store = Store(db)
-    loaded = store.load(table, slides=list(slides) if slides else None, vectors=tuple(vectors))
+    vectors = tuple(dict.fromkeys(vectors))  # "--vectors local,local" is local once
+    loaded = store.load(table, slides=list(slides) if slides else None, vectors=vectors)
     meta = loaded.meta
     _check_cells(meta, table, slides)
     chosen = resolve_run(store, run)

@@ -179,7 +179,9 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
         "n_votes": n_votes,
         "agreement": agreement.astype(np.float32),
         "suggested": suggested,
-        "suggested_name": pl.Series(np.where(suggested >= 0, names[suggested.clip(0)], None),
+        # a list, not an object array: polars reads an object array that starts with None as
+        # Object, which it cannot cast to text
+        "suggested_name": pl.Series(np.where(suggested >= 0, names[suggested.clip(0)], None).tolist(),
                                     dtype=pl.Utf8),
         "suggested_share": share.astype(np.float32),
         "support": support.astype(np.float32),

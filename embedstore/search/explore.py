@@ -3,7 +3,9 @@
 A FAISS index lives next to the store, in `<db>/_faiss/<table>/<vector>/`: the index, its JSON
 (with the table version it was built from) and `rows.parquet` (slide_id, cell_id of each index
 row). When the table has changed since (a later extraction, a compaction), the index is stale:
-it is rebuilt, or refused with a message when `rebuild=False`. Labels are read fresh from the
+it is rebuilt, or refused with a message when `rebuild=False`. The version's commit time is
+recorded too: another store's table (an `--index-dir` shared by two stores), or a store made
+again, can reach the same version number with other vectors. Labels are read fresh from the
 store at every query, so relabelling never needs a rebuild.
 """
 
@@ -19,12 +21,14 @@ from .. import faults
 from ..errors import UserError
 from ..fileio import atomic_path
 from ..geometry import CONTEXT_CROP
+from ..locking import exclusive
 from ..store import DEFAULT_TABLE, Store, StoreError, arrow_to_vectors, is_uri
 from .audit import MIN_VOTES, flag_summary, label_audit, plot_same_slide_rate, same_slide_rate
 from .index import CellIndex, VectorSource, check_k, is_stale
 
 VECTORS = ("local", "context", "both")
 ROWS_FILE = "rows.parquet"
+INDEX_LOCK = ".index.lock"
 Progress = Callable[[int, int], None]
 
 
@@ -119,15 +123,34 @@ def build_index(
     return index, meta, vectors
 
 
+def committed_at(store: Store, table: str, version: int | None = None) -> str:
+    """When `version` (default: the current one) of `table` was committed, as ISO text: with
+    the version number, what tells this table from another one that reached the same number."""
+    ds = store.open(table).to_lance()
+    if version is not None and ds.version != version:
+        ds = ds.checkout_version(version)
+    if hasattr(ds, "get_version"):  # the loaded manifest's own entry: nothing listed
+        stamp = ds.get_version()["timestamp"]
+    else:
+        stamp = next(v["timestamp"] for v in ds.versions() if v["version"] == ds.version)
+    return stamp.isoformat()
+
+
 def save_index(index: CellIndex, meta: pl.DataFrame, db: str | Path, *, table: str, vector: str,
                version: int, root: str | Path | None = None) -> Path:
-    """Write the index with its rows' keys and the table version `open_index` checks."""
+    """Write the index with its rows' keys and the table version (and its commit time) that
+    `open_index` checks. Savers of one index folder take turns (`embed index` twice at once):
+    its three files always come from one build."""
     out = index_dir(db, table, vector, root)
     out.mkdir(parents=True, exist_ok=True)
-    faults.point("index.during")
-    with atomic_path(out / ROWS_FILE) as tmp:
-        meta.select("slide_id", "cell_id").write_parquet(tmp)
-    index.save(out, meta={"table": table, "vector": vector, "table_version": version, "n": meta.height})
+    committed = committed_at(Store(db), table, version)
+    with exclusive(out / INDEX_LOCK):  # CellIndex.save's temporaries have fixed names
+        faults.point("index.during")
+        with atomic_path(out / ROWS_FILE) as tmp:
+            meta.select("slide_id", "cell_id").write_parquet(tmp)
+        faults.pause("index.save")  # tests: another `embed index` starts here
+        index.save(out, meta={"table": table, "vector": vector, "table_version": version,
+                              "table_committed": committed, "n": meta.height})
     return out
 
 
@@ -152,14 +175,23 @@ def open_index(
             index, imeta = CellIndex.load(where)
         except UserError as exc:  # an older index format, or a damaged file: rebuild it
             index, imeta = None, {"table_version": None, "error": str(exc)}
-        if index is not None and not is_stale(imeta, current):
+        committed = committed_at(store, table, current)
+        fresh = index is not None and not is_stale(imeta, current)
+        other = fresh and imeta.get("table_committed") != committed
+        if fresh and not other:
             meta, vectors, _ = load_vectors(store, table, vector, with_vectors=with_vectors)
             rows = pl.read_parquet(where / ROWS_FILE)
             if rows.height == meta.height and rows.equals(meta.select("slide_id", "cell_id")):
                 if index.kind == "ivf":
                     index.attach(vectors if vectors is not None else StoreSource(store, table, vector))
                 return index, meta, vectors
-        reason = imeta.get("error") or f"built from table version {imeta.get('table_version')}, the table is now at {current}"
+        if other:
+            reason = (f"built from another table {table!r} at version {current} (committed "
+                      f"{imeta.get('table_committed') or 'at an unrecorded time'}, this one {committed}): "
+                      "another store's, or this store before it was made again")  # fmt: skip
+        else:
+            reason = f"built from table version {imeta.get('table_version')}, the table is now at {current}"
+        reason = imeta.get("error") or reason
         if not rebuild:
             raise StoreError(
                 f"the {vector} index in {where} is stale ({reason}); rebuild it with "
@@ -312,9 +344,16 @@ def batch_effect(
     root: str | Path | None = None,
     notify: Callable[[str], None] = lambda msg: None,
 ) -> pl.DataFrame:
-    """How often a cell's nearest neighbours come from its own slide, against chance (+ PNG)."""
+    """How often a cell's nearest neighbours come from its own slide, against chance (+ PNG).
+
+    A table of one cell has no neighbours to measure: no rows, and no PNG (an earlier one is
+    removed, so that it cannot pass for this table's)."""
     check_k(k)
     index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
+    if index.ntotal < 2:
+        Path(out_png).unlink(missing_ok=True)
+        return pl.DataFrame(schema={"group": pl.Utf8, "n_cells": pl.Int64, "n_queries": pl.Int64,
+                                    "observed": pl.Float64, "expected": pl.Float64, "ratio": pl.Float64})
     rates = same_slide_rate(index, vectors, meta["slide_id"].to_numpy(), k=k)
     plot_same_slide_rate(rates, out_png, title=f"Same-slide neighbours ({vector} vectors, k={k})")
     return rates

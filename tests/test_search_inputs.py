@@ -1,0 +1,170 @@
+"""Search, audit and export against what a lab really feeds them: sparse labels, tiny stores,
+shared index folders, concurrent `embed index`, odd output paths. Stores are written directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from embedstore.search import explore
+from embedstore.store import Store, vectors_to_arrow
+from tests.clirun import embed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_store(path, local, *, slides=None, ids=None, labels=None, seed=0):
+    """A store of `local` vectors (n x d) with 4-d context vectors; labels merged when given."""
+    rng = np.random.default_rng(seed)
+    n = len(local)
+    slides = slides or [f"s{i % 2}" for i in range(n)]
+    ids = ids or [f"c{i:03d}" for i in range(n)]
+    store = Store(path, create=True)
+    if not store.has("cells"):
+        store.cells_table("cells", {"local": local.shape[1], "context": 4}, {"test": 1})
+    store.append("cells", pa.table({
+        "slide_id": slides, "cell_id": ids, "x_px": rng.uniform(0, 4000, n), "y_px": rng.uniform(0, 4000, n),
+        "x_um": rng.uniform(0, 1000, n), "y_um": rng.uniform(0, 1000, n), "tissue": ["lung"] * n,
+        "run_id": ["t"] * n, "local_outside": np.zeros(n, np.float32), "local": vectors_to_arrow(local),
+        "context_outside": np.zeros(n, np.float32), "context": vectors_to_arrow(rng.normal(size=(n, 4))),
+    }))  # fmt: skip
+    if labels is not None:
+        frame = pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": labels})
+        store.set_labels(frame.filter(pl.col("label").is_not_null()), source="t", replace=False)
+    return path
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_audit_with_few_labels_writes_the_queue_when_the_first_cell_gets_no_vote(tmp_path):
+    # two tight clusters; cluster A holds one labelled cell (row 0, audited first), which has
+    # no labelled neighbour among its k; cluster B's labelled cells vote for each other
+    rng = np.random.default_rng(0)
+    local = np.repeat(rng.normal(size=(2, 16)) * 5, 30, axis=0) + 0.1 * rng.normal(size=(60, 16))
+    labels = ["a"] + [None] * 29 + ["b"] * 10 + [None] * 20
+    db = write_store(tmp_path / "db", local, labels=labels)
+    out = tmp_path / "q.parquet"
+    r = embed("audit", "--db", db, "--out", out, "-k", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["labelled"] == 11
+    queue = pl.read_parquet(out)
+    first = queue.filter(pl.col("cell_id") == "c000")
+    assert first["n_votes"].to_list() == [0] and first["suggested"].to_list() == [None]
+    assert set(queue.filter(pl.col("n_votes") > 0)["suggested"]) == {"b"}
+
+
+def test_audit_of_a_one_cell_store_finishes_without_a_plot(tmp_path):
+    db = write_store(tmp_path / "db", np.ones((1, 8)), labels=["a"])
+    out = tmp_path / "q.parquet"
+    (tmp_path / "q_batch_effect.png").write_bytes(b"an earlier audit's plot")
+    r = embed("audit", "--db", db, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["labelled"] == 1 and doc["same_slide_ratio_median"] is None
+    assert pl.read_parquet(out).height == 1
+    assert not (tmp_path / "q_batch_effect.png").exists()  # no plot, and not the old one
+    assert "not measurable" in r.stderr and "batch_effect.png" not in r.stderr
+
+
+def test_an_index_in_a_shared_index_dir_never_answers_for_another_store(tmp_path):
+    # two stores with the same cells at the same table version, other vectors (a re-extraction
+    # with other weights, say), and one --index-dir
+    rng = np.random.default_rng(1)
+    va, vb = rng.normal(size=(20, 8)), rng.normal(size=(20, 8))
+    a = write_store(tmp_path / "A", va)
+    b = write_store(tmp_path / "B", vb)
+    root = tmp_path / "faiss"
+    assert embed("index", "--db", a, "--index-dir", root).returncode == 0
+    notes = []
+    found = explore.similar(b, "s0:c000", 3, root=root, notify=notes.append)
+    unit = vb / np.linalg.norm(vb, axis=1, keepdims=True)
+    truth = np.argsort(-(unit @ unit[0]), kind="stable")[1:4]
+    assert found["cell_id"].to_list()[1:] == [f"c{i:03d}" for i in truth]
+    assert any("another" in n for n in notes), notes
+    # and the other way round: A's index was replaced by B's, so A is rebuilt too
+    found_a = explore.similar(a, "s0:c000", 3, root=root)
+    unit = va / np.linalg.norm(va, axis=1, keepdims=True)
+    truth = np.argsort(-(unit @ unit[0]), kind="stable")[1:4]
+    assert found_a["cell_id"].to_list()[1:] == [f"c{i:03d}" for i in truth]
+
+
+def test_a_moved_store_keeps_its_index(tmp_path):
+    db = write_store(tmp_path / "db", np.random.default_rng(2).normal(size=(12, 8)))
+    explore.build_index(db)
+    moved = tmp_path / "elsewhere" / "db"
+    shutil.move(db, moved)
+    index, meta, _ = explore.open_index(moved, rebuild=False, with_vectors=False)
+    assert index.ntotal == meta.height == 12
+
+
+def test_embed_index_twice_at_once_leaves_the_newer_table_indexed(tmp_path):
+    # `embed index` (a process) is held in the middle of its save; meanwhile the store grows
+    # and a second `embed index` runs. Both finish, and the index left matches the store.
+    rng = np.random.default_rng(5)
+    db = write_store(tmp_path / "db", rng.normal(size=(40, 8)))
+    go = tmp_path / "go"
+    env = {**os.environ, "NUCLASS_PAUSE_AT": "index.save", "NUCLASS_PAUSE_FILE": str(go)}
+    first = subprocess.Popen([sys.executable, "-m", "cli.embed", "index", "--db", str(db)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{go}.reached").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first `embed index` never reached its save"
+            time.sleep(0.05)
+        write_store(db, rng.normal(size=(5, 8)), ids=[f"new{i}" for i in range(5)], seed=1)  # a new slide's cells
+        second = {}
+        runner = threading.Thread(target=lambda: second.update(r=embed("index", "--db", db)))
+        runner.start()
+        runner.join(1.0)  # with the first save under way, the second waits for it
+        go.touch()
+        runner.join(60)
+        _, err = first.communicate(timeout=60)
+    finally:
+        go.touch()
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert second["r"].returncode == 0, second["r"].stderr
+    index, meta, _ = explore.open_index(db, rebuild=False, with_vectors=False)
+    assert index.ntotal == meta.height == 45
+
+
+def test_export_with_a_vector_kind_named_twice(tmp_path):
+    db = write_store(tmp_path / "db", np.random.default_rng(6).normal(size=(6, 8)))
+    r = embed("export", "--db", db, "--out", tmp_path / "x.h5ad", "--vectors", "local,local")
+    assert r.returncode == 0, r.stderr
+    import anndata
+
+    adata = anndata.read_h5ad(tmp_path / "x.h5ad")
+    assert list(adata.obsm) == ["X_local", "spatial"] and adata.obsm["X_local"].shape == (6, 8)
+
+
+def test_similar_and_audit_refuse_an_out_folder_before_searching(tmp_path):
+    db = write_store(tmp_path / "db", np.random.default_rng(7).normal(size=(10, 8)), labels=["a", "b"] * 5)
+    folder = tmp_path / "nn.parquet"
+    folder.mkdir()
+    r = embed("similar", "--db", db, "--cell", "s0:c000", "--out", folder)
+    assert_one_line_error(r, str(folder), "folder")
+    assert r.stdout == ""  # refused before any result was printed
+    r = embed("audit", "--db", db, "--out", folder)
+    assert_one_line_error(r, str(folder), "folder")
+    assert not explore.index_dir(db, "cells", "local").exists()  # nothing was built
