@@ -168,3 +168,20 @@ def test_similar_and_audit_refuse_an_out_folder_before_searching(tmp_path):
     r = embed("audit", "--db", db, "--out", folder)
     assert_one_line_error(r, str(folder), "folder")
     assert not explore.index_dir(db, "cells", "local").exists()  # nothing was built
+
+
+def test_index_of_a_table_without_cells_says_to_extract_first(tmp_path):
+    db = tmp_path / "db"
+    Store(db, create=True).cells_table("cells", {"local": 8, "context": 4}, {"test": 1})
+    assert_one_line_error(embed("index", "--db", db), "holds no cells yet", "embed extract")
+    write_store(tmp_path / "small", np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32))
+    assert_one_line_error(embed("index", "--db", tmp_path / "small", "--kind", "ivf"), "--kind flat")
+
+
+def test_vectors_cosine_search_cannot_use_are_named_by_cell(tmp_path):
+    local = np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32)
+    local[4] = 0
+    local[7, 2] = np.inf
+    db = write_store(tmp_path / "db", local)
+    assert_one_line_error(embed("index", "--db", db), "2 cells", "s0:c004, s1:c007", "--vector")
+    assert embed("index", "--db", db, "--vector", "context").returncode == 0

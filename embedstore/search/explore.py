@@ -106,6 +106,16 @@ def load_vectors(
     return loaded.meta, vectors, loaded.version
 
 
+def _check_searchable(meta: pl.DataFrame, vectors: np.ndarray, vector: str) -> None:
+    """Refuse, naming the cells, vectors a cosine index cannot hold (all zeros, inf or NaN)."""
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1) | ~np.any(vectors != 0, axis=1))
+    if bad.size:
+        shown = ", ".join(f"{r['slide_id']}:{r['cell_id']}" for r in meta[bad[:3].tolist()].iter_rows(named=True))
+        raise UserError(f"{bad.size} cells have {vector} vectors that cosine search cannot use (all zeros, or "
+                        f"inf/NaN from a float16 overflow), e.g. {shown}: extract their slides again (into a new "
+                        "--table if the backbone is at fault), or index the other vectors (--vector)")  # fmt: skip
+
+
 def build_index(
     db: str | Path,
     *,
@@ -118,6 +128,10 @@ def build_index(
     """Build and save the index of one table's vectors; returns (index, meta, vectors)."""
     store = Store(db)
     meta, vectors, version = load_vectors(store, table, vector)
+    if meta.height == 0:
+        raise UserError(f"table {table!r} of {db} holds no cells yet: there is nothing to index; run "
+                        f"`embed extract SLIDES --cells CELLS --db {db}` first")  # fmt: skip
+    _check_searchable(meta, vectors, vector)
     index = CellIndex.build(vectors, kind=kind, progress=progress)
     save_index(index, meta, db, table=table, vector=vector, version=version, root=root)
     return index, meta, vectors

@@ -780,8 +780,8 @@ def resolve_kind(kind: str, n: int, d: int, gpu: bool) -> str:
         small = n <= GPU_FLAT_MAX_ROWS if gpu else n * d <= FLAT_MAX_ELEMENTS
         kind = "flat" if small else "ivf"
     if kind == "ivf" and n < 64:
-        raise UserError(f"kind='ivf' needs at least 64 rows to train on, got {n}: use "
-                        "kind='flat' (exact, and fast at this size).")
+        raise UserError(f"kind='ivf' (--kind ivf) needs at least 64 rows to train on, got {n}: use "
+                        "kind='flat' (--kind flat: exact, and fast at this size).")
     return kind
 
 
@@ -982,4 +982,4 @@ def _tune(index: faiss.Index, ivf: Any, info: dict[str, Any], tq: np.ndarray,
     info["tuned_recall_se"] = round(se, 4)
     if r - max(2 * se, TUNE_MARGIN) < target_recall and r < 1.0:
         warnings.warn(f"IVF search reached recall@{k} {r:.3f} at most (target {target_recall}); "
-                      "use kind='flat' for exact results", stacklevel=3)
+                      "use kind='flat' (--kind flat) for exact results", stacklevel=3)
