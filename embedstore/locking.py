@@ -80,19 +80,7 @@ class LifeLock:
     @staticmethod
     def is_alive(path: str | Path) -> bool:
         """Whether some process still holds the lock at `path` (False if there is no file)."""
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        return _would_wait(path, fcntl.LOCK_EX)
 
 
 class Busy(Exception):
@@ -131,12 +119,17 @@ def file_lock(path: str | Path, *, shared: bool = False, wait: bool = True) -> I
 
 def held_exclusively(path: str | Path) -> bool:
     """Whether some process holds an exclusive flock on `path` (not merely shared ones)."""
+    return _would_wait(path, fcntl.LOCK_SH)
+
+
+def _would_wait(path: str | Path, mode: int) -> bool:
+    """Whether taking a `mode` flock on `path` would wait for another holder (False: no file)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     else:

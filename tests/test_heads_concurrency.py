@@ -3,24 +3,20 @@ while it saves: one train at a time per run (readers refused while it writes), p
 folder one after the other, and a half-saved run refused until it is trained again."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 from safetensors.torch import load_file, save_file
 
 from embedstore.locking import file_lock
-from embedstore.store import Store
 from heads import checkpoint as ckpt
-from heads import runlock, runs
-from heads.splits import SplitConfig
+from heads import runlock
 from tests.clirun import run_cli
-from tests.test_heads_inputs import QUICK, SLIDES, one_error_line, quiet, write_cells
+from tests.test_heads_inputs import copied, one_error_line, quiet, trained_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ("--epochs", "1", "--global-epochs", "1", "--gate-epochs", "1", "--batch-size", "64",
@@ -29,27 +25,13 @@ TRAIN_ARGS = ("--epochs", "1", "--global-epochs", "1", "--gate-epochs", "1", "--
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, one_torch_thread):
-    """3 slides of 120 cells, 3 classes; a run trained on all stages and predicted."""
-    rng = np.random.default_rng(1)
-    slides = np.repeat(list(SLIDES), 120)
-    ids = np.array([f"c{i:04d}" for i in range(len(slides))])
-    root = tmp_path_factory.mktemp("concurrency")
-    db = root / "db"
-    store = Store(db, create=True)
-    y = write_cells(store, "cells", slides, ids, rng)
-    store.set_labels(pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": [f"k{v}" for v in y]}), source="t")
-    run = root / "run"
-    runs.train(db, run, "all", QUICK, scale=False, split_config=SplitConfig(guard_um=10), log=quiet)
-    runs.predict(run, db, log=quiet)  # for `heads report`
-    return db, run
+    """A run trained on 3 slides of 120 cells and predicted (`trained_run`)."""
+    return trained_run(tmp_path_factory.mktemp("concurrency"), 120, seed=1, evaluate=False)
 
 
 @pytest.fixture
 def setup(base, tmp_path):
-    db, run = tmp_path / "db", tmp_path / "run"
-    shutil.copytree(base[0], db)
-    shutil.copytree(base[1], run)
-    return db, run
+    return copied(base, tmp_path)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

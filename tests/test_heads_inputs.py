@@ -43,32 +43,42 @@ def write_cells(store: Store, table: str, slides, ids, rng, y=None, n_classes=3)
     return y
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, one_torch_thread):
-    """3 slides of 160 cells, 3 classes, 16 + 8-d vectors; a run trained on all stages,
-    evaluated and predicted (its folder is copied by the tests that change it)."""
-    rng = np.random.default_rng(0)
-    slides = np.repeat(list(SLIDES), 160)
+def trained_run(root, cells_per_slide: int, seed: int = 0, evaluate: bool = True):
+    """(db, run): 3 slides of `cells_per_slide` cells, 3 classes, 16 + 8-d vectors, labelled; a
+    run trained on all stages, evaluated (when `evaluate`) and predicted."""
+    rng = np.random.default_rng(seed)
+    slides = np.repeat(list(SLIDES), cells_per_slide)
     ids = np.array([f"c{i:04d}" for i in range(len(slides))])
-    root = tmp_path_factory.mktemp("inputs")
     db = root / "db"
     store = Store(db, create=True)
     y = write_cells(store, "cells", slides, ids, rng)
     store.set_labels(pl.DataFrame({"slide_id": slides, "cell_id": ids, "label": [f"k{v}" for v in y]}), source="t")
     run = root / "run"
     runs.train(db, run, "all", QUICK, scale=False, split_config=SplitConfig(guard_um=10), log=quiet)
-    runs.evaluate_run(run, db, baselines=(), log=quiet)
+    if evaluate:
+        runs.evaluate_run(run, db, baselines=(), log=quiet)
     runs.predict(run, db, log=quiet)
+    return db, run
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, one_torch_thread):
+    """A run trained on 3 slides of 160 cells, evaluated and predicted (`trained_run`; its
+    folder is copied by the tests that change it)."""
+    return trained_run(tmp_path_factory.mktemp("inputs"), 160)
+
+
+def copied(base, tmp_path):
+    """A private copy of the store and the run of `base` (db, run)."""
+    db, run = tmp_path / "db", tmp_path / "run"
+    shutil.copytree(base[0], db)
+    shutil.copytree(base[1], run)
     return db, run
 
 
 @pytest.fixture
 def setup(base, tmp_path):
-    """A private copy of the store and the run."""
-    db, run = tmp_path / "db", tmp_path / "run"
-    shutil.copytree(base[0], db)
-    shutil.copytree(base[1], run)
-    return db, run
+    return copied(base, tmp_path)
 
 
 def one_error_line(result, *words):
