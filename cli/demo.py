@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = f"{query['slide_id']}:{query['cell_id']}"
     found = explore.similar(db, ref, 8, exclude_same_slide=True, notify=log)
     log(f"query {ref} ({query['label']}); neighbours on other slides: "
-        + ", ".join(found["label"].to_list()[1:]))  # fmt: skip
+        + ", ".join(label or "-" for label in found["label"].to_list()[1:]))  # fmt: skip (-: no kept label)
     gallery = explore.gallery(db, found, out / "similar.png")
     log(f"gallery -> {gallery}")
     share, chance = neighbour_label_share(db, truth, k=20, n_queries=300, seed=args.seed)
