@@ -130,9 +130,11 @@ def eval_(
             "complementarity": None if comp is None else comp.to_dicts(),
         })  # fmt: skip
         return
-    title = f"{run_dir} on {result['on']}"
+    from rich.text import Text
+
+    title = Text(f"{run_dir} on {result['on']}")
     if result["selection"]:
-        title += " [bold red](the cells that chose the model: optimistic)[/]"
+        title.append(" (the cells that chose the model: optimistic)", style="bold red")
     emit(rich_results_table(result["table"], title=title))
     val = result["table"]["val_macro_f1"] if "val_macro_f1" in result["table"].columns else None
     if val is not None and val.cast(float).fill_nan(None).is_not_null().any():  # none in a cohort

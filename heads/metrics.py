@@ -36,6 +36,7 @@ from heads.calibration import check_proba, expected_calibration_error
 
 if TYPE_CHECKING:
     from rich.table import Table
+    from rich.text import Text
 
 #: columns of `results_table`, in display order; optional ones appear when any row has them
 RESULT_COLUMNS = ("name", "n", "accuracy", "macro_f1", "ece")
@@ -346,13 +347,14 @@ RICH_HEADERS = {"name": "path", "n": "n", "accuracy": "acc", "macro_f1": "macro-
                 "ece_ts": "ECE(T)", "val_macro_f1": "val F1", "selection_gap": "gap"}  # fmt: skip
 
 
-def rich_results_table(table: pl.DataFrame, title: str | None = None, digits: int = 3) -> Table:
-    """`results_table` as a rich.table.Table (best macro-F1 in bold) for the CLI."""
+def rich_results_table(table: pl.DataFrame, title: str | Text | None = None, digits: int = 3) -> Table:
+    """`results_table` as a rich.table.Table (best macro-F1 in bold) for the CLI. Names and the
+    title are text, never markup, on any console ("logreg [local]" prints as it is)."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, box=box.SIMPLE_HEAD)  # no vertical rules: fits 80 columns
+    t = Table(title=Text(title) if isinstance(title, str) else title, box=box.SIMPLE_HEAD)  # no vertical rules: fits 80 columns
     cols = [c for c in RICH_HEADERS if c in table.columns]
     for i, c in enumerate(cols):
         t.add_column(RICH_HEADERS[c], justify="left" if i == 0 else "right", no_wrap=True)
@@ -360,7 +362,7 @@ def rich_results_table(table: pl.DataFrame, title: str | None = None, digits: in
     for row in table.select(cols).iter_rows(named=True):
         vals = [
             "-" if v is None else (f"{v:+.{digits}f}" if k == "selection_gap" else
-                                   f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v)))
+                                   f"{v:.{digits}f}" if isinstance(v, float) else Text(str(v)))
             for k, v in row.items()
         ]  # fmt: skip
         t.add_row(*vals, style="bold" if best is not None and row["macro_f1"] == best else None)

@@ -319,3 +319,13 @@ def test_report_of_a_held_out_cohort(setup, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     result = run_cli("cli.heads", "eval", "--run", run, "--db", cohort, "--cohort", "c2", "--synonyms", tmp_path / "bad.json")
     one_error_line(result, "is not valid JSON")
+
+
+def test_eval_table_on_stdout_prints_names_and_title_as_text(setup):
+    """Baseline names ("logreg[local]") printed as `logreg\\[local]`, and the --on val title as
+    raw "[bold red]...[/]" markup, on the stdout console (markup off)."""
+    db, run = setup
+    result = run_cli("cli.heads", "eval", "--run", run, "--db", db, "--on", "val", "--baselines", "logreg")
+    assert result.returncode == 0, result.stderr
+    assert "logreg[local]" in result.stdout and "\\[" not in result.stdout
+    assert "(the cells that chose the model: optimistic)" in result.stdout and "[bold red]" not in result.stdout
