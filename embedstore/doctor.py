@@ -110,10 +110,14 @@ def check_gpu(device: str) -> tuple[list[Check], str]:
                   "backbones take seconds per cell)", "run `embed extract` on a GPU machine for real backbones")], "cpu"  # fmt: skip
 
 
-def check_weights(names: Sequence[str]) -> list[Check]:
+def check_weights(names: Sequence[str], roles: Sequence[str] = ("local", "context")) -> list[Check]:
+    """Whether each backbone's weights are found (`roles`: which extract option gives them)."""
     from .extract import backbones as B
 
     out = []
+    role_of = {}
+    for name, role in zip(names, roles, strict=False):
+        role_of.setdefault(name, role)
     for name in dict.fromkeys(names):
         try:
             spec = B.get_spec(name)
@@ -122,7 +126,7 @@ def check_weights(names: Sequence[str]) -> list[Check]:
             continue
         status = B.weights_status(name)
         if status.startswith("not found"):
-            out.append(Check("weights", name, "fail", status, B.how_to_get_weights(name)))
+            out.append(Check("weights", name, "fail", status, B.how_to_get_weights(name, role_of.get(name))))
         elif spec.is_test:
             out.append(Check("weights", name, "warn", f"{status}: a tiny random test model, not a pathology model"))
         else:

@@ -217,7 +217,7 @@ def load_backbone(vec_cfg: dict, kind: str, weights: str | Path | None, device: 
             f"or gradients: there is nothing to Grad-CAM; explain another path (--path)"
         )
     backbone = build_backbone(name, weights=weights, pooling=vec_cfg.get("pooling"),
-                              input_px=vec_cfg.get("input_px"), device=device)  # fmt: skip
+                              input_px=vec_cfg.get("input_px"), device=device, role=kind)  # fmt: skip
     want = vec_cfg.get("weights_sha256")
     if want and backbone.weights_sha256 != want:
         raise UserError(

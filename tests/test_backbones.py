@@ -494,3 +494,17 @@ def test_random_backbone_is_marked_seeded_and_checked() -> None:
 def test_how_to_get_weights_names_the_licence_page() -> None:
     spec = bb.get_spec("uni2-h")
     assert f"https://huggingface.co/{spec.repo_id}" in bb.how_to_get_weights("uni2-h")
+
+
+def test_hints_name_the_weights_option_of_the_backbones_role(no_local_weights: Path) -> None:
+    """A missing context backbone's hint said --local-weights (the registry did not know the role)."""
+    from embedstore.doctor import check_weights
+    from embedstore.extract.pipeline import ExtractConfig, build_steps
+
+    cfg = ExtractConfig(local_backbone="test-vit-local", context_backbone="dinov3-vitl16", device="cpu")
+    with pytest.raises(UserError) as err:
+        build_steps(cfg, torch.device("cpu"))
+    assert "--context-weights" in str(err.value) and "--local-weights" not in str(err.value)
+    (local, context) = check_weights(["uni2-h", "dinov3-vitl16"])
+    assert "--local-weights" in local.fix and "--context-weights" not in local.fix
+    assert "--context-weights" in context.fix and "--local-weights" not in context.fix

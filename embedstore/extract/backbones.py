@@ -489,29 +489,31 @@ def weights_status(name: str) -> str:
     return f"found: {found}" if found is not None else "not found"
 
 
-def _how_to_get(spec: BackboneSpec) -> str:
+def _how_to_get(spec: BackboneSpec, role: str | None = None) -> str:
+    """`role`: local or context, the extract option that gives this backbone's weights."""
     repo = spec.repo_id
+    option = f"--{role}-weights" if role else "--local-weights (or --context-weights)"
     return (
         f"The weights of {spec.name!r} are gated (licence: {spec.licence}). To use them: "
         f"(1) open {spec.model_url}, log in and accept the licence; "
         f"(2) either run `huggingface-cli login` (or `hf auth login`) and pass "
-        f"--local-weights {spec.hub_id}, or download them with "
-        f"`hf download {repo} --local-dir DIR` and pass --local-weights DIR; "
+        f"{option} {spec.hub_id}, or download them with "
+        f"`hf download {repo} --local-dir DIR` and pass {option} DIR; "
         f"(3) or put the file in ${WEIGHTS_DIR_ENV}/{spec.name}/ and set {WEIGHTS_DIR_ENV}."
     )
 
 
-def _not_found_error(spec: BackboneSpec) -> UserError:
+def _not_found_error(spec: BackboneSpec, role: str | None = None) -> UserError:
     looked = [str(p) for p in _local_candidates(spec)]
     if not os.environ.get(WEIGHTS_DIR_ENV):
         looked.insert(0, f"${WEIGHTS_DIR_ENV}/{spec.name} ({WEIGHTS_DIR_ENV} is not set)")
     return UserError(
         f"No local weights for backbone {spec.name!r} (hub id {spec.hub_id}); looked in: "
-        f"{'; '.join(looked)}. " + _how_to_get(spec)
+        f"{'; '.join(looked)}. " + _how_to_get(spec, role)
     )
 
 
-def _hub_download(spec: BackboneSpec, hub_name: str) -> Path:
+def _hub_download(spec: BackboneSpec, hub_name: str, role: str | None = None) -> Path:
     """Download (or reuse from the cache) the weights file of a hub repo."""
     import huggingface_hub
     from huggingface_hub.errors import (
@@ -531,12 +533,12 @@ def _hub_download(spec: BackboneSpec, hub_name: str) -> Path:
         except GatedRepoError:
             raise UserError(
                 f"Access to {repo_id} is gated and this account has not been granted it. "
-                + _how_to_get(spec)
+                + _how_to_get(spec, role)
             ) from None
         except RepositoryNotFoundError:
             raise UserError(
                 f"Hub repository {repo_id!r} not found, or private and you are not logged in. "
-                + _how_to_get(spec)
+                + _how_to_get(spec, role)
             ) from None
         except LocalEntryNotFoundError:
             offline = True  # not cached and the hub cannot be reached; try the next name
@@ -544,22 +546,23 @@ def _hub_download(spec: BackboneSpec, hub_name: str) -> Path:
             continue
         except (HfHubHTTPError, OSError, ValueError) as e:
             raise UserError(f"Could not download {fname} from {repo_id}: {e}. "
-                            + _how_to_get(spec)) from None
+                            + _how_to_get(spec, role)) from None
     if offline:
         raise UserError(
             f"Cannot reach the Hugging Face hub for {repo_id} (offline, or blocked) and its "
-            f"weights are not in the local cache {_hf_cache_dir()}. " + _how_to_get(spec)
+            f"weights are not in the local cache {_hf_cache_dir()}. " + _how_to_get(spec, role)
         )
     raise UserError(
         f"Hub repository {repo_id} has none of {', '.join(spec.hub_filenames)}. "
-        "Download the weights file yourself and pass its path with --local-weights."
+        f"Download the weights file yourself and pass its path with --{role or 'local'}-weights."
     )
 
 
 def _resolve_weights(
-    spec: BackboneSpec, weights: str | os.PathLike[str] | None
+    spec: BackboneSpec, weights: str | os.PathLike[str] | None, role: str | None = None
 ) -> tuple[Path | None, str]:
-    """(file to load or None for built-in weights, human-readable source)."""
+    """(file to load or None for built-in weights, human-readable source); `role` (local or
+    context) names the option the hints point to."""
     if spec.weights_free:
         if weights is not None:
             raise UserError(f"Backbone {spec.name!r} computes hand-crafted features and takes no "
@@ -570,12 +573,12 @@ def _resolve_weights(
             return None, f"built-in (seed {spec.seed})"
         found = find_local_weights(spec.name)
         if found is None:
-            raise _not_found_error(spec)
+            raise _not_found_error(spec, role)
         return found, str(found)
     text = os.fspath(weights)
     is_hub_id = spec.repo_id is not None and text in (spec.hub_id, spec.repo_id)
     if text.startswith("hf-hub:") or (is_hub_id and not Path(text).exists()):
-        path = _hub_download(spec, text)
+        path = _hub_download(spec, text, role)
         return path, f"{text} ({path})"
     path = Path(text).expanduser()
     if path.is_dir():
@@ -584,7 +587,7 @@ def _resolve_weights(
             raise UserError(
                 f"No weights file in {path}: expected {' or '.join(PREFERRED_WEIGHT_FILES)}, "
                 f"or one file ending {', '.join(WEIGHT_SUFFIXES)}. "
-                f"Point --local-weights at the folder holding the {spec.name} weights."
+                f"Point --{role or 'local'}-weights at the folder holding the {spec.name} weights."
             )
         return found, str(found)
     if not path.is_file():
@@ -892,17 +895,19 @@ def build_backbone(
     pooling: str | None = None,
     input_px: int | None = None,
     device: torch.device | str = "cpu",
+    role: str | None = None,
 ) -> Backbone:
     """A frozen `Backbone` in eval mode on `device`.
 
     `weights`: None (test entries: the seeded init; real entries: $NUCLASS_WEIGHTS_DIR/<name>/,
     then the Hugging Face cache, never the network), a file, a folder, or a hub name
     (`hf-hub:ORG/NAME`, or the spec's hub id), downloaded when online and authorised.
+    `role`: local or context, so that hints name `--local-weights` or `--context-weights`.
     """
     entry = _entry(name)
     spec = entry.spec
     pooling, px = _check_options(spec, pooling, input_px)
-    path, source = _resolve_weights(spec, weights)
+    path, source = _resolve_weights(spec, weights, role)
     if path is None:
         trunk = _build_trunk(entry)
         # a weights-free trunk's "weights" are its feature version and reference constants
@@ -946,9 +951,9 @@ def build_random_backbone(
     return model.to(device).eval()
 
 
-def how_to_get_weights(name: str) -> str:
-    """What a user does to obtain the (gated) weights of `name`."""
-    return _how_to_get(get_spec(name))
+def how_to_get_weights(name: str, role: str | None = None) -> str:
+    """What a user does to obtain the (gated) weights of `name` (as the `role` backbone)."""
+    return _how_to_get(get_spec(name), role)
 
 
 def count_flops(name: str, input_px: int | None = None, batch: int = 1) -> int:

@@ -183,11 +183,12 @@ def build_steps(cfg: ExtractConfig, device) -> list[VectorStep]:
     if get_spec(cfg.context_backbone).weights_free:
         raise UserError(f"{cfg.context_backbone!r} measures one nucleus in a 56 µm crop: use it as "
                         "--local-backbone, with a context backbone such as dinov3-vitl16")  # fmt: skip
-    local = build_backbone(cfg.local_backbone, weights=cfg.local_weights, device=device)
+    local = build_backbone(cfg.local_backbone, weights=cfg.local_weights, device=device, role="local")
     tiled = cfg.context == "tiled"
     context = build_backbone(
         cfg.context_backbone, weights=cfg.context_weights,
         pooling="mean" if tiled else cfg.context_pooling, input_px=cfg.context_input_px, device=device,
+        role="context",
     )  # fmt: skip
     precision = resolve_precision(cfg.precision, device)
     context_crop = CONTEXT_CROP.resized(context.input_px)
