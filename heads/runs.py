@@ -61,6 +61,7 @@ from .train import (
     STAGE_CHOICES,
     Heads,
     TrainConfig,
+    check_holdout_scorable,
     load_heads,
     predict_all,
     train_stage,
@@ -227,6 +228,8 @@ def train(
             f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
         if stage in ("local", "all"):
             split = make_split(data.meta, holdout=holdout, config=split_config)
+            if holdout:
+                check_holdout_scorable(data, split, holdout)
         else:  # a later stage trains on the split its local head was trained on
             ckpt.read_info(run_dir, "local")  # no local head: say so first
             split = load_split(run_dir, data, stages=ckpt.STAGES[: ckpt.STAGES.index(stage)])

@@ -12,7 +12,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,10 +258,29 @@ def training_coverage(data: CellData, split: Split, *, warn_tissues: bool = True
     ]  # fmt: skip
     lines += [
         f"warning: tissue {t!r} has no training cells: its FiLM embedding stays untrained, so "
-        "`heads eval` and `heads predict` treat its cells as those of an unknown tissue"
+        "`heads eval` does not score its cells and `heads predict` leaves them out"
         for t, n in zip(data.tissues, per_tissue, strict=True) if n == 0 and warn_tissues
     ]  # fmt: skip
     return [t for t, n in zip(data.tissues, per_tissue, strict=True) if n > 0], lines
+
+
+def check_holdout_scorable(data: CellData, split: Split, holdout: Sequence[str]) -> None:
+    """Refuse a --holdout whose labelled test cells are all of tissues without training cells:
+    the run could never be evaluated (nor predict them): METHOD.md's FiLM head learns one
+    embedding per training tissue and has none for an unseen one."""
+    test = split.test[data.labelled.numpy()[split.test]]
+    if test.size == 0:
+        return
+    trained, _ = training_coverage(data, split, warn_tissues=False)
+    tissues = sorted({data.tissues[i] for i in np.unique(data.tissue.numpy()[test])})
+    if not set(tissues) & set(trained):
+        raise UserError(
+            f"--holdout {' '.join(holdout)} holds out every cell of tissue(s) {', '.join(tissues)}: the heads "
+            "would have no training cells of it, and the FiLM head learns an embedding only for the tissues it "
+            "is trained on, so `heads eval` could score none of the test cells (nor `heads predict` label them). "
+            "Hold out slides of tissues that keep other slides for training, or score another store of a trained "
+            "tissue as a held-out cohort (`heads eval --cohort`)"
+        )
 
 
 def trained_tissues(info: dict[str, Any]) -> list[str]:
