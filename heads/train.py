@@ -226,6 +226,12 @@ def _permutation(n: int, gen: torch.Generator, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
+def _shown(epoch: int, epochs: int, lines: int = 20) -> bool:
+    """Whether to log an epoch that brought no new best: about `lines` per stage (small sets
+    train for hundreds of epochs), always the first and the last."""
+    return epochs <= lines or epoch in (1, epochs) or epoch % -(-epochs // lines) == 0
+
+
 def _epoch_line(stage: str, epoch: float, epochs: int, rec: dict[str, Any], best: bool) -> str:
     return (
         f"[{stage}] epoch {epoch:g}/{epochs} loss {rec['loss']:.4f} "
@@ -398,7 +404,8 @@ def _fit(
         }
         best = stopper.update(score, epoch + 1)
         history.append(rec)
-        log(_epoch_line(stage, epoch + 1, epochs, rec, best))
+        if best or _shown(epoch + 1, epochs):
+            log(_epoch_line(stage, epoch + 1, epochs, rec, best))
         if stopper.should_stop:
             log(f"[{stage}] early stop: no better val macro-F1 for {cfg.patience} epoch(s)")
             break

@@ -587,3 +587,19 @@ def test_held_out_tissue_and_classes_are_warned_about_and_the_tissue_refused(sto
     assert any(f"{n_pancreas} scored cells are of tissues the run had no training cells for (pancreas: {n_pancreas})"
                in line for line in logs), logs  # fmt: skip
     assert result["rows"][0]["n"] == int((test_tissues != "pancreas").sum())
+
+
+def test_a_long_stage_logs_about_twenty_epoch_lines(store_of, tmp_path):
+    """Small sets train for hundreds of epochs: one line each flooded stderr (253 lines for 72
+    cells). Every new best is still said, plus about 20 others; the history keeps every epoch."""
+    from heads import runs
+
+    store_of(*synthetic(n=300, seed=9))
+    logs: list[str] = []
+    cfg = replace(QUICK, epochs=120, patience=1000, batch_size=256)
+    runs.train("db", tmp_path, "local", cfg, scale=False, split_config=SplitConfig(guard_um=0), log=logs.append)
+    lines = [ln for ln in logs if ln.startswith("[local] epoch ")]
+    best = [ln for ln in lines if " * " in ln]
+    assert lines[0].startswith("[local] epoch 1/120") and lines[-1].startswith("[local] epoch 120/120")
+    assert len(lines) <= 20 + len(best) + 2, len(lines)
+    assert len(ckpt.read_info(tmp_path, "local")["history"]) == 120
