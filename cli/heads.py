@@ -52,7 +52,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its val stripe")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="share of each slide's cells in its test stripe (0 with --holdout)")] = 0.2,
     guard_um: Annotated[float, typer.Option(help="guard band between parts, µm (default: the context radius)")] = 128.0,
-    stage3_heads: Annotated[str, typer.Option(help="stage 3: frozen (gate only, as the authors' code) or joint (gate + both heads, METHOD.md)")] = "frozen",
+    stage3_heads: Annotated[str, typer.Option(help="stage 3: frozen (gate only, as the authors' code) or joint (gate + both heads, as the paper describes: docs/method.md)")] = "frozen",
     alpha_schedule: Annotated[str, typer.Option(help="stage-2 context ramp: step (per optimiser step) or epoch (the authors')")] = "step",
     film: Annotated[bool, typer.Option("--film/--concat", help="FiLM tissue conditioning, or the paper's Concat ablation")] = True,
     epochs: Annotated[int, typer.Option(help="stage-1 epochs (max; early stopping on val macro-F1)")] = 4,
