@@ -25,7 +25,7 @@ bench-crops *args:
 bench-extract *args:
     python bench/extract.py {{args}}
 
-# store: write/load 1M x (1536 + 1024) float16 vs numpy.load (JSON)
+# store: write/load 500k x (1536 + 1024) float16 (--rows) vs numpy.load (JSON)
 bench-store *args:
     python bench/store.py {{args}}
 
@@ -81,6 +81,7 @@ bench-ray-extract *args:
 bench-ray-predict *args:
     python bench/ray_predict.py {{args}}
 
+# predictions table: a slide's upsert as the table grows vs a plain append (JSON)
 bench-predictions *args:
     python bench/predictions.py {{args}}
 

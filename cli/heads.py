@@ -12,7 +12,7 @@ from rich.markup import escape
 from cli.common import console, emit, emit_json, run
 
 app = typer.Typer(
-    help="NuClass heads on cached vectors: train (local|global|gate), eval, predict.",
+    help="NuClass heads on cached vectors: train (local|global|gate), eval, predict, report, explain.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -156,12 +156,13 @@ def predict_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if slides_per_task < 1:
         raise UserError(f"slides_per_task must be >= 1, not {slides_per_task!r}")
-    from .runs import PREDICT_LOCK, predictions_dir, skipped, unknown_tissues
+    from .runs import PREDICT_LOCK, check_slides_stored, predictions_dir, skipped, unknown_tissues
     from .train import trained_tissues
 
     run_dir = Path(run_dir).absolute()
     tissues = trained_tissues(ckpt.read_info(run_dir, "local"))  # no run: fail before anything starts
     db = store_location(db)
+    check_slides_stored(db, table, slides)
     unknown = unknown_tissues(db, table, slides, tissues)  # as `predict`: what cannot be predicted
     out = Path(out_dir) if out_dir else predictions_dir(run_dir, db)
     out = ensure_dir(out, "the predictions").absolute()

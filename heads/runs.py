@@ -720,6 +720,7 @@ def predict(
     run_dir = Path(run_dir)
     # no run: fail before making the output folder; a tissue without training cells is unknown
     tissues = trained_tissues(ckpt.read_info(run_dir, "local"))
+    check_slides_stored(db, table, slides)
     unknown = unknown_tissues(db, table, slides, tissues)
     out_dir = ensure_dir(Path(out_dir) if out_dir else predictions_dir(run_dir, db), "the predictions")
     frame = predict_frame(run_dir, db, table=table, slides=slides, device=device, tissues=tissues if unknown.height else None,
@@ -748,6 +749,19 @@ class SlidesSkipped(UserError):
     def __init__(self, message: str, frame: pl.DataFrame | None) -> None:
         super().__init__(message)
         self.frame = frame
+
+
+def check_slides_stored(db: str | Path, table: str, slides: Sequence[str] | None) -> None:
+    """Refuse --slide ids the table has no cells of, naming them and the stored slides."""
+    if not slides:
+        return
+    stored = set(pl.from_arrow(Store(db).open(table).to_lance().to_table(columns=["slide_id"]))["slide_id"].unique())
+    missing = [s for s in slides if s not in stored]
+    if missing:
+        known = sorted(stored)
+        shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        raise UserError(f"table {table!r} of {db} has no cells of slide(s) {', '.join(missing)} (stored: "
+                        f"{shown or 'none'}): pass slide ids as `embed info {db}` lists them")  # fmt: skip
 
 
 def unknown_tissues(db: str | Path, table: str, slides: Sequence[str] | None, tissues: Sequence[str]) -> pl.DataFrame:

@@ -329,3 +329,9 @@ def test_eval_table_on_stdout_prints_names_and_title_as_text(setup):
     assert result.returncode == 0, result.stderr
     assert "logreg[local]" in result.stdout and "\\[" not in result.stdout
     assert "(the cells that chose the model: optimistic)" in result.stdout and "[bold red]" not in result.stdout
+
+
+def test_predict_of_a_slide_that_is_not_stored_names_it_and_the_stored_ones(setup):
+    db, run = setup
+    result = run_cli("cli.heads", "predict", "--run", run, "--db", db, "--slide", "s0", "--slide", "S9")
+    one_error_line(result, "no cells of slide(s) S9", "stored: s0, s1, s2")
