@@ -235,9 +235,10 @@ def extract(
                                   gpus_per_worker=gpus_per_worker, shard_cells=shard_cells, on_event=events)  # fmt: skip
         else:
             summary = run_extract(slides, cells, db, cfg, on_event=events)
+    rate = f", {summary['cells_per_s']:.1f} cells/s" if summary["written"] else ""  # a rerun with nothing to do
     console.print(
         f"stored {summary['written']} new cells ({summary['already_stored']} already there) in "
-        f"{summary['seconds']:.1f} s, {summary['cells_per_s']:.1f} cells/s; run {summary['run_id']}"
+        f"{summary['seconds']:.1f} s{rate}; run {summary['run_id']}"
     )
     if engine == "ray":
         console.print(f"on {len(summary['workers'])} Ray workers: {summary['tasks']} tasks, {len(summary['run_ids'])} runs (one per task)")

@@ -589,7 +589,7 @@ def annotate(
         found = {k for r in results for k in r.clusters["cluster"].to_list()}
         unused = [k for k in cmap if k not in found and not any(f.endswith(f":{k}") for f in found)]
         if unused:
-            log(f"warning: {clusters}: {len(unused)} of its clusters are not among the clusters found "
+            log(f"warning: {clusters}: {len(unused)} of its clusters {'is' if len(unused) == 1 else 'are'} not among the clusters found "
                 f"(e.g. {unused[:3]}), so they named nothing; clusters are SAMPLE:ID as in the report")  # fmt: skip
     frame = pl.concat([r.frame for r in results], how="diagonal_relaxed")
     dup = frame.group_by("slide_id", "cell_id").len().filter(pl.col("len") > 1)
