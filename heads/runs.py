@@ -755,10 +755,11 @@ def check_slides_stored(db: str | Path, table: str, slides: Sequence[str] | None
     """Refuse --slide ids the table has no cells of, naming them and the stored slides."""
     if not slides:
         return
-    stored = set(pl.from_arrow(Store(db).open(table).to_lance().to_table(columns=["slide_id"]))["slide_id"].unique())
-    missing = [s for s in slides if s not in stored]
-    if missing:
-        known = sorted(stored)
+    ds = Store(db).open(table).to_lance()
+    found = set(pl.from_arrow(ds.to_table(columns=["slide_id"], filter=sql_in("slide_id", list(slides))))["slide_id"])
+    missing = [s for s in slides if s not in found]
+    if missing:  # only now the whole column, to list what is stored
+        known = sorted(set(pl.from_arrow(ds.to_table(columns=["slide_id"]))["slide_id"]))
         shown = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
         raise UserError(f"table {table!r} of {db} has no cells of slide(s) {', '.join(missing)} (stored: "
                         f"{shown or 'none'}): pass slide ids as `embed info {db}` lists them")  # fmt: skip

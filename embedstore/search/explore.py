@@ -108,10 +108,14 @@ def load_vectors(
 
 def _check_searchable(meta: pl.DataFrame, vectors: np.ndarray, vector: str) -> None:
     """Refuse, naming the cells, vectors a cosine index cannot hold (all zeros, inf or NaN)."""
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1) | ~np.any(vectors != 0, axis=1))
-    if bad.size:
-        shown = ", ".join(f"{r['slide_id']}:{r['cell_id']}" for r in meta[bad[:3].tolist()].iter_rows(named=True))
-        raise UserError(f"{bad.size} cells have {vector} vectors that cosine search cannot use (all zeros, or "
+    bad: list[int] = []
+    step = 1 << 16  # in blocks: a mask of the whole array would be as large as the vectors
+    for start in range(0, len(vectors), step):
+        block = vectors[start:start + step]
+        bad += (start + np.flatnonzero(~np.isfinite(block).all(axis=1) | ~np.any(block != 0, axis=1))).tolist()
+    if bad:
+        shown = ", ".join(f"{r['slide_id']}:{r['cell_id']}" for r in meta[bad[:3]].iter_rows(named=True))
+        raise UserError(f"{len(bad)} cells have {vector} vectors that cosine search cannot use (all zeros, or "
                         f"inf/NaN from a float16 overflow), e.g. {shown}: extract their slides again (into a new "
                         "--table if the backbone is at fault), or index the other vectors (--vector)")  # fmt: skip
 
