@@ -15,7 +15,7 @@ panel class covers, or an ambiguous one, is not forced into a class. `--clusters
 by hand; a synonyms table maps names to final classes.
 
 Confidence per cell (METHOD.md): 0.6 x neighbour purity (share of its 50 PCA-space neighbours
-in its cluster) + 0.4 x marker margin (own class score minus the best other class's), robust
+in its cluster; of its n - 1 nearest in a cluster of n <= 50, `neighbour_purity`) + 0.4 x marker margin (own class score minus the best other class's), robust
 scaled to [0, 1] as clip(0.5 + 0.5 (m - median) / (3 MAD), 0, 1) over the sample's labelled
 cells. A name from the synonyms table is scored as the panel class it renames (classes renamed
 to one name are not each other's rivals); a class named by hand that no panel class has markers
