@@ -143,7 +143,7 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | No
     """metrics.json (of `cohort`: RUN/cohort-NAME/), made with `heads eval`'s defaults (and
     `synonyms`) when the run has none yet."""
     path = eval_dir(run_dir, cohort) / "metrics.json"
-    command = f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
+    command = _eval_command(run_dir, db, cohort)
     if not path.exists():
         from .runs import evaluate_run
 
@@ -160,6 +160,10 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | No
         raise UserError(f"{path} was scored with other synonyms than --synonyms gives: run `{command} --synonyms "
                         f"FILE` with them (or leave --synonyms out to report the scored ones)")  # fmt: skip
     return metrics
+
+
+def _eval_command(run_dir: Path, db: str | Path, cohort: str | None) -> str:
+    return f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
 
 
 def eval_dir(run_dir: Path, cohort: str | None) -> Path:
@@ -246,7 +250,7 @@ def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, An
     made_on, made_table = info.get("store"), info.get("table", table)
     if made_on is None or (made_on == store_key(db) and made_table == table):
         return None
-    command = f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
+    command = _eval_command(run_dir, db, cohort)
     return (f"{eval_dir(run_dir, cohort) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
             f"not on {db} (table {table!r}): the results, per-class F1, confusion, calibration, conformal and "
             f"complementarity sections are of that store, the gate and galleries of this one; run `{command}` "
