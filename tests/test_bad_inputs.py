@@ -190,7 +190,7 @@ CASES = [
     ("eval: other cells", lambda w: ["heads", "eval", "--run", w.run, "--db", w.other_cells_db, "--baselines", "none"], "none of the .* cells this run was trained and validated on.*--cohort"),
     ("predict: truncated global", lambda w: ["heads", "predict", "--run", w.run_copy("r_global", "truncate", "global"), "--db", w.db, "--out", w.tmp / "p1"], "global.safetensors cannot be read"),
     ("predict: out under a file", lambda w: ["heads", "predict", "--run", w.run, "--db", w.db, "--out", w.file("predfile", "x") / "p"], "is a file"),
-    ("predict: unknown slide", lambda w: ["heads", "predict", "--run", w.run, "--db", w.db, "--slide", "nope", "--out", w.tmp / "p2"], "no cells selected; check the slide"),
+    ("predict: unknown slide", lambda w: ["heads", "predict", "--run", w.run, "--db", w.db, "--slide", "nope", "--out", w.tmp / "p2"], r"has no cells of slide\(s\) nope \(stored: synth_s0"),
 ]  # fmt: skip
 
 
