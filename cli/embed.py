@@ -318,7 +318,8 @@ def info(
         emit(slides_t)
     if info["labels"] is not None:
         lab = info["labels"]
-        emit(f"labels: {lab['rows']} rows, {lab['classes']} classes (from {', '.join(lab['sources'])})")
+        emit(f"labels: {lab['labelled']} labelled cells of {lab['rows']} rows, {lab['classes']} classes "
+             f"(from {', '.join(lab['sources'])})")
     runs = Table("run", "table", "status", "started", "written", "failed slides")
     for r in info["runs"]:
         counts = r.get("counts") or {}

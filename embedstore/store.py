@@ -723,6 +723,7 @@ class Store:
         labels = self.labels()
         out["labels"] = None if labels is None else {
             "rows": labels.height,
+            "labelled": labels.height - labels["label"].null_count(),  # rows may hold only a split
             "classes": labels["label"].drop_nulls().n_unique(),
             "sources": sorted(labels["source"].unique().to_list()),
         }  # fmt: skip

@@ -185,3 +185,14 @@ def test_labels_from_a_multi_image_qupath_export(tmp_path):
     assert got.height == 30 and set(got["slide_id"]) == {"s0", "s1", "s2"}
     assert got.select((pl.col("label") == "Tumor") == (pl.col("slide_id") == "s1")).to_series().all()
     assert set(got["source"]) == {str(tmp_path / "measurements.tsv")}
+
+
+def test_info_counts_labelled_cells_apart_from_label_rows(tmp_path):
+    """`embed info` said "labels: 240 rows" when some rows held only a split (no label)."""
+    db, store, keys = _store(tmp_path)
+    store.set_labels(keys.head(10).with_columns(label=pl.lit(None, pl.String), split=pl.lit("val")), source="s",
+                     replace=False)  # fmt: skip
+    lab = store.info()["labels"]
+    assert lab["rows"] == 240 and lab["labelled"] == 230
+    result = embed("info", db)
+    assert "labels: 230 labelled cells of 240 rows" in result.stdout, result.stdout
