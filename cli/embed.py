@@ -516,14 +516,13 @@ def index(
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
     kind: Annotated[str, typer.Option(help="auto (by size), flat (exact) or ivf")] = "auto",
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
-    engine: Annotated[str, typer.Option(help="local (this process), or ray: row shards added on --ray-workers Ray workers, merged in row order (needs the optional ray extra)")] = "local",
+    engine: Annotated[str, typer.Option(help="local (this process, rows read from the store batch by batch: bounded memory), or ray: row shards added on --ray-workers Ray workers, merged in row order (needs the optional ray extra)")] = "local",
     address: Annotated[str | None, typer.Option(help="--engine ray: join this cluster (auto, ray://host:10001); default: start Ray on this machine")] = None,
     ray_workers: Annotated[int, typer.Option(help="--engine ray: shards indexed at a time, one Ray task (one CPU) each")] = 2,
 ) -> None:
     """Build the FAISS index of a vector next to the store (exact or IVF, tuned by size)."""
     import time
 
-    from embedstore.search.explore import build_index
     from embedstore.search.explore import index_dir as where
 
     if engine not in ("local", "ray"):
@@ -538,7 +537,9 @@ def index(
         idx, meta = build_index_ray(db, table=table, vector=vector, kind=kind, root=index_dir,
                                     address=address, workers=ray_workers, progress=bar)  # fmt: skip
     else:
-        idx, meta, _ = build_index(db, table=table, vector=vector, kind=kind, root=index_dir, progress=bar)
+        from embedstore.search.distributed import build_index_streamed
+
+        idx, meta = build_index_streamed(db, table=table, vector=vector, kind=kind, root=index_dir, progress=bar)
     console.print(
         f"{idx.kind} index of {idx.ntotal} {vector} vectors ({idx.dim}-d, {idx.metric}) "
         f"in {time.perf_counter() - t:.1f} s -> {where(db, table, vector, index_dir)}; "

@@ -185,3 +185,30 @@ def test_vectors_cosine_search_cannot_use_are_named_by_cell(tmp_path):
     db = write_store(tmp_path / "db", local)
     assert_one_line_error(embed("index", "--db", db), "2 cells", "s0:c004, s1:c007", "--vector")
     assert embed("index", "--db", db, "--vector", "context").returncode == 0
+
+
+def test_embed_index_streams_the_rows_and_builds_the_in_memory_index(tmp_path, monkeypatch):
+    """`embed index` reads the table batch by batch (bounded memory: 10M x 1536 vectors do not
+    fit in 24 GB) and must build the index `explore.build_index` builds from the loaded vectors:
+    the same bytes with the same batches and one thread, for IVF (PCA path) and flat."""
+    import faiss
+
+    from embedstore.search import index as search
+    from embedstore.search.distributed import build_index_streamed
+
+    rng = np.random.default_rng(5)
+    local = (rng.normal(size=(40, 384)) * 2)[rng.integers(0, 40, 3000)] + rng.normal(size=(3000, 384))
+    db = write_store(tmp_path / "db", local.astype(np.float32))
+    Store(db).open("cells").delete("cell_id IN ('c007', 'c1500')")  # row positions shift
+    monkeypatch.setattr(search, "CHUNK_ROWS", 500)
+    with search._omp_threads(1):
+        for kind in ("ivf", "flat"):
+            ref, meta, _ = explore.build_index(db, kind=kind, root=tmp_path / f"ref-{kind}")
+            got, meta2 = build_index_streamed(db, kind=kind, root=tmp_path / f"got-{kind}")
+            assert meta2.equals(meta) and got.info["build"]["engine"] == "local, streamed"
+            assert got.info["search"] == ref.info["search"] and got.info.get("params") == ref.info.get("params")
+            assert np.array_equal(faiss.serialize_index(got._index), faiss.serialize_index(ref._index)), kind
+    result = embed("index", "--db", db)  # the CLI's local engine is the streamed build
+    assert result.returncode == 0, result.stderr
+    opened, _, _ = explore.open_index(db, rebuild=False, with_vectors=False)
+    assert opened.info["build"]["engine"] == "local, streamed"

@@ -1,4 +1,6 @@
-"""The FAISS index of a table built on Ray (`embed index --engine ray`): rows added in shards.
+"""The FAISS index of a table built from the store without holding its vectors: on Ray
+(`embed index --engine ray`, rows added in shards) or in this process (`build_index_streamed`,
+what `embed index` runs: the same driver, rows added batch by batch as they are read).
 
 The driver reads only the rows it needs from the store (the training sample and the tuning
 queries, by row position with Lance `take`), trains exactly as `CellIndex.build` does (same
@@ -95,6 +97,60 @@ def build_index_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
         raise UserError(f"shard_rows must be a whole number >= 1, not {shard_rows!r}")
+
+    def add(job: _Job, empty: faiss.Index, tq, truth: TuneTruth, meta, phases: _Phases) -> faiss.Index:
+        started = start_ray(ray, address, workers)
+        try:
+            phases("ray_start")
+            return _add_shards(ray, job, empty, tq, truth, workers, progress)
+        finally:
+            if started:
+                ray.shutdown()
+
+    return _build_from_store(db, table, vector, kind, root, use_gpu, seed, nlist, target_recall, tune_queries,
+                             progress, add, {"engine": "ray", "workers": workers, "shard_rows": shard_rows})  # fmt: skip
+
+
+def build_index_streamed(
+    db: str | Path,
+    *,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    kind: str = "auto",
+    root: str | Path | None = None,
+    use_gpu: bool | str = "auto",
+    seed: int = 0,
+    nlist: int | None = None,
+    target_recall: float = 0.95,
+    tune_queries: int = 500,
+    progress: Progress | None = None,
+) -> tuple[CellIndex, pl.DataFrame]:
+    """`explore.build_index` in bounded memory (what `embed index` runs): the driver of
+    `build_index_ray`, with the rows added in this process in the sequential build's batches,
+    each read from the store as it is added, so the table's vectors are never all in memory
+    (31 GB at 10M x 1536 float16). The same index as `explore.build_index` (same sample, same
+    batches); returns (index, cell metadata)."""
+
+    def add(job: _Job, empty: faiss.Index, tq, truth: TuneTruth, meta, phases: _Phases) -> faiss.Index:
+        from .explore import check_searchable
+
+        source = StoreSource(Store(job.db), job.table, job.vector, version=job.version)
+        for a, b in _batches(0, job.n, job.chunk_rows):
+            block = source.read(a, b)
+            check_searchable(meta[a:b], block, job.vector)  # names the cells, where _prepare names rows
+            add_rows(empty, _prepare(block, METRIC, "vectors", a), a, truth)
+            if progress is not None:
+                progress(b, job.n)
+        return empty
+
+    return _build_from_store(db, table, vector, kind, root, use_gpu, seed, nlist, target_recall, tune_queries,
+                             progress, add, {"engine": "local, streamed"})  # fmt: skip
+
+
+def _build_from_store(db, table, vector, kind, root, use_gpu, seed, nlist, target_recall, tune_queries, progress,
+                      add, engine: dict) -> tuple[CellIndex, pl.DataFrame]:  # fmt: skip
+    """The driver both engines share: read the sample, train as `CellIndex.build` does, have
+    `add` put every row in, tune against the store, save as `build_index` does."""
     if not 0 < target_recall <= 1:
         raise UserError(f"target_recall={target_recall} must lie in (0, 1].")
     db = store_location(db)
@@ -105,7 +161,8 @@ def build_index_ray(
     if n != meta.height:
         raise StoreError(f"table {table!r} changed while reading it ({meta.height} cells, then {n}); retry")
     if n == 0:
-        raise UserError(f"table {table!r} holds no cells: there is nothing to index")
+        raise UserError(f"table {table!r} of {db} holds no cells yet: there is nothing to index; run "
+                        f"`embed extract SLIDES --cells CELLS --db {db}` first")  # fmt: skip
     gpu = _resolve_gpu(use_gpu)
     kind = resolve_kind(kind, n, d, gpu)
     t0 = time.perf_counter()
@@ -127,23 +184,16 @@ def build_index_ray(
     else:
         empty = empty_flat(d, METRIC)
     truth = TuneTruth(tq, plan.tune_k if plan else 1)
-    job = _Job(db, table, vector, version, n, shard_rows, search.CHUNK_ROWS)
-    started = start_ray(ray, address, workers)
-    try:
-        phases("ray_start")
-        index = _add_shards(ray, job, empty, tq, truth, workers, progress)
-        phases("add_and_merge")
-    finally:
-        if started:
-            ray.shutdown()
+    job = _Job(db, table, vector, version, n, engine.get("shard_rows", n), search.CHUNK_ROWS)
+    index = add(job, empty, tq, truth, meta, phases)
+    phases("add_and_merge")
     if plan is None:
         info.update(params={}, search={}, tuned_recall=1.0, target_recall=target_recall)
     else:
         finish_ivf(index, plan, info, target_recall, tq, truth, source)
         phases("tune")
     info["build_seconds"] = round(time.perf_counter() - t0, 3)
-    info["build"] = {"engine": "ray", "workers": workers, "shard_rows": shard_rows,
-                     "shards": len(job.shards()), "seconds": phases.seconds}  # fmt: skip
+    info["build"] = {**engine, "shards": len(job.shards()), "seconds": phases.seconds}
     built = CellIndex(index, info, use_gpu=gpu, source=source if plan is not None else None)
     save_index(built, meta, db, table=table, vector=vector, version=version, root=root)
     return built, meta

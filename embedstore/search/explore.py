@@ -106,7 +106,7 @@ def load_vectors(
     return loaded.meta, vectors, loaded.version
 
 
-def _check_searchable(meta: pl.DataFrame, vectors: np.ndarray, vector: str) -> None:
+def check_searchable(meta: pl.DataFrame, vectors: np.ndarray, vector: str) -> None:
     """Refuse, naming the cells, vectors a cosine index cannot hold (all zeros, inf or NaN)."""
     bad: list[int] = []
     step = 1 << 16  # in blocks: a mask of the whole array would be as large as the vectors
@@ -135,7 +135,7 @@ def build_index(
     if meta.height == 0:
         raise UserError(f"table {table!r} of {db} holds no cells yet: there is nothing to index; run "
                         f"`embed extract SLIDES --cells CELLS --db {db}` first")  # fmt: skip
-    _check_searchable(meta, vectors, vector)
+    check_searchable(meta, vectors, vector)
     index = CellIndex.build(vectors, kind=kind, progress=progress)
     save_index(index, meta, db, table=table, vector=vector, version=version, root=root)
     return index, meta, vectors
