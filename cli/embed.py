@@ -537,9 +537,10 @@ def index(
         idx, meta = build_index_ray(db, table=table, vector=vector, kind=kind, root=index_dir,
                                     address=address, workers=ray_workers, progress=bar)  # fmt: skip
     else:
-        from embedstore.search.distributed import build_index_streamed
+        from embedstore.search.distributed import build_index_local
 
-        idx, meta = build_index_streamed(db, table=table, vector=vector, kind=kind, root=index_dir, progress=bar)
+        idx, meta = build_index_local(db, table=table, vector=vector, kind=kind, root=index_dir, progress=bar,
+                                      notify=lambda m: console.print(m, markup=False))  # fmt: skip
     console.print(
         f"{idx.kind} index of {idx.ntotal} {vector} vectors ({idx.dim}-d, {idx.metric}) "
         f"in {time.perf_counter() - t:.1f} s -> {where(db, table, vector, index_dir)}; "

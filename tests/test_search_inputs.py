@@ -188,9 +188,9 @@ def test_vectors_cosine_search_cannot_use_are_named_by_cell(tmp_path):
 
 
 def test_embed_index_streams_the_rows_and_builds_the_in_memory_index(tmp_path, monkeypatch):
-    """`embed index` reads the table batch by batch (bounded memory: 10M x 1536 vectors do not
-    fit in 24 GB) and must build the index `explore.build_index` builds from the loaded vectors:
-    the same bytes with the same batches and one thread, for IVF (PCA path) and flat."""
+    """`embed index` reads the table batch by batch when its vectors would crowd memory (10M x
+    1536 do not fit in 24 GB) and must build the index `explore.build_index` builds from the
+    loaded vectors: the same bytes with the same batches and one thread, for IVF (PCA path) and flat."""
     import faiss
 
     from embedstore.search import index as search
@@ -208,7 +208,12 @@ def test_embed_index_streams_the_rows_and_builds_the_in_memory_index(tmp_path, m
             assert meta2.equals(meta) and got.info["build"]["engine"] == "local, streamed"
             assert got.info["search"] == ref.info["search"] and got.info.get("params") == ref.info.get("params")
             assert np.array_equal(faiss.serialize_index(got._index), faiss.serialize_index(ref._index)), kind
-    result = embed("index", "--db", db)  # the CLI's local engine is the streamed build
-    assert result.returncode == 0, result.stderr
-    opened, _, _ = explore.open_index(db, rebuild=False, with_vectors=False)
-    assert opened.info["build"]["engine"] == "local, streamed"
+    # the CLI's local engine: in memory while the vectors fit, else streamed
+    from embedstore.search import distributed
+
+    assert embed("index", "--db", db).returncode == 0
+    assert "build" not in explore.open_index(db, rebuild=False, with_vectors=False)[0].info
+    monkeypatch.setattr(distributed, "vectors_fit", lambda n, dim: False)
+    result = embed("index", "--db", db)
+    assert result.returncode == 0 and "built batch by batch from the store" in result.stderr, result.stderr
+    assert explore.open_index(db, rebuild=False, with_vectors=False)[0].info["build"]["engine"] == "local, streamed"

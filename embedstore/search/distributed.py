@@ -32,6 +32,7 @@ for `extract --engine ray`. Ray is optional (`pip install .[ray]`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,6 +146,45 @@ def build_index_streamed(
 
     return _build_from_store(db, table, vector, kind, root, use_gpu, seed, nlist, target_recall, tune_queries,
                              progress, add, {"engine": "local, streamed"})  # fmt: skip
+
+
+def build_index_local(
+    db: str | Path,
+    *,
+    table: str = DEFAULT_TABLE,
+    vector: str = "local",
+    kind: str = "auto",
+    root: str | Path | None = None,
+    progress: Progress | None = None,
+    notify: Callable[[str], None] = lambda msg: None,
+) -> tuple[CellIndex, pl.DataFrame]:
+    """`embed index` in this process: the in-memory build while the vectors fit (`vectors_fit`),
+    else `build_index_streamed` (the same index)."""
+    from .explore import build_index, check_vector
+
+    try:
+        source = StoreSource(Store(db), table, check_vector(vector))
+        n, dim = len(source), source.dim
+    except (StoreError, KeyError, ValueError):  # no such table or vector: build_index says so
+        n = dim = 0
+    if vectors_fit(n, dim):
+        index, meta, _ = build_index(db, table=table, vector=vector, kind=kind, root=root, progress=progress)
+        return index, meta
+    notify(f"{n} x {dim} vectors ({n * dim * 4 / 1e9:.1f} GB as float32) would crowd this machine's memory: "
+           "built batch by batch from the store")  # fmt: skip
+    return build_index_streamed(db, table=table, vector=vector, kind=kind, root=root, progress=progress)
+
+
+def vectors_fit(n: int, dim: int, share: float = 0.25) -> bool:
+    """Whether `n` x `dim` float32 vectors (what the in-memory build loads) take under `share`
+    of the memory available now: then `explore.build_index` is faster (about 1.4x at 300k x
+    1536, no store reads while tuning); otherwise `build_index_streamed` keeps memory bounded."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: free pages
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return n * dim * 4 < share * avail
 
 
 def _build_from_store(db, table, vector, kind, root, use_gpu, seed, nlist, target_recall, tune_queries, progress,
