@@ -1,6 +1,7 @@
 """The FAISS index of a table built from the store without holding its vectors: on Ray
 (`embed index --engine ray`, rows added in shards) or in this process (`build_index_streamed`,
-what `embed index` runs: the same driver, rows added batch by batch as they are read).
+what `embed index` runs when the vectors would crowd memory: the same driver, rows added batch
+by batch as they are read).
 
 The driver reads only the rows it needs from the store (the training sample and the tuning
 queries, by row position with Lance `take`), trains exactly as `CellIndex.build` does (same
@@ -126,10 +127,10 @@ def build_index_streamed(
     tune_queries: int = 500,
     progress: Progress | None = None,
 ) -> tuple[CellIndex, pl.DataFrame]:
-    """`explore.build_index` in bounded memory (what `embed index` runs): the driver of
-    `build_index_ray`, with the rows added in this process in the sequential build's batches,
+    """`explore.build_index` in bounded memory (`embed index` past `vectors_fit`): the driver
+    of `build_index_ray`, with the rows added in this process in the sequential build's batches,
     each read from the store as it is added, so the table's vectors are never all in memory
-    (31 GB at 10M x 1536 float16). The same index as `explore.build_index` (same sample, same
+    (61 GB as float32 at 10M x 1536). The same index as `explore.build_index` (same sample, same
     batches); returns (index, cell metadata)."""
 
     def add(job: _Job, empty: faiss.Index, tq, truth: TuneTruth, meta, phases: _Phases) -> faiss.Index:
