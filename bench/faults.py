@@ -9,7 +9,8 @@ a Lance commit (a timer fires 0-10 ms after the commit starts), just after one, 
 record, the label merge, the compaction, the predictions or the index are written. After
 every kill the store must hold no duplicate key; after the rerun that follows, every expected
 row must be there exactly once and hold the same values as an uninterrupted run (vectors to
-fp16 precision: cosine >= 0.9999, labels and predictions exactly, the index answering the same neighbours);
+fp16 precision: cosine >= 0.9999, labels exactly, probabilities to float32 rounding (1e-6: the heads'
+matrix kernels may round another process's batches 3e-8 apart), the index answering the same neighbours);
 a killed `heads train` must leave its run either whole (the old one) or refused by readers as
 half-saved, never a silent mix, and its rerun must finish it.
 Prints JSON: per command the kills made (and how many landed in a commit), rows lost, rows
