@@ -611,6 +611,7 @@ def audit(
     other_slides_only: Annotated[bool, typer.Option(help="vote only with neighbours from other slides")] = False,
     exclude_near_um: Annotated[float | None, typer.Option(help="same-slide neighbours closer than this (µm) do not vote; default 128 (the context radius) for context vectors, 0 for local")] = None,
     min_share: Annotated[float, typer.Option(help="flag when this share of voters agree on another class")] = 0.75,
+    min_label_confidence: Annotated[float, typer.Option(help="labels with a lower label_confidence neither vote nor are audited (as `heads train`; 0: all)")] = 0.6,
     index_dir: Annotated[Path | None, typer.Option(help="where indexes live (default DB/_faiss)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the per-class summary as JSON")] = False,
 ) -> None:
@@ -629,6 +630,7 @@ def audit(
     queue, summary = explore.audit(
         db, k=k, table=table, vector=vector, other_slides_only=other_slides_only, exclude_near_um=exclude_near_um, root=index_dir,
         progress=_search_progress("auditing"), notify=lambda m: console.print(m, markup=False), min_share=min_share,
+        min_label_confidence=min_label_confidence,
     )  # fmt: skip
     stem = out.with_suffix("")  # "q.k20.parquet" -> q.k20.csv, q.k20_geojson/, q.k20_batch_effect.png
     with atomic_path(out) as tmp:

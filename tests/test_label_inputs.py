@@ -160,6 +160,18 @@ def test_excel_unicode_text_tables_are_read(synth, tmp_path):
     assert frame.select("cell_id", "x_px", "y_px").row(0) == ("1", 10.0, 20.0)
 
 
+def test_ids_pandas_wrote_as_floats_match_the_stored_ids(tmp_path):
+    """pandas writes an int id column holding a NaN as floats: "12.0" in a CSV matched no stored
+    cell "12", so every label of the table was dropped as unknown. Ids that are not all so
+    written ("001", "12.5", a mix) stay verbatim."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,cell_id,label\nS1,12.0,Tumor\nS1,7.00,Stroma\nS1,,Stroma\n")
+    assert read_labels(labels)["cell_id"].to_list()[:2] == ["12", "7"]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("slide_id,cell_id,label\nS1,12.0,Tumor\nS1,001,Stroma\nS1,12.5,Stroma\n")
+    assert read_labels(mixed)["cell_id"].to_list() == ["12.0", "001", "12.5"]
+
+
 def test_rows_without_a_slide_id_are_dropped_and_counted(synth, tmp_path):
     """A blank slide cell: with --slides the row vanished (3 read, 2 kept, no reason); with
     --mpp the command died with a TypeError traceback."""

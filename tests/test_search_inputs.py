@@ -71,6 +71,29 @@ def test_audit_with_few_labels_writes_the_queue_when_the_first_cell_gets_no_vote
     assert set(queue.filter(pl.col("n_votes") > 0)["suggested"]) == {"b"}
 
 
+def test_audit_sets_aside_labels_the_annotation_did_not_keep(tmp_path):
+    """Marker-guided labels below the confidence `heads train` keeps (0.6) used to vote: in a
+    cluster of 8 kept "T" cells and 22 unkept "S" ones, the kept cells were flagged as
+    mislabelled and the unkept ones filled the queue."""
+    rng = np.random.default_rng(1)
+    local = np.repeat(rng.normal(size=(2, 16)) * 5, 30, axis=0) + 0.1 * rng.normal(size=(60, 16))
+    db = write_store(tmp_path / "db", local)
+    ids = [f"c{i:03d}" for i in range(60)]
+    Store(db).set_labels(pl.DataFrame({
+        "slide_id": [f"s{i % 2}" for i in range(60)], "cell_id": ids,
+        "label": ["T"] * 8 + ["S"] * 52, "label_confidence": [0.9] * 8 + [0.3] * 22 + [None] * 30,
+    }), source="t")  # fmt: skip
+    said = []
+    queue, _ = explore.audit(db, k=25, min_share=0.6, notify=said.append)
+    assert queue.height == 38 and "label_confidence" in queue.columns
+    assert not queue.filter(pl.col("label") == "T")["flagged"].any()
+    assert any("22 of 60 labels have a label_confidence below 0.6" in m for m in said)
+    everything, _ = explore.audit(db, k=25, min_share=0.6, min_label_confidence=0)
+    assert everything.height == 60 and everything.filter(pl.col("label") == "T")["flagged"].all()
+    r = embed("audit", "--db", db, "--out", tmp_path / "q.parquet", "--min-label-confidence", "0.95")
+    assert r.returncode == 0 and pl.read_parquet(tmp_path / "q.parquet").height == 30, r.stderr
+
+
 def test_audit_of_a_one_cell_store_finishes_without_a_plot(tmp_path):
     db = write_store(tmp_path / "db", np.ones((1, 8)), labels=["a"])
     out = tmp_path / "q.parquet"

@@ -134,8 +134,8 @@ def read_table(path: str | Path, text: Sequence[str] = ()) -> pl.DataFrame:
     In a CSV, id columns (any name among the slide and cell id candidates, and the names in
     `text`) are read as text, verbatim: inferring numbers would turn "001" and "01" into the
     same id 1. In a CSV not separated by commas, other columns of decimal-comma numbers ("12,5")
-    are read as numbers. Integral float ids in a Parquet file (pandas writes int ids with a NaN
-    as float) lose their ".0".
+    are read as numbers. Integral float ids (pandas writes int ids with a NaN as float: 12.0 in a
+    Parquet file, "12.0" in a CSV) lose their ".0".
     """
     path = Path(path)
     if not path.exists():
@@ -154,6 +154,7 @@ def read_table(path: str | Path, text: Sequence[str] = ()) -> pl.DataFrame:
             header = pl.read_csv(io.BytesIO(data), separator=sep, n_rows=0).columns
             as_text = {c: pl.Utf8 for c in header if _fold(c) in ids}
             frame = pl.read_csv(io.BytesIO(data), separator=sep, infer_schema_length=10000, schema_overrides=as_text)
+            frame = frame.with_columns(_float_text_as_integer(frame[c]) for c in as_text)
             return frame if sep == "," else _decimal_commas(frame, skip=as_text)
     except CellsError:
         raise
@@ -188,6 +189,16 @@ def _integral_as_text(column: pl.Series) -> pl.Series:
     finite = column.drop_nulls()
     if finite.len() and (finite == finite.round(0)).all():
         return column.cast(pl.Int64).cast(pl.Utf8)
+    return column
+
+
+def _float_text_as_integer(column: pl.Series) -> pl.Series:
+    """Ids written as floats ("12.0", pandas' way with an int column holding a NaN) as "12", when
+    every given id of the column is so written; "001" and "12.5" are left as they are."""
+    given = column.str.strip_chars().drop_nulls()
+    given = given.filter(~given.str.to_lowercase().is_in(MISSING_TOKENS))
+    if given.len() and given.str.contains(r"^-?\d+\.0+$").all():
+        return column.str.strip_chars().str.replace(r"\.0+$", "")
     return column
 
 

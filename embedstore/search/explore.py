@@ -315,6 +315,7 @@ def audit(
     vector: str = "local",
     other_slides_only: bool = False,
     exclude_near_um: float | None = None,
+    min_label_confidence: float = 0.6,
     root: str | Path | None = None,
     progress: Progress | None = None,
     notify: Callable[[str], None] = lambda msg: None,
@@ -324,6 +325,10 @@ def audit(
 
     `exclude_near_um`: same-slide neighbours closer than this do not vote; default the context
     radius (128 µm) for context vectors (they share most of their field), 0 for local ones.
+    Labels with a `label_confidence` below `min_label_confidence` (0.6, the cut `heads train`
+    uses) neither vote nor are audited: marker-guided labels the annotation did not keep would
+    otherwise outvote the kept ones and fill the queue with cells training never sees. A label
+    without a confidence (a hand label) is trusted.
     """
     check_k(k)
     if not 0 < kwargs.get("min_share", 0.75) <= 1:
@@ -331,8 +336,20 @@ def audit(
     index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
-    classes = sorted(meta["label"].drop_nulls().unique().to_list())
-    codes = meta["label"].replace_strict({c: i for i, c in enumerate(classes)}, default=-1, return_dtype=pl.Int64).to_numpy()
+    if not 0 <= min_label_confidence <= 1:
+        raise UserError(f"--min-label-confidence {min_label_confidence} must lie in [0, 1]")
+    label = meta["label"]
+    if "label_confidence" in meta.columns:
+        low = (meta["label_confidence"] < min_label_confidence).fill_null(False) & label.is_not_null()
+        if low.all():
+            raise UserError(f"all {int(low.sum())} stored labels have a label_confidence below {min_label_confidence:g}: "
+                            "nothing to audit; lower --min-label-confidence (0 audits every label)")  # fmt: skip
+        if low.any():
+            notify(f"{int(low.sum())} of {label.drop_nulls().len()} labels have a label_confidence below "
+                   f"{min_label_confidence:g}: they neither vote nor are audited (--min-label-confidence 0 keeps them)")  # fmt: skip
+            label = pl.select(pl.when(low).then(None).otherwise(label).alias("label")).to_series()
+    classes = sorted(label.drop_nulls().unique().to_list())
+    codes = label.replace_strict({c: i for i, c in enumerate(classes)}, default=-1, return_dtype=pl.Int64).to_numpy()
     if exclude_near_um is None:
         exclude_near_um = CONTEXT_CROP.size_um / 2 if vector != "local" else 0.0
     xy = meta.select("x_um", "y_um").to_numpy() if exclude_near_um > 0 else None
@@ -341,7 +358,7 @@ def audit(
         other_groups_only=other_slides_only, progress=progress, xy_um=xy,
         exclude_radius_um=exclude_near_um, **kwargs,
     )  # fmt: skip
-    cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue") if c in meta.columns]
+    cols = [c for c in ("slide_id", "cell_id", "x_um", "y_um", "x_px", "y_px", "tissue", "label_confidence") if c in meta.columns]
     queue = pl.concat([meta[result["row"].to_numpy()].select(cols), result.drop("row", "label", "suggested").rename({"label_name": "label", "suggested_name": "suggested"})], how="horizontal")
     min_votes = kwargs.get("min_votes", MIN_VOTES)
     mute = int((queue["n_votes"] < min_votes).sum())
