@@ -99,7 +99,7 @@ def eval_(
     run_dir: Annotated[Path, typer.Option("--run", help="run directory from `heads train`")],
     db: Annotated[str, typer.Option(help="LanceDB store, a directory or a URI (the training store, or a cohort's)")],
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
-    on: Annotated[str, typer.Option(help="part of the run's split to score: test, val (the cells that chose the model), train, all")] = "test",
+    on: Annotated[str, typer.Option(help="part of the run's split to score: test, val (the cells that chose the model), train, all (not test: written to RUN/eval-ON)")] = "test",
     cohort: Annotated[str | None, typer.Option(help="name a held-out cohort: score every labelled cell of --db")] = None,
     synonyms: Annotated[Path | None, typer.Option(help="JSON {raw label: training class or null} for --cohort")] = None,
     labels: Annotated[Path | None, typer.Option(help="label table to use instead of the store's")] = None,

@@ -50,6 +50,15 @@ def stage_paths(run_dir: str | Path, stage: str) -> tuple[Path, Path]:
     return run_dir / f"{stage}.safetensors", run_dir / f"{stage}.json"
 
 
+def eval_dir(run_dir: str | Path, cohort: str | None = None, on: str = "test") -> Path:
+    """Where `heads eval` writes: the run folder for its test cells (what `heads report` shows),
+    RUN/eval-val (-train, -all) for another part of its split, so that scoring the cells that
+    chose the model never replaces the test results, and RUN/cohort-NAME for a cohort."""
+    if cohort:
+        return Path(run_dir) / f"cohort-{cohort}"
+    return Path(run_dir) / (f"eval-{on}" if on in ("val", "train", "all") else "")
+
+
 def has_stage(run_dir: str | Path, stage: str) -> bool:
     return all(p.exists() for p in stage_paths(run_dir, stage))
 

@@ -86,7 +86,7 @@ class Ctx:
     @property
     def evaluated(self) -> Path:
         """Where `heads eval` wrote metrics.json and its plots."""
-        return eval_dir(self.run_dir, self.cohort)
+        return ckpt.eval_dir(self.run_dir, self.cohort)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | No
                  synonyms: dict[str, str | None] | None = None) -> dict[str, Any]:  # fmt: skip
     """metrics.json (of `cohort`: RUN/cohort-NAME/), made with `heads eval`'s defaults (and
     `synonyms`) when the run has none yet."""
-    path = eval_dir(run_dir, cohort) / "metrics.json"
+    path = ckpt.eval_dir(run_dir, cohort) / "metrics.json"
     command = _eval_command(run_dir, db, cohort)
     if not path.exists():
         from .runs import evaluate_run
@@ -164,11 +164,6 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | No
 
 def _eval_command(run_dir: Path, db: str | Path, cohort: str | None) -> str:
     return f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
-
-
-def eval_dir(run_dir: Path, cohort: str | None) -> Path:
-    """Where `heads eval` writes: the run folder, or RUN/cohort-NAME for a cohort."""
-    return Path(run_dir) / f"cohort-{cohort}" if cohort else Path(run_dir)
 
 
 def _recorded_synonyms(metrics: dict[str, Any]) -> dict[str, str | None]:
@@ -251,7 +246,7 @@ def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, An
     if made_on is None or (made_on == store_key(db) and made_table == table):
         return None
     command = _eval_command(run_dir, db, cohort)
-    return (f"{eval_dir(run_dir, cohort) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
+    return (f"{ckpt.eval_dir(run_dir, cohort) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
             f"not on {db} (table {table!r}): the results, per-class F1, confusion, calibration, conformal and "
             f"complementarity sections are of that store, the gate and galleries of this one; run `{command}` "
             "for this store's metrics")  # fmt: skip
@@ -723,7 +718,7 @@ def write_report(
     t0 = time.perf_counter()
     run_dir, db = Path(run_dir), str(db)  # a directory or a URI
     classes = check_run(run_dir)
-    evaluated = eval_dir(run_dir, cohort)
+    evaluated = ckpt.eval_dir(run_dir, cohort)
     out = Path(out) if out else evaluated / "report.html"
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the HTML file to write, e.g. --out {out / 'report.html'}")

@@ -258,7 +258,7 @@ def train(
 #: eval`'s metrics, plots and tables (also per cohort), `heads report`'s page, `heads predict`'s
 #: default folder, and the post-hoc rules fitted at the end of training (refitted after it)
 DERIVED_OUTPUTS = ("metrics.json", "confusion_*.csv", "confusion_*.png", "reliability.png",
-                   "complementarity.csv", "complementarity.png", "cohort-*", "report.html",
+                   "complementarity.csv", "complementarity.png", "cohort-*", "eval-*", "report.html",
                    "predictions", "safety.json", "conformal.parquet", "conformal.json")  # fmt: skip
 
 
@@ -424,7 +424,8 @@ def evaluate_run(
     to the training classes through `synonyms`, others dropped, and probabilities restricted to
     the classes present before the argmax (baselines are skipped: nothing to train them on).
     Writes metrics.json, per-path confusion matrices (CSV + PNG), the reliability diagram and
-    the complementarity table/chart into RUN_DIR (or RUN_DIR/cohort-NAME).
+    the complementarity table/chart into RUN_DIR for the test cells, RUN_DIR/eval-ON for another
+    part of the split, RUN_DIR/cohort-NAME for a cohort (`checkpoint.eval_dir`).
     """
     # imported here: the baselines (sklearn models, xgboost) and matplotlib take seconds to
     # import, and `predict` (a Ray worker's start-up included) needs neither
@@ -439,7 +440,7 @@ def evaluate_run(
                         "of --db: leave out --on, or evaluate the run's own store without --cohort")  # fmt: skip
     info = ckpt.read_info(run_dir, "local")
     classes, tissues = info["classes"], info["tissues"]
-    out_dir = ensure_dir(run_dir / (f"cohort-{cohort}" if cohort else ""), "the evaluation outputs")
+    out_dir = ensure_dir(ckpt.eval_dir(run_dir, cohort, on), "the evaluation outputs")
 
     val_rows = np.zeros(0, np.int64)
     if cohort:

@@ -122,20 +122,24 @@ def test_eval_writes_metrics_plots_and_baselines(trained):
 
 
 def test_eval_on_val_says_these_cells_chose_the_model(trained, tmp_path):
+    """... and writes beside the test results, not over them: `--on val` replaced RUN/metrics.json
+    and its plots, so `heads report` then showed the optimistic val scores as the run's."""
     db, run = trained
-    proc = cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none")
-    assert proc.returncode == 0, proc.stderr
-    assert "chose the model" in proc.stdout  # the results table is data: stdout
-    info = json.loads((run / "metrics.json").read_text())["info"]
-    assert info["on"] == "val" and info["selection_cells"] is True and "optimistic" in info["warning"]
-    # the default is the test split again; --json prints the results on stdout
+    # the default is the test split; --json prints the results on stdout
     proc = cli("eval", "--run", run, "--db", db, "--baselines", "none", "--json")
     assert proc.returncode == 0, proc.stderr
     as_json = json.loads(proc.stdout)
     assert as_json["selection"] is False and any("gate" in r["name"] for r in as_json["results"])
-    info = json.loads((run / "metrics.json").read_text())["info"]
+    tested = (run / "metrics.json").read_bytes()
+    info = json.loads(tested)["info"]
     assert info["on"] == "test" and info["selection_cells"] is False and "warning" not in info
     assert info["conformal"]["level"] == 0.9 and info["conformal"]["marginal"]["n"] == info["cells"]
+    proc = cli("eval", "--run", run, "--db", db, "--on", "val", "--baselines", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "chose the model" in proc.stdout  # the results table is data: stdout
+    info = json.loads((run / "eval-val" / "metrics.json").read_text())["info"]
+    assert info["on"] == "val" and info["selection_cells"] is True and "optimistic" in info["warning"]
+    assert (run / "eval-val" / "reliability.png").exists() and (run / "metrics.json").read_bytes() == tested
 
 
 def test_predict_writes_store_parquet_geojson(trained, tmp_path):

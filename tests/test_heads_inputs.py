@@ -151,9 +151,9 @@ def test_a_killed_eval_leaves_no_metrics_the_report_trusts(setup, monkeypatch):
 
     monkeypatch.setattr(runs, "write_metrics_json", killed)
     with pytest.raises(KeyboardInterrupt):
-        runs.evaluate_run(run, db, on="val", baselines=(), log=quiet)
+        runs.evaluate_run(run, db, baselines=(), log=quiet)
     monkeypatch.undo()
-    # the plots of the killed evaluation (on val) are there: no metrics.json may vouch for them
+    # the plots of the killed evaluation are there: no metrics.json may vouch for them
     assert not (run / "metrics.json").exists()
     assert not list(run.glob(".metrics.json*"))
     said = []
