@@ -343,7 +343,7 @@ def doctor(
     context_pooling: Annotated[str | None, typer.Option(help="cls or mean, as for extract (compared with the --db table)")] = None,
     tile_px: Annotated[int, typer.Option(help="tiled context: tile side, as for extract (compared with the --db table)")] = 1024,
     tile_overlap_px: Annotated[int, typer.Option(help="tiled context: tile overlap, as for extract (compared with the --db table)")] = 256,
-    timing: Annotated[bool, typer.Option(help="time both backbones on random crops (tens of seconds for real ones on a CPU)")] = True,
+    timing: Annotated[bool | None, typer.Option("--timing/--no-timing", help="time both backbones on random crops (a minute and more for real ones on a CPU); default: unless something blocks the run", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Preflight: versions, GPU, weights, slides (µm/px), the store's table, expected time per 10k cells.

@@ -387,13 +387,15 @@ def run_checks(
     context_pooling: str | None = None,
     tile_px: int = TILE_PX,
     tile_overlap_px: int = OVERLAP_PX,
-    timing: bool = True,
+    timing: bool | None = None,
     notify: Callable[[str], None] = lambda _m: None,
 ) -> list[Check]:
     """All checks, in order; `notify` hears which group is running (the timing takes a while).
 
     With `db`: whether `embed extract` with these options could add to its `table` (`check_store`;
-    `precision` and `context` as given to extract, used only there)."""
+    `precision` and `context` as given to extract, used only there). `timing` None: time the
+    backbones unless a check already blocks the run (a minute and more for real ones on a CPU,
+    spent before the user hears what to fix); True: always; False: never."""
     notify("packages")
     checks = check_packages()
     if any(c.status == "fail" for c in checks):
@@ -414,7 +416,12 @@ def run_checks(
         notify("slides")
         checks += check_slides(slides, mpp)
     unknown = any(c.group == "weights" and c.detail.startswith("Unknown backbone") for c in checks)
-    if timing and not unknown:
+    if unknown:
+        pass  # nothing to time
+    elif timing is None and blocking(checks) and not test_only:
+        checks.append(Check("timing", "extraction", "warn", "not measured: something above blocks the run",
+                            "fix it and run `embed doctor` again, or add --timing to time the backbones now"))  # fmt: skip
+    elif timing is not False:
         notify(f"timing {local_backbone} and {context_backbone} on {dev}")
         checks += check_timing(local_backbone, context_backbone, context_px, dev)
     return checks

@@ -41,6 +41,24 @@ def test_missing_weights_and_a_broken_slide_block_the_run(tmp_path):
     assert "cannot open" in failed["broken.svs"]["detail"]
 
 
+def test_missing_weights_skip_the_minute_of_timing_unless_asked(tmp_path, monkeypatch):
+    """With UNI2-h's and DINOv3's weights missing, doctor spent ~80 s on a CPU timing random
+    models of both before saying the run could not start."""
+    from embedstore import doctor as D
+
+    monkeypatch.setenv("NUCLASS_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    timed = []
+    monkeypatch.setattr(D, "check_timing", lambda *a: timed.append(a) or [D.Check("timing", "extraction", "ok", "timed")])
+    checks = run_checks(device="cpu")
+    (timing,) = [c for c in checks if c.group == "timing"]
+    assert not timed and timing.status == "warn" and "--timing" in timing.fix
+    assert {c.name for c in blocking(checks)} == {"uni2-h", "dinov3-vitl16"}
+    assert [c.detail for c in run_checks(device="cpu", timing=True) if c.group == "timing"] == ["timed"]
+    proc = doctor("--timing", "--json")  # the CLI's flag reaches the checks
+    assert [c["detail"] for c in json.loads(proc.stdout)["checks"] if c["group"] == "timing"] == ["timed"]
+
+
 def test_unknown_backbone_is_one_failed_check_without_timing():
     checks = run_checks(local_backbone="no-such-net", context_backbone="test-vit-context")
     assert not [c for c in checks if c.group == "timing"]
