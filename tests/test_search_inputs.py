@@ -240,3 +240,78 @@ def test_embed_index_streams_the_rows_and_builds_the_in_memory_index(tmp_path, m
     result = embed("index", "--db", db)
     assert result.returncode == 0 and "built batch by batch from the store" in result.stderr, result.stderr
     assert explore.open_index(db, rebuild=False, with_vectors=False)[0].info["build"]["engine"] == "local, streamed"
+
+
+def test_similar_builds_a_missing_index_batch_by_batch_when_the_vectors_would_not_fit(tmp_path, monkeypatch):
+    """`embed similar` on a store without an index loaded every vector to build one (61 GB at
+    10M x 1536); it needs none of them, so it now builds as `embed index` does."""
+    from embedstore.search import distributed
+
+    rng = np.random.default_rng(6)
+    db = write_store(tmp_path / "db", rng.normal(size=(300, 32)).astype(np.float32))
+    ref = explore.similar(db, "s0:c000", k=5, root=tmp_path / "ref")
+    monkeypatch.setattr(distributed, "vectors_fit", lambda n, dim: False)
+    said = []
+    got = explore.similar(db, "s0:c000", k=5, notify=said.append)
+    assert any("built batch by batch" in m for m in said)
+    assert explore.open_index(db, rebuild=False, with_vectors=False)[0].info["build"]["engine"] == "local, streamed"
+    assert got.drop("distance").equals(ref.drop("distance"))
+    np.testing.assert_allclose(got["distance"].to_numpy(), ref["distance"].to_numpy(), atol=1e-5)
+
+
+def test_a_commit_between_the_version_check_and_the_load_is_not_served_by_the_old_index(tmp_path, monkeypatch):
+    """A slide extracted again with the same cell ids between `open_index`'s version check and
+    its load: the keys still matched, so the old index was served (and its re-ranking read the
+    newest vectors), as if it were fresh."""
+    rng = np.random.default_rng(7)
+    local = rng.normal(size=(200, 16)).astype(np.float32)
+    slides = ["s0"] * 100 + ["s1"] * 100
+    db = write_store(tmp_path / "db", local, slides=slides)
+    explore.build_index(db, kind="flat")
+    load = explore.load_vectors
+
+    def a_writer_commits_first(store, table, vector, **kw):
+        if not getattr(a_writer_commits_first, "done", False):
+            a_writer_commits_first.done = True
+            store.open(table).delete("slide_id = 's1'")
+            write_store(db, rng.normal(size=(100, 16)).astype(np.float32), slides=["s1"] * 100,
+                        ids=[f"c{i:03d}" for i in range(100, 200)])  # fmt: skip
+        return load(store, table, vector, **kw)
+
+    monkeypatch.setattr(explore, "load_vectors", a_writer_commits_first)
+    index, meta, vectors = explore.open_index(db)
+    assert meta.select("slide_id", "cell_id").equals(pl.DataFrame({"slide_id": slides, "cell_id": [f"c{i:03d}" for i in range(200)]}))
+    monkeypatch.undo()
+    explore.open_index(db, rebuild=False)  # rebuilt at the new version: not stale
+    fresh = explore.build_index(db, kind="flat", root=tmp_path / "fresh")[0]
+    rows = np.arange(100, 200)  # the new s1 cells' neighbours, as a new index finds them
+    assert np.array_equal(index.search_rows(rows, 3)[1], fresh.search_rows(rows, 3)[1])
+
+
+def test_an_opened_ivf_index_re_ranks_with_the_vectors_of_its_own_version(tmp_path, monkeypatch):
+    """Without vectors in memory, an IVF index re-ranks from the store. A slide extracted again
+    (same ids) after `open_index` loaded the rows but before it opened the re-ranking source
+    mixed the new vectors into the old index's answers; once opened, the index reads its own
+    version whatever is committed later."""
+    rng = np.random.default_rng(8)
+    local = rng.normal(size=(2000, 32)).astype(np.float32)
+    db = write_store(tmp_path / "db", local, slides=["s0"] * 1000 + ["s1"] * 1000)
+    explore.build_index(db, kind="ivf")
+    load = explore.load_vectors
+
+    def extract_s1_again():
+        Store(db).open("cells").delete("slide_id = 's1'")
+        write_store(db, rng.normal(size=(1000, 32)).astype(np.float32), slides=["s1"] * 1000,
+                    ids=[f"c{i:03d}" for i in range(1000, 2000)])  # fmt: skip
+
+    def then_a_writer_commits(store, table, vector, **kw):
+        out = load(store, table, vector, **kw)
+        extract_s1_again()
+        return out
+
+    monkeypatch.setattr(explore, "load_vectors", then_a_writer_commits)
+    index, _, _ = explore.open_index(db, rebuild=False, with_vectors=False)
+    monkeypatch.undo()
+    np.testing.assert_allclose(index.source.fetch(np.array([0, 1500])), local[[0, 1500]], rtol=1e-3)
+    extract_s1_again()
+    np.testing.assert_allclose(index.source.fetch(np.array([0, 1500])), local[[0, 1500]], rtol=1e-3)

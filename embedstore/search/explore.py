@@ -197,12 +197,15 @@ def open_index(
         fresh = index is not None and not is_stale(imeta, current)
         other = fresh and imeta.get("table_committed") != committed
         if fresh and not other:
-            meta, vectors, _ = load_vectors(store, table, vector, with_vectors=with_vectors)
+            meta, vectors, loaded = load_vectors(store, table, vector, with_vectors=with_vectors)
             rows = pl.read_parquet(where / ROWS_FILE)
-            if rows.height == meta.height and rows.equals(meta.select("slide_id", "cell_id")):
+            # a writer may commit between the version check and the load: the rows must be the
+            # index's version's, and the re-ranking vectors read from that same version
+            if loaded == current and rows.height == meta.height and rows.equals(meta.select("slide_id", "cell_id")):
                 if index.kind == "ivf":
-                    index.attach(vectors if vectors is not None else StoreSource(store, table, vector))
+                    index.attach(vectors if vectors is not None else StoreSource(store, table, vector, version=loaded))
                 return index, meta, vectors
+            current = loaded
         if other:
             reason = (f"built from another table {table!r} at version {current} (committed "
                       f"{imeta.get('table_committed') or 'at an unrecorded time'}, this one {committed}): "
@@ -220,7 +223,12 @@ def open_index(
         raise StoreError(f"no {vector} index in {where}: build it with `embed index --db {db} --vector {vector}`")
     else:
         notify(f"no {vector} index yet: building it")
-    return build_index(db, table=table, vector=vector, root=root, progress=progress)
+    if with_vectors:  # the caller needs them all in memory anyway
+        return build_index(db, table=table, vector=vector, root=root, progress=progress)
+    from .distributed import build_index_local  # batch by batch when the vectors would not fit
+
+    index, meta = build_index_local(db, table=table, vector=vector, root=root, progress=progress, notify=notify)
+    return index, meta, None
 
 
 def parse_cell(ref: str) -> tuple[str, str]:
