@@ -416,15 +416,13 @@ def run_checks(
         notify("slides")
         checks += check_slides(slides, mpp)
     unknown = any(c.group == "weights" and c.detail.startswith("Unknown backbone") for c in checks)
-    if unknown:
-        pass  # nothing to time
-    elif timing is None and blocking(checks) and not test_only:
-        checks.append(Check("timing", "extraction", "warn", "not measured: something above blocks the run",
-                            "fix it and run `embed doctor` again, or add --timing to time the backbones now"))  # fmt: skip
-    elif timing is not False:
-        notify(f"timing {local_backbone} and {context_backbone} on {dev}")
-        checks += check_timing(local_backbone, context_backbone, context_px, dev)
-    return checks
+    if unknown or timing is False:
+        return checks
+    if timing is None and blocking(checks) and not test_only:
+        return [*checks, Check("timing", "extraction", "warn", "not measured: something above blocks the run",
+                               "fix it and run `embed doctor` again, or add --timing to time the backbones now")]  # fmt: skip
+    notify(f"timing {local_backbone} and {context_backbone} on {dev}")
+    return checks + check_timing(local_backbone, context_backbone, context_px, dev)
 
 
 def blocking(checks: Sequence[Check]) -> list[Check]:

@@ -92,6 +92,9 @@ def test_audit_sets_aside_labels_the_annotation_did_not_keep(tmp_path):
     assert everything.height == 60 and everything.filter(pl.col("label") == "T")["flagged"].all()
     r = embed("audit", "--db", db, "--out", tmp_path / "q.parquet", "--min-label-confidence", "0.95")
     assert r.returncode == 0 and pl.read_parquet(tmp_path / "q.parquet").height == 30, r.stderr
+    Store(db).set_labels(pl.DataFrame({"slide_id": ["s0"], "cell_id": ["c000"], "label": ["T"], "label_confidence": [0.1]}),
+                         source="t")  # fmt: skip
+    assert_one_line_error(embed("audit", "--db", db, "--out", tmp_path / "q.parquet"), "all 1 stored labels")
 
 
 def test_audit_of_a_one_cell_store_finishes_without_a_plot(tmp_path):

@@ -349,7 +349,7 @@ def audit(
     label = meta["label"]
     if "label_confidence" in meta.columns:
         low = (meta["label_confidence"] < min_label_confidence).fill_null(False) & label.is_not_null()
-        if low.all():
+        if int(low.sum()) == label.drop_nulls().len():
             raise UserError(f"all {int(low.sum())} stored labels have a label_confidence below {min_label_confidence:g}: "
                             "nothing to audit; lower --min-label-confidence (0 audits every label)")  # fmt: skip
         if low.any():
