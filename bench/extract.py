@@ -195,8 +195,8 @@ def cpu_mode(args) -> dict:
         "model_forward_share_of_wall": round(model_share, 3),
         "naive_model_forward_share_of_wall": round(naive_model_share, 3),
         "peak_rss_above_base_mb": {
-            f"{small.height}_cells": round(mem_small.above_base_mb, 1),
-            f"{summary['written']}_cells": round(mem_full.above_base_mb, 1),
+            f"small_{small.height}_cells": round(mem_small.above_base_mb, 1),
+            f"full_{summary['written']}_cells": round(mem_full.above_base_mb, 1),
         },
         "rss_by_quarter_of_full_run": (quarters := trace.quarters()),
         "rss_median_last_minus_first_quarter_mb": quarters[-1]["median_mb"] - quarters[0]["median_mb"] if quarters else None,
