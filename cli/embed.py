@@ -672,7 +672,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="output: .h5ad (AnnData), .zarr (SpatialData) or .csv")],
     format: Annotated[str | None, typer.Option("--format", help="anndata, spatialdata or csv (default: from the suffix of --out)")] = None,
     table: Annotated[str, typer.Option(help="vector table")] = "cells",
-    run: Annotated[str | None, typer.Option(help="heads run whose predictions to add (default: the only one stored)")] = None,
+    run: Annotated[str | None, typer.Option(help="heads run whose predictions to add (default: the run of --run-dir, else the only one stored)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="that run's directory: class names from its checkpoint")] = None,
     slide: Annotated[list[str] | None, typer.Option("--slide", help="only this slide (repeatable)")] = None,
     vectors: Annotated[str, typer.Option(help="vector kinds, comma-separated")] = "local,context",

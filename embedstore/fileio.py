@@ -41,11 +41,11 @@ def ensure_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def unique_names(bases: Sequence[str]) -> list[str]:
+def unique_names(bases: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
     """`bases` made distinct ignoring case (as file systems on macOS and Windows compare
-    names): a repeat gets "_2", "_3"."""
+    names), from each other and from the names `taken`: a repeat gets "_2", "_3"."""
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = {t.lower() for t in taken}
     for base in bases:
         name, i = base, 1
         while name.lower() in seen:

@@ -95,14 +95,13 @@ def _part_path(out_dir: Path, job: str, index: int) -> Path:
 
 
 def _write_geojson_atomic(frame: pl.DataFrame, folder: Path) -> None:
-    """`write_geojson` into a private folder, then each file renamed into `folder`: a worker
-    killed mid-write never leaves a truncated GeoJSON behind."""
-    tmp = folder / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        for path in write_geojson(frame, tmp):
-            os.replace(path, folder / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """`write_geojson` into the shared folder, one worker at a time. Each file is written
+    atomically (a worker killed mid-write leaves no truncated GeoJSON), and named against the
+    files already there: written apart from it, each task named its slides alone, so "case:A"
+    and "case A" (both case_A.geojson) replaced each other's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder / ".geojson.lock"):
+        write_geojson(frame, folder)
 
 
 def _slide_counts(db: str, table: str, slides: Sequence[str] | None) -> pl.DataFrame:
@@ -156,7 +155,14 @@ def predict_ray(
         raise UserError(f"--ray-workers must be a whole number >= 1, not {workers!r}")
     if slides_per_task < 1:
         raise UserError(f"slides_per_task must be >= 1, not {slides_per_task!r}")
-    from .runs import PREDICT_LOCK, check_slides_stored, predictions_dir, skipped, unknown_tissues
+    from .runs import (
+        PREDICT_LOCK,
+        _prune_geojson,
+        check_slides_stored,
+        predictions_dir,
+        skipped,
+        unknown_tissues,
+    )
     from .train import trained_tissues
 
     run_dir = Path(run_dir).absolute()
@@ -193,6 +199,8 @@ def predict_ray(
             named = list(zip(handles, (i["actor_id"] for i in infos), strict=True))
             results = _schedule(ray, named, tasks, args, per_slide, emit, poll_s)
             cells = _merge_parts(out, job, len(tasks), earlier, slides, log)
+            kept = pl.read_parquet(out / "predictions.parquet", columns=["slide_id"])["slide_id"].unique()
+            _prune_geojson(out, kept.to_list(), log)
             seconds = time.perf_counter() - t0
         finally:
             if started:

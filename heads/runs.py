@@ -734,6 +734,7 @@ def predict(
         with atomic_path(parquet) as tmp:
             write_parquet(kept, tmp)
         write_geojson(frame, out_dir / "geojson")
+        _prune_geojson(out_dir, kept["slide_id"].unique().to_list(), log)
         Store(db).write_predictions(frame)
     log(f"{frame.height} predictions -> store table `predictions`, {parquet} ({kept.height} rows), {out_dir / 'geojson'}/")
     if unknown.height:
@@ -798,6 +799,16 @@ def _describe_unknown(unknown: pl.DataFrame, tissues: Sequence[str], shown: int 
     more = f" and {unknown.height - shown} more" if unknown.height > shown else ""
     return (f"slide(s) {', '.join(parts)}{more} have tissues this run was not trained on "
             f"(it knows {', '.join(tissues)})")  # fmt: skip
+
+
+def _prune_geojson(out_dir: Path, slides: Sequence[str], log: Log) -> None:
+    """OUT/geojson holds the slides of OUT/predictions.parquet, none other."""
+    from embedstore.io import geojson
+
+    removed = geojson.prune(out_dir / "geojson", slides)
+    if removed:
+        log(f"removed the GeoJSON of {len(removed)} slide(s) no longer in predictions.parquet "
+            f"(another run's): {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")  # fmt: skip
 
 
 def _with_earlier_slides(frame: pl.DataFrame, parquet: Path | pl.DataFrame | None, slides: Sequence[str] | None,

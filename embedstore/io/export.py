@@ -11,7 +11,8 @@ AnnData layout (one row per stored cell, in store order):
   pred_class, pred_confidence, pred_source, local_class, local_confidence, global_class,
   global_confidence, gate, safety_class, conformal_set, set_size (columns null for every cell
   are left out; cells the run did not predict are NaN/missing). Text columns other than cell_id
-  are categorical; class columns have the run's classes as categories, in the run's order.
+  are categorical; class columns have the run's classes as categories, in the run's order
+  (when they are known: class_0, class_1... placeholders are no category).
 - `obsm["X_local"]`, `obsm["X_context"]`: float32 (n, dim), one per exported vector kind.
 - `obsm["spatial"]`: (x_um, y_um) float64, in µm. squidpy takes `spatial` in whatever unit it
   is given (Visium keeps full-resolution pixels plus scale factors to overlay its images; the
@@ -27,9 +28,9 @@ AnnData layout (one row per stored cell, in store order):
   predictions (run, classes, classes_source, cells), coordinates. None values are left out;
   lists that h5ad cannot hold (e.g. of dicts) are JSON text.
 
-Which run: `run`, else the only run in the store's predictions table (none: no prediction
-columns; several: `run` must be given). A run given by name must have predicted some of the
-exported cells.
+Which run: `run`, else the run of `run_dir` (the folder's name), else the only run in the
+store's predictions table (none: no prediction columns; several: `run` must be given). A run
+given by name must have predicted some of the exported cells.
 
 Class names: the predictions table stores probabilities without names (the class order is in
 the run's checkpoint, RUN_DIR/local.json). With `run_dir` they come from there; otherwise they
@@ -76,6 +77,8 @@ FORMATS = {fmt: suffix for suffix, fmt in SUFFIXES.items()}
 PRED_REQUIRED = ("pred_class", "pred_confidence")
 PRED_COLUMNS = [c for c in PREDICTION_COLUMNS if c not in ("run", "slide_id", "cell_id")]
 CLASS_COLUMNS = ("label", "pred_class", "local_class", "global_class", "safety_class")
+#: `classes_source` of class names that are only placeholders (class_0, class_1, ...)
+UNKNOWN_CLASSES = "unknown"
 #: nominal circle radius of a cell in the SpatialData export (µm): about a nucleus
 DEFAULT_RADIUS_UM = 5.0
 SPATIALDATA_HINT = "install it with `pip install 'nuclass-embedstore[spatialdata]'` (or `pip install spatialdata`)"
@@ -108,6 +111,8 @@ def collect(
     loaded = store.load(table, slides=list(slides) if slides else None, vectors=vectors)
     meta = loaded.meta
     _check_cells(meta, table, slides)
+    if run is None and run_dir is not None:  # --run-dir alone: the run of that folder
+        run = Path(run_dir).resolve().name
     chosen = resolve_run(store, run)
     proba, classes, pred_info = None, [], None
     if chosen is not None:
@@ -177,13 +182,18 @@ def _join_predictions(
     k = int(width[0])
     classes, source = run_classes(run_dir, preds, k)
     cols = [c for c in PRED_COLUMNS if c in preds.columns]
+    made_by = ["run_digest", "run_dir"] if run_dir is None and "run_digest" in preds.columns else []
     joined = meta.join(
-        preds.select("slide_id", "cell_id", *cols, "proba"), on=["slide_id", "cell_id"], how="left", maintain_order="left"
-    )
+        preds.select("slide_id", "cell_id", *cols, "proba", *made_by), on=["slide_id", "cell_id"], how="left",
+        maintain_order="left",
+    )  # fmt: skip
     has = joined["proba"].is_not_null()
     n_pred = int(has.sum())
     if n_pred == 0:
         return None
+    if made_by:
+        _check_one_run_folder(joined.filter(has), run)
+        joined = joined.drop(made_by)
     proba = np.full((joined.height, k), np.nan, dtype=np.float32)
     proba[has.to_numpy()] = joined["proba"].filter(has).list.to_array(k).to_numpy().astype(np.float32, copy=False)
     keep = [c for c in cols if c in PRED_REQUIRED or joined[c].null_count() < joined.height]
@@ -193,6 +203,17 @@ def _join_predictions(
     if run_dir is not None:
         info["run_dir"] = str(Path(run_dir).resolve())
     return joined, proba, classes, info
+
+
+def _check_one_run_folder(rows: pl.DataFrame, run: str) -> None:
+    """Refuse exported cells whose predictions named `run` several run folders made (runs named
+    alike, or one retrained between two predicts): their classes would be mixed in one column."""
+    made = rows.filter(pl.col("run_digest").is_not_null()).unique("run_digest")
+    if made.height > 1:
+        folders = ", ".join(sorted(set(made["run_dir"].drop_nulls().to_list()))) or "not recorded"
+        raise UserError(f"the exported cells' predictions named {run!r} were made by {made.height} different runs "
+                        f"(run folders: {folders}: runs named alike, or one retrained between predicts): pass --run-dir RUN "
+                        "to export that run's, or predict every slide again with one run")  # fmt: skip
 
 
 def run_classes(run_dir: str | Path | None, preds: pl.DataFrame, k: int) -> tuple[list[str], str]:
@@ -208,7 +229,7 @@ def run_classes(run_dir: str | Path | None, preds: pl.DataFrame, k: int) -> tupl
     named = _classes_from_argmax(preds, k)
     if named is not None:
         return named, "stored predictions (pred_class of each probability's argmax)"
-    return [f"class_{i}" for i in range(k)], "unknown: some class was never predicted; pass --run-dir for the names"
+    return [f"class_{i}" for i in range(k)], f"{UNKNOWN_CLASSES}: some class was never predicted; pass --run-dir for the names"
 
 
 def _check_names(classes: list[str], preds: pl.DataFrame, run_dir: str | Path) -> None:
@@ -328,7 +349,9 @@ def to_anndata(
 def cells_to_anndata(cells: CellExport) -> anndata.AnnData:
     import anndata as ad
 
-    obs = _obs_frame(cells.obs, cells.classes)
+    source = cells.provenance.get("predictions", {}).get("classes_source", "")
+    named = [] if source.startswith(UNKNOWN_CLASSES) else cells.classes  # class_0..: no class's name
+    obs = _obs_frame(cells.obs, named)
     obsm: dict[str, np.ndarray] = {f"X_{k}": v for k, v in cells.vectors.items()}
     obsm["spatial"] = np.column_stack([cells.obs["x_um"].to_numpy(), cells.obs["y_um"].to_numpy()]).astype(np.float64)
     if cells.proba is not None:

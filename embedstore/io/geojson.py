@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from ..errors import UserError
-from ..fileio import unique_names
+from ..fileio import atomic_path, unique_names
 
 log = logging.getLogger(__name__)
 #: prefix of per-class probability columns (written as "prob <class>" measurements)
@@ -42,6 +42,8 @@ _PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 
 
+#: the first line of a GeoJSON `write_geojson` writes (one feature per line after it)
+_HEADER = '{"type": "FeatureCollection", "features": [\n'
 _NAMESPACE = uuid.UUID("6f1c2f0e-4c6b-4f0a-9a57-1d1b3c2e9e10")
 
 
@@ -64,11 +66,49 @@ def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "slide"
 
 
-def file_names(slides: Sequence[str]) -> dict[str, str]:
-    """slide id -> file-safe name, unique even on case-insensitive file systems: "case:A",
-    "case A" -> case_A, case_A_2 (in sorted id order, so the same every time)."""
-    ids = sorted(map(str, slides))
-    return dict(zip(ids, unique_names([_safe_name(s) for s in ids]), strict=True))
+def folder_names(folder: Path, slides: Sequence[str]) -> dict[str, str]:
+    """slide id -> file name stem in `folder`: a slide that already has a file there (by the
+    slide_id of its first feature) keeps it; the others get a file-safe name, unique even on
+    case-insensitive file systems and against every file there ("case:A", "case A" -> case_A,
+    case_A_2, in sorted id order). Predicting "case:A" again never overwrites the file of "case A"."""
+    files = sorted(folder.glob("*.geojson")) if folder.is_dir() else []
+    existing: dict[str, str] = {}
+    for p in files:
+        slide = _slide_of(p)
+        if slide is not None:
+            existing.setdefault(slide, p.stem)
+    out = {s: existing[s] for s in map(str, slides) if s in existing}
+    new = sorted(set(map(str, slides)) - set(out))
+    taken = [p.stem for p in files]
+    return {**out, **dict(zip(new, unique_names([_safe_name(s) for s in new], taken), strict=True))}
+
+
+def prune(folder: Path, keep: Sequence[str]) -> list[str]:
+    """Remove the GeoJSON files `write_geojson` wrote in `folder` for slides not in `keep` (the
+    slides of the predictions.parquet beside it: another run's classes must not stay on show
+    in QuPath once that file was replaced); other tools' files stay. Returns the slides removed."""
+    keep = set(map(str, keep))
+    removed = []
+    for p in sorted(folder.glob("*.geojson")) if folder.is_dir() else []:
+        slide = _slide_of(p)
+        if slide is not None and slide not in keep:
+            p.unlink(missing_ok=True)
+            removed.append(slide)
+    return removed
+
+
+def _slide_of(path: Path) -> str | None:
+    """The slide_id of a GeoJSON `_write_collection` wrote (its first feature, on line 2), or None
+    (another tool's file is not read through)."""
+    try:
+        with path.open() as f:
+            if f.readline(len(_HEADER) + 1) != _HEADER:
+                return None
+            first = json.loads(f.readline(1 << 20).rstrip().rstrip(","))
+        slide = first["properties"]["metadata"]["slide_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return slide if isinstance(slide, str) else None
 
 
 def _features(
@@ -99,16 +139,17 @@ def _features(
             {
                 f"prob {c[len(PROB_PREFIX) :]}": float(row[c])
                 for c in prob_cols
-                if row[c] is not None
+                if row[c] is not None and math.isfinite(row[c])
             }
         )
         props = {
             "objectType": "detection",
             "name": str(row["cell_id"]),
-            "classification": {"name": cls, "color": list(colors[cls])},
             "measurements": measurements,
             "metadata": {c: str(row[c]) for c in meta_cols if row[c] is not None},
         }
+        if cls is not None:  # no class (a cell not predicted): an unclassified detection
+            props["classification"] = {"name": str(cls), "color": list(colors[cls])}
         yield {
             "type": "Feature",
             "id": str(uuid.uuid5(_NAMESPACE, f"{row['slide_id']}/{row['cell_id']}")),
@@ -118,10 +159,11 @@ def _features(
 
 
 def _write_collection(features: Iterator[dict[str, Any]], path: Path) -> int:
-    """Stream features into a FeatureCollection file; returns how many were written."""
+    """Stream features into a FeatureCollection file, atomically (a write that fails or is
+    killed leaves the earlier file, never a truncated one); returns how many were written."""
     n = 0
-    with path.open("w") as f:
-        f.write('{"type": "FeatureCollection", "features": [\n')
+    with atomic_path(path) as tmp, tmp.open("w") as f:
+        f.write(_HEADER)
         for feat in features:
             f.write((",\n" if n else "") + json.dumps(feat, allow_nan=False))
             n += 1
@@ -146,7 +188,9 @@ def write_geojson(
 
     One file per slide: with `slide_id`, only that slide is written, to `path`. Otherwise, if
     `path` ends in .geojson/.json the frame must hold a single slide; any other `path` is a
-    folder that receives `<slide_id>.geojson` per slide. Colours come from `class_colors` over
+    folder that receives `<slide_id>.geojson` per slide (made file-safe and unique; a slide
+    that has a file there already keeps it, so writing some slides leaves the others' files
+    as they are). Colours come from `class_colors` over
     the frame's class list unless `colors` is given. `include_probabilities` adds one
     "prob <class>" measurement per class. `class_col` names the column shown as the QuPath
     classification, `measurements` maps numeric columns to measurement names, `metadata` lists
@@ -178,7 +222,7 @@ def write_geojson(
             f"{len(slides)} slides in the predictions but {path} is a single file: pass a folder "
             "(one <slide_id>.geojson per slide) or choose one slide with slide_id"
         )
-    names = file_names(slides)
+    names = {} if is_file else folder_names(path, slides)
     written = []
     for s in slides:
         target = path if is_file else path / f"{names[str(s)]}.geojson"
