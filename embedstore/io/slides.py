@@ -12,6 +12,7 @@ reported per crop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -33,8 +34,8 @@ PAD_VALUE = 255
 MPP_RANGE = (0.01, 50.0)
 #: slide file name endings; double ones first (`slide_id_from_path` strips the first that fits)
 SLIDE_SUFFIXES = (
-    ".ome.tiff", ".ome.tif", ".ome.btf", ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn",
-    ".vms", ".vmu", ".svslide", ".bif", ".btf", ".qptiff",
+    ".ome.tiff", ".ome.tif", ".ome.btf", ".ome.tf2", ".ome.tf8", ".svs", ".tif", ".tiff", ".ndpi",
+    ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".btf", ".tf2", ".tf8", ".qptiff",
 )  # fmt: skip
 #: length units (OME's, and ImageJ's as written in its TIFF description) in µm
 UM_PER_UNIT = {"µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4, "inch": 25400.0}
@@ -47,6 +48,14 @@ UNIT_ALIASES = {
 PRINT_DPI_MAX = 10_000
 #: plain images opened whole into memory (tiles, regions, TMA cores); their DPI is screen DPI
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: TIFF colour storage that tifffile's readers deliver as RGB or grey (PHOTOMETRIC MINISBLACK,
+#: RGB; YCBCR only JPEG-compressed: the JPEG decoder converts it); others need a conversion
+READ_AS_STORED, YCBCR = (1, 2), 6
+JPEG_COMPRESSIONS = (6, 7, 33003, 33005)  # old-style JPEG, JPEG, Aperio's JPEG 2000
+COLOUR_NAMES = {
+    "PALETTE": "palette (colour map)", "MINISWHITE": "min-is-white grey", "SEPARATED": "CMYK",
+    "YCBCR": "YCbCr (not JPEG-compressed)",
+}  # fmt: skip
 #: largest plain image decoded into memory (RGB bytes); bigger ones must be tiled pyramids
 PLAIN_IMAGE_MAX_BYTES = 2 * 1024**3
 
@@ -67,14 +76,16 @@ def slide_id_from_path(path: str | Path) -> str:
 def find_slides(paths: str | Path | list) -> list[Path]:
     """Slide files among `paths` (files, or directories searched one level deep).
 
-    A directory's plain images (.png/.jpg/.jpeg: tiles, TMA cores) are taken only when it holds
-    no whole-slide files, so thumbnails and macro images kept next to slides are not slides.
+    A directory's hidden files are skipped, and its plain images (.png/.jpg/.jpeg: tiles, TMA
+    cores) are taken only when it holds no whole-slide files, so thumbnails and macro images kept
+    next to slides are not slides.
     """
     items = paths if isinstance(paths, list | tuple) else [paths]
     found: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            files = sorted(p for p in item.iterdir() if p.is_file())
+            # hidden files are none: "._S1.svs" is macOS's AppleDouble twin of S1.svs on exFAT/SMB
+            files = sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith("."))
             slides = [p for p in files if p.name.lower().endswith(SLIDE_SUFFIXES)]
             found += slides or [p for p in files if p.name.lower().endswith(PLAIN_IMAGE_SUFFIXES)]
         elif item.exists():
@@ -119,6 +130,11 @@ class Slide:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(f"{self.path}: no such slide file")
+        if (missing := _missing_data(self.path)) is not None:
+            raise SlideError(
+                f"{self.path}: the file is corrupt or truncated ({missing}); copy it again from "
+                "where the slide was made"
+            )
         self._handle, backend = _open_backend(self.path)
         read_w, read_h = self._handle.dimensions
         # vendor formats (SVS, NDPI, BIF, SCN...) say where level 0 is; a generic TIFF does not
@@ -195,9 +211,14 @@ class Slide:
         return self.info.width, self.info.height
 
     def plan(self, crop: CropSpec, *, resample: bool = True) -> ReadPlan:
-        return ReadPlan.for_slide(
-            self.info.level_downsamples, self.info.mpp, crop, resample=resample
+        # a level that does not hold all of level 0 (a tiled label or macro image OpenSlide lists
+        # as a level) is never chosen
+        level0 = self.info.level_dimensions[0]
+        downsamples = tuple(
+            ds if _is_level_of(level0, dims, ds) else math.inf
+            for ds, dims in zip(self.info.level_downsamples, self.info.level_dimensions, strict=True)
         )
+        return ReadPlan.for_slide(downsamples, self.info.mpp, crop, resample=resample)
 
     def close(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -368,10 +389,15 @@ def _open_backend(path: Path):
 
         alt = tiffslide.TiffSlide(str(path))
         _as_rgb_pixels(path, np.asarray(_probe(alt)))  # tifffile also opens label images
-        if handle is None or alt.level_count > handle.level_count:
-            if handle is not None:
-                handle.close()
-            return alt, "tiffslide"
+        # colour planes stored as pages (axes CYX): OpenSlide reads only the first, as grey
+        planes = "C" in str(alt.properties.get("tiffslide.series-axes", ""))
+        if handle is None or alt.level_count > handle.level_count or planes:
+            if (colours := _stored_colours(alt.ts_tifffile.pages[0])) is None:
+                if handle is not None:
+                    handle.close()
+                return alt, "tiffslide"
+            if handle is None:  # OpenSlide converts them; tifffile reads what is stored
+                raise SlideError(_colours_message(path, colours))
         alt.close()
     except Exception as exc:  # noqa: BLE001
         if alt is not None:
@@ -392,11 +418,27 @@ def _open_backend(path: Path):
             errors.append(f"plain image: {type(exc).__name__}: {exc}")
     if (empty := _empty(path)) is not None:
         raise SlideError(f"{path}: {empty}; copy it again from where the slide was made")
+    if (fmt := _plain_format(path)) is not None:
+        raise SlideError(
+            f"{path}: the file is a {fmt} image, not the slide format its name says; rename it to "
+            f"'{slide_id_from_path(path)}.{fmt.lower().replace('jpeg', 'jpg')}' and pass --mpp "
+            "with the µm/px it was captured at (a PNG/JPEG image holds none)"
+        )
     raise SlideError(
         f"{path}: cannot open as a whole-slide image ({'; '.join(errors)}). Supported: the "
         "formats OpenSlide reads (SVS, NDPI, MRXS, SCN, generic tiled TIFF, ...), tiled "
         "(OME-)TIFF pyramids and plain PNG/JPEG/TIFF images; the file may be corrupt or truncated."
     )
+
+
+def _is_level_of(level0: tuple[int, int], level: tuple[int, int], downsample: float) -> bool:
+    """Whether `level` is level 0 scaled down: by one factor (each side rounded to a pixel), or
+    holding all of it at `downsample` (sides padded to whole tiles). A label or macro image of
+    another shape listed as a level (its downsample the mean of its sides' ratios) is neither."""
+    (w0, h0), (w, h) = level0, level
+    low = max(w0 / (w + 1), h0 / (h + 1))
+    high = min(w0 / (w - 1) if w > 1 else math.inf, h0 / (h - 1) if h > 1 else math.inf)
+    return low <= high or ((w + 1) * downsample >= w0 and (h + 1) * downsample >= h0)
 
 
 def _larger_page(path: Path, width: int, height: int, max_pages: int = 64) -> tuple[int, int, int] | None:
@@ -418,6 +460,46 @@ def _larger_page(path: Path, width: int, height: int, max_pages: int = 64) -> tu
     except Exception:  # noqa: BLE001 - not a TIFF, or one only the backends read
         return None
     return largest
+
+
+def _missing_data(path: Path, max_pages: int = 256) -> str | None:
+    """What a TIFF lacks that its images need: tile/strip offsets, or bytes past the end of the
+    file (a partial copy, which backends read as black tiles or fail on later); None where all
+    is there (also for files tifffile does not read)."""
+    if path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+        return None
+    try:
+        import tifffile
+
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            pages = (p for series in tif.series for level in series.levels for p in level.pages)
+            for page in itertools.islice(pages, max_pages):
+                if page.parent is not tif:  # a page of another file of a multi-file OME-TIFF
+                    continue
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if len(offsets) == 0:
+                    return "an image has no tile or strip offsets"
+                n = min(len(offsets), len(counts))
+                ends = np.asarray(offsets[:n], np.int64) + np.asarray(counts[:n], np.int64)
+                end = int(ends.max())
+                if end > size:
+                    return f"its images need {end} bytes, the file has {size}"
+    except Exception:  # noqa: BLE001 - not a TIFF, or one only the backends read
+        return None
+    return None
+
+
+def _plain_format(path: Path) -> str | None:
+    """The image format ("PNG" or "JPEG") the file's first bytes say it is, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head.startswith(b"\x89PNG\r\n"):
+        return "PNG"
+    return "JPEG" if head.startswith(b"\xff\xd8\xff") else None
 
 
 def _empty(path: Path) -> str | None:
@@ -535,11 +617,31 @@ def _decode_tiff(path: Path) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        if (colours := _stored_colours(page)) is not None:
+            raise SlideError(_colours_message(path, colours))
         _check_plain_size(path, int(page.imagewidth), int(page.imagelength))
         arr = page.asarray()
         if page.axes.startswith("S") and arr.ndim == 3:  # planar RGB (PlanarConfiguration 2)
             arr = np.moveaxis(arr, 0, -1)
     return _as_rgb_pixels(path, arr)
+
+
+def _stored_colours(page) -> str | None:
+    """How a tifffile page stores colours where tifffile reads them unconverted (palette
+    indices, min-is-white grey, CMYK, Lab), else None."""
+    photometric = page.photometric
+    jpeg = page.compression in JPEG_COMPRESSIONS
+    if photometric in READ_AS_STORED or (photometric == YCBCR and jpeg):
+        return None
+    name = getattr(photometric, "name", f"photometric {photometric}")
+    return COLOUR_NAMES.get(name, name)
+
+
+def _colours_message(path: Path, colours: str) -> str:
+    return (
+        f"{path}: {colours} pixels, which the TIFF reader used for this file does not turn into "
+        f"RGB; convert it to RGB, e.g. `vips colourspace '{path}' out.tif[tile,pyramid] srgb`"
+    )
 
 
 def _plausible(value: float | None) -> float | None:
@@ -604,8 +706,9 @@ def _warn_non_square(path: Path, mpp_x: float, mpp_y: float, source: str) -> Non
 
 
 def _ome_mpp(path: Path) -> tuple[float | None, float | None]:
-    """PhysicalSizeX and PhysicalSizeY of the first OME Pixels element, converted to µm."""
-    if not path.name.lower().endswith((".tif", ".tiff", ".btf")):
+    """PhysicalSizeX and PhysicalSizeY of the first OME Pixels element, converted to µm (None
+    where it has none: a later image's, e.g. a macro's, is not the slide's)."""
+    if not path.name.lower().endswith((".tif", ".tiff", ".btf", ".tf2", ".tf8")):
         return None, None
     try:
         import tifffile
@@ -621,7 +724,9 @@ def _ome_mpp(path: Path) -> tuple[float | None, float | None]:
     except ET.ParseError:
         return None, None
     for elem in root.iter():
-        if elem.tag.endswith("Pixels") and "PhysicalSizeX" in elem.attrib:
+        if elem.tag.endswith("Pixels"):  # the first image's: the one read as the slide
+            if "PhysicalSizeX" not in elem.attrib:
+                return None, None
             sizes = []
             for axis in "XY":
                 unit = elem.attrib.get(f"PhysicalSize{axis}Unit", "µm")
