@@ -192,3 +192,16 @@ def test_ome_mpp_is_the_first_images_not_its_macro_images(tmp_path):
         Slide(path)
     with Slide(path, mpp=0.25) as s:
         assert s.mpp == 0.25
+
+
+def test_a_cells_table_of_a_slide_with_non_square_pixels_is_not_refused():
+    """A table with x_um = 0.25 x_px and y_um = 0.30 y_px (a slide of 0.25 x 0.30 µm pixels,
+    whose `Slide.mpp` is the x size, 0.25) was read as made at 0.27 µm/px, mixing the axes, and
+    every slide failed with "the cells table places its cells at 0.2727 µm/px"."""
+    import polars as pl
+
+    from embedstore.extract.pipeline import _table_mpp
+
+    x, y = np.array([100.0, 400.0, 900.0]), np.array([800.0, 300.0, 50.0])
+    cells = pl.DataFrame({"x_px": x, "y_px": y, "x_um": x * 0.25, "y_um": y * 0.30})
+    assert _table_mpp(cells) == pytest.approx(0.25)
