@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
@@ -92,18 +93,32 @@ def load_cell_data(
     Labels whose `label_confidence` is below `min_label_confidence` are dropped (cells without
     a confidence, e.g. hand-made labels, keep theirs): `embed annotate` scores every cell and
     keeps those at >= 0.60."""
+    if not 0 <= min_label_confidence <= 1:
+        raise UserError(f"--min-label-confidence must be within [0, 1] as label_confidence is, not "
+                        f"{min_label_confidence:g}{' (for a percentage, divide it by 100)' if 1 < min_label_confidence <= 100 else ''}")  # fmt: skip
     loaded = Store(db).load(table, slides=list(slides or []) or None, tissues=list(tissues or []) or None)
     meta = loaded.meta
     if labels is not None:
         meta = _with_file_labels(meta, labels, Store(db).keys_frame(table), f"table {table!r} in {db}")
+    had_labels = "label" in meta.columns and meta["label"].null_count() < meta.height
     if min_label_confidence > 0 and "label_confidence" in meta.columns and "label" in meta.columns:
         low = pl.col("label_confidence").is_not_null() & (pl.col("label_confidence") < min_label_confidence)
+        before = set(meta["label"].drop_nulls().unique().to_list())
         meta = meta.with_columns(label=pl.when(low).then(None).otherwise(pl.col("label")))
+        gone = sorted(before - set(meta["label"].drop_nulls().unique().to_list()))
+        if gone and len(gone) < len(before):  # none left at all: refused below
+            warnings.warn(f"class(es) {', '.join(map(repr, gone))} have no label with label_confidence >= "
+                          f"{min_label_confidence:g} and are left out; lower --min-label-confidence to keep them",
+                          UserWarning, stacklevel=2)  # fmt: skip
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         if labelled_only:
             if labels is not None:
                 raise UserError(f"{labels} gives no label (with confidence >= {min_label_confidence:g}) "
                                 f"to the cells of table {table!r} in {db}")  # fmt: skip
+            if had_labels:
+                raise UserError(f"every label of table {table!r} in {db} has a label_confidence below "
+                                f"{min_label_confidence:g} and is left out; lower --min-label-confidence "
+                                "(0 keeps every label)")  # fmt: skip
             raise UserError(
                 f"no labels for the cells of table {table!r} in {db}: attach them with "
                 "`embed labels TABLE --db DB` or pass --labels TABLE"
@@ -227,6 +242,7 @@ def train(
         log(f"{len(data)} labelled cells, {data.n_classes} classes, {data.n_tissues} tissues, "
             f"vectors {data.local_dim} + {data.context_dim}")  # fmt: skip
         if stage in ("local", "all"):
+            _check_holdout_labelled(db, table, data, holdout, min_label_confidence)
             split = make_split(data.meta, holdout=holdout, config=split_config)
             if holdout:
                 check_holdout_scorable(data, split, holdout)
@@ -252,6 +268,21 @@ def train(
         fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
         runlock.mark_finished(run_dir)
         return out
+
+
+def _check_holdout_labelled(db: str | Path, table: str, data: CellData, holdout: Sequence[str], min_conf: float) -> None:
+    """Refuse --holdout names of stored slides or tissues none of whose cells is labelled:
+    `make_split` sees the labelled cells only, and would call those names misspelt."""
+    missing = {holdout} if isinstance(holdout, str) else set(holdout)
+    missing -= set(data.meta["slide_id"].cast(pl.Utf8)) | set(data.tissues)
+    if not missing:
+        return
+    cells = pl.from_arrow(Store(db).open(table).to_lance().to_table(columns=["slide_id", "tissue"]))
+    stored = sorted(h for h in missing if h in set(cells["slide_id"].cast(pl.Utf8)) | set(cells["tissue"].drop_nulls()))
+    if stored:
+        raise UserError(f"--holdout {' '.join(stored)}: the stored cells of that slide or tissue have no label "
+                        f"(with label_confidence >= {min_conf:g}), so there is nothing of it to test on; label "
+                        "some of its cells, or hold out another slide")  # fmt: skip
 
 
 #: what a run made from its models as they were (stale once a stage is retrained): `heads
@@ -540,7 +571,9 @@ def evaluate_run(
                 sets = sets_model.predict_sets(probs[f"p_{sets_model.path}"], keys, conformal_level, cc)
                 conformal[mode] = set_coverage(sets, y, classes)
 
-        if baselines and split is not None:
+        if baselines and split is not None and on in ("train", "all"):
+            log(f"baselines left out: they are fitted on the train cells, which --on {on} scores")
+        elif baselines and split is not None:
             labelled_train = split.train[data.label.numpy()[split.train] >= 0]
             u, c = data.local.numpy(), data.context.numpy()
             log(f"baselines {', '.join(baselines)} on {labelled_train.size} train cells, selected on "

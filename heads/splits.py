@@ -103,6 +103,8 @@ class Split:
         if per_class:
             lines.append("  per class (train/val/test/guard): " + ", ".join(
                 f"{r['class']} {r['train']}/{r['val']}/{r['test']}/{r['guard']}" for r in per_class[:30]))  # fmt: skip
+            if len(per_class) > 30:
+                lines[-1] += f", ... and {len(per_class) - 30} more classes (split.json)"
         for part, leak in self.info.get("leak", {}).items():
             lines.append(
                 f"  {part}: {leak['train_within_crop']:.1%} of cells have a training cell within 28 µm "

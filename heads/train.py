@@ -144,10 +144,31 @@ class _Resident:
             raise UserError(
                 "no labelled cells in the training split; check the `split` column / holdout"
             )
+        learnt = np.unique(data.label.numpy()[train])
+        if learnt.size < 2:
+            raise UserError(
+                f"only one class ({data.classes[int(learnt[0])]!r}) has labelled cells in the training "
+                "split: the others are all in val/test (--holdout, or the `split` column), and a "
+                "classifier needs at least two classes to learn; hold out fewer slides, or give "
+                "training cells of the other classes"
+            )
+        if val.size == 0 and split.source == "column":
+            raise UserError(
+                "no labelled cells in the validation split (needed for early stopping): the `split` "
+                f"column marks none `val` ({train.size} train, {int(labelled[split.test].sum())} test); "
+                "mark some cells of each slide `val`, or clear the column to use the default "
+                "per-slide stripes"
+            )
+        if val.size == 0 and split.source == "stripes" and split.info.get("settings", {}).get("val_fraction") == 0:
+            raise UserError(
+                "no labelled cells in the validation split (needed for early stopping): "
+                "--val-fraction 0 makes no val stripe; give a share of each slide, e.g. --val-fraction 0.2"
+            )
         if val.size == 0:
             raise UserError(
-                "no labelled cells in the validation split (needed for early stopping): slides "
-                "under 50 cells are not cut, and on small tissue the guard band can take the val "
+                "no labelled cells in the validation split (needed for early stopping): slides with under "
+                f"{split.info.get('settings', {}).get('min_cells', 50)} labelled cells are not cut, and on "
+                "small tissue the guard band can take the val "
                 "stripe; narrow it (--guard-um), hold out whole slides (--holdout), or give a "
                 "`split` column with val rows"
             )
