@@ -172,6 +172,18 @@ def test_ids_pandas_wrote_as_floats_match_the_stored_ids(tmp_path):
     assert read_labels(mixed)["cell_id"].to_list() == ["12.0", "001", "12.5"]
 
 
+def test_split_names_as_people_write_them_are_read_as_ours(tmp_path):
+    """A split column of "Train", "Validation", "TEST" (a spreadsheet's, scikit-learn users')
+    was refused as "values other than train, val, test"."""
+    table = tmp_path / "labels.csv"
+    table.write_text("slide_id,cell_id,label,split\nS1,1,T,Train\nS1,2,T,Validation\nS1,3,T, TEST\n"
+                     "S1,4,T,testing\nS1,5,T,valid\nS1,6,T,\n")  # fmt: skip
+    assert read_labels(table)["split"].to_list() == ["train", "val", "test", "test", "val", None]
+    table.write_text("slide_id,cell_id,label,split\nS1,1,T,holdout\n")
+    with pytest.raises(UserError, match="values other than train, val, test"):
+        read_labels(table)
+
+
 def test_rows_without_a_slide_id_are_dropped_and_counted(synth, tmp_path):
     """A blank slide cell: with --slides the row vanished (3 read, 2 kept, no reason); with
     --mpp the command died with a TypeError traceback."""

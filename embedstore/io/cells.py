@@ -27,6 +27,8 @@ from ..errors import CellsError
 REQUIRED = ["slide_id", "cell_id", "x_px", "y_px", "x_um", "y_um", "tissue"]
 OPTIONAL = ["label", "label_confidence", "split"]
 SPLITS = ("train", "val", "test")
+#: split names as people write them, in lower case -> ours
+SPLIT_ALIASES = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}
 
 #: candidate source column names, tried in order, for each normalised field
 DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
@@ -393,7 +395,7 @@ def normalise(
     report.add("centroid outside the slide", outside.select(key).to_series().to_list())
     frame = frame.filter(inside)
 
-    check_splits(frame)
+    frame = checked_splits(frame)
     if on_bad == "error" and report.dropped:
         raise CellsError("bad cells (rerun without --strict to drop them):\n  " + "\n  ".join(report.lines()[1:]))
     if frame.height == 0:
@@ -425,7 +427,7 @@ def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
             raise CellsError(f"{frame[col].null_count()} cells have no {col}; give every cell one")
     frame = frame.with_columns(pl.col("slide_id", "cell_id", "tissue").cast(pl.Utf8))
     frame = clean_text_columns(frame, ["label", "split"]).with_columns(pl.col("tissue").fill_null("unknown"))
-    check_splits(frame)
+    frame = checked_splits(frame)
     bad = frame.filter((~(pl.col("x_px").is_finite() & pl.col("y_px").is_finite())).fill_null(True))
     if bad.height:
         raise CellsError(f"{bad.height} cells have missing or NaN/inf centroids, e.g. {bad['cell_id'][:3].to_list()}; "
@@ -439,12 +441,17 @@ def validate_cells(frame: pl.DataFrame) -> pl.DataFrame:
     return frame
 
 
-def check_splits(frame: pl.DataFrame, error: type[Exception] = CellsError) -> None:
-    """Refuse split values other than train/val/test (null means none)."""
-    if "split" in frame.columns:
-        wrong = sorted(set(frame["split"].drop_nulls().to_list()) - set(SPLITS))
-        if wrong:
-            raise error(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
+def checked_splits(frame: pl.DataFrame, error: type[Exception] = CellsError) -> pl.DataFrame:
+    """`frame` with its split values as ours: any case, and the long names ("Training",
+    "Validation", "Testing") read as train/val/test; other values are refused (null means none)."""
+    if "split" not in frame.columns:
+        return frame
+    if frame.schema["split"] == pl.Utf8:
+        frame = frame.with_columns(pl.col("split").str.strip_chars().str.to_lowercase().replace(SPLIT_ALIASES))
+    wrong = sorted(set(frame["split"].drop_nulls().cast(pl.Utf8).to_list()) - set(SPLITS))
+    if wrong:
+        raise error(f"split column has values other than {', '.join(SPLITS)}: {wrong[:5]}")
+    return frame
 
 
 def check_unique_keys(frame: pl.DataFrame, what: str, error: type[Exception] = CellsError) -> None:

@@ -20,8 +20,8 @@ from ..errors import CellsError
 from .cells import (
     DEFAULT_NAMES,
     MISSING_TOKENS,
-    check_splits,
     check_unique_keys,
+    checked_splits,
     clean_text_columns,
     find_column,
     match_slide_ids,
@@ -73,7 +73,7 @@ def clean_labels(frame: pl.DataFrame, error: type[Exception] = CellsError) -> pl
         except CellsError as exc:
             raise error(str(exc)) from None
         check_confidence(frame["label_confidence"], error)
-    check_splits(frame, error)
+    frame = checked_splits(frame, error)
     check_unique_keys(frame, "label table", error)
     return frame
 
