@@ -7,8 +7,10 @@ Default mode (test backbones): cells/s of `embedstore.extract.pipeline.extract` 
 and cutter threads, batched model calls, batched commits) against a naive pipeline (one
 `read_region` per crop, one model call per batch, no prefetch, same commits), the share of
 wall time spent inside the model forward, the peak RSS above the baseline for two store
-sizes, and the RSS along the larger run by quarter of its cells (min, median, max: flat memory
-means no climb from the first quarter to the last, whatever the number of cells).
+sizes, and the RSS along the larger run by quarter of its cells (min, median, max) with its
+slope over the run's second half. Flat memory means no climb once the allocator has warmed up
+(~10-25k cells): run `--cells 100000` for a trend that says so; glibc's in-use and kept-free
+heap at the end show where the warm-up went.
 
 `--real` (needs a CUDA GPU): UNI2-h and DINOv3 ViT-L/16 with random weights of the exact
 architectures, bf16 autocast; reports cells/s and achieved TFLOP/s against the same two
@@ -46,6 +48,8 @@ from embedstore.io.slides import Slide, find_slides, slide_id_from_path  # noqa:
 from embedstore.store import Store  # noqa: E402
 from embedstore.synth import make_synthetic  # noqa: E402
 
+TREND_MIN_CELLS = 40_000
+
 
 class RSSTrace:
     """RSS at every progress event of a run, summarised per quarter of the cells.
@@ -62,6 +66,15 @@ class RSSTrace:
             self.done += data["n"]
             self.points.append((self.done, self.proc.memory_info().rss / 1e6))
 
+    def slope_mb_per_10k_cells(self, after: float = 0.5) -> float | None:
+        """RSS growth along the run past its first `after` share of cells (least squares); None
+        for runs under TREND_MIN_CELLS: the allocator warms up over the first ~10-25k cells, so
+        only a long run's later half says whether memory keeps growing with the cells."""
+        pts = np.array([(c, r) for c, r in self.points if c > after * self.total])
+        if self.total < TREND_MIN_CELLS or len(pts) < 8:
+            return None
+        return round(float(np.polyfit(pts[:, 0], pts[:, 1], 1)[0]) * 1e4, 1)
+
     def quarters(self) -> list[dict]:
         out = []
         for q in range(4):
@@ -71,6 +84,29 @@ class RSSTrace:
                 out.append({"cells": f"{int(lo)}-{int(hi)}", "samples": int(mb.size), "min_mb": round(float(mb.min())),
                             "median_mb": round(float(np.median(mb))), "max_mb": round(float(mb.max()))})  # fmt: skip
         return out
+
+
+def glibc_heap_mb() -> dict | None:
+    """glibc's heap, all arenas (mallinfo2): bytes in use and bytes freed but kept for reuse.
+    What RSS gains over a run's first cells is the second: the adaptive mmap threshold moves
+    batch and region buffers from mmap into the arenas, which keep their high-water mark."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                     "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except AttributeError:  # glibc < 2.33
+        return None
+    fn.restype = MallInfo2
+    m = fn()
+    return {"in_use_mb": round(m.uordblks / 1e6), "free_kept_mb": round(m.fordblks / 1e6), "mmapped_mb": round(m.hblkhd / 1e6)}
 
 
 class PeakRSS:
@@ -170,6 +206,7 @@ def cpu_mode(args) -> dict:
         t = time.perf_counter()
         summary = extract(slides, cells, work / "db_full", cfg, steps=steps, on_event=trace)
         fast_s = time.perf_counter() - t
+    heap = glibc_heap_mb()
     model_share = clock["model"] / fast_s
     naive_cells = cells.sample(n=min(len(cells), args.naive_cells), seed=2).sort("slide_id")
     clock["model"] = 0.0
@@ -200,6 +237,8 @@ def cpu_mode(args) -> dict:
         },
         "rss_by_quarter_of_full_run": (quarters := trace.quarters()),
         "rss_median_last_minus_first_quarter_mb": quarters[-1]["median_mb"] - quarters[0]["median_mb"] if quarters else None,
+        "rss_slope_second_half_mb_per_10k_cells": trace.slope_mb_per_10k_cells(),
+        "glibc_heap_after_full_run": heap,
     }
 
 

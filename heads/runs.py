@@ -51,6 +51,7 @@ from .metrics import (
 from .posthoc import ConformalSets, apply_safety, fit_safety, load_safety, save_safety, set_coverage
 from .splits import (
     PARTS,
+    SPLIT_OPTIONS,
     Split,
     SplitConfig,
     check_same_settings,
@@ -244,6 +245,9 @@ def train(
         if stage in ("local", "all"):
             _check_holdout_labelled(db, table, data, holdout, min_label_confidence)
             split = make_split(data.meta, holdout=holdout, config=split_config)
+            if split.source == "column" and (unused := _options_given(split_config, split_given)):
+                log(f"note: {', '.join(unused)} not used: the labels' split column sets train/val/test "
+                    "(clear that column, or leave it out of the labels table, to cut stripes)")
             if holdout:
                 check_holdout_scorable(data, split, holdout)
         else:  # a later stage trains on the split its local head was trained on
@@ -268,6 +272,16 @@ def train(
         fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
         runlock.mark_finished(run_dir)
         return out
+
+
+def _options_given(config: SplitConfig | None, given: Sequence[str] | None) -> list[str]:
+    """The stripe options (`SPLIT_OPTIONS`) set: those named in `given`, or when None those of
+    `config` away from their default; as command-line options."""
+    if config is None:
+        return []
+    defaults = SplitConfig()
+    names = [n for n in SPLIT_OPTIONS if (n in given if given is not None else getattr(config, n) != getattr(defaults, n))]
+    return [f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in names]
 
 
 def _check_holdout_labelled(db: str | Path, table: str, data: CellData, holdout: Sequence[str], min_conf: float) -> None:

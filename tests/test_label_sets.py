@@ -150,3 +150,18 @@ def test_a_large_slide_with_few_labels_is_not_called_a_small_slide(tmp_path):
     db = labelled_store(tmp_path / "db", ["a", "b"] * 20 + [None] * 260, slides=["s0"] * 300)
     with pytest.raises(UserError, match="slides with under 50 labelled cells are not cut"):
         train(db, tmp_path / "run")
+
+
+def test_stripe_options_beside_a_split_column_are_named_as_unused(tmp_path):
+    """`--val-fraction 0.4` with labels that carry a split column trained on the column's
+    parts and said nothing: the user believed the val share was 40%."""
+    split = ["train", "train", "val", "test"] * 60
+    db = labelled_store(tmp_path / "db", ["a", "b"] * 120, split=split)
+    lines = []
+    runs.train(db, tmp_path / "run", "local", CFG, scale=False, log=lines.append,
+               split_config=SplitConfig(val_fraction=0.4, guard_um=0, seed=0), split_given=["val_fraction", "seed"])
+    assert any("--val-fraction 0.4 not used" in line and "split column" in line for line in lines), lines
+    assert not any("--guard-um" in line for line in lines)  # set, but not typed: not named
+    quiet = []
+    runs.train(db, tmp_path / "run2", "local", CFG, scale=False, log=quiet.append, split_config=SPLIT, split_given=["seed"])
+    assert not any("not used" in line for line in quiet), quiet

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pytest
 
 from embedstore.search import explore
 from embedstore.store import Store, vectors_to_arrow
@@ -318,3 +319,34 @@ def test_an_opened_ivf_index_re_ranks_with_the_vectors_of_its_own_version(tmp_pa
     np.testing.assert_allclose(index.source.fetch(np.array([0, 1500])), local[[0, 1500]], rtol=1e-3)
     extract_s1_again()
     np.testing.assert_allclose(index.source.fetch(np.array([0, 1500])), local[[0, 1500]], rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "flat"])
+def test_audit_of_vectors_that_would_not_fit_reads_its_queries_through_the_index(tmp_path, monkeypatch, kind):
+    """`embed audit` loaded every vector of the table as float32 before its first query (61 GB
+    at 10M x 1536): past this machine's memory it now queries each batch with the index's own
+    vectors (re-ranking ones read from the store), and flags the same cells."""
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(3, 32)) * 4
+    cls = rng.integers(0, 3, 1200)
+    local = (centres[cls] + rng.normal(size=(1200, 32))).astype(np.float32)
+    labels = np.array(["a", "b", "c"], dtype=object)[cls]
+    flipped = rng.choice(np.flatnonzero(cls > 0), 30, replace=False)
+    labels[flipped] = "a"  # planted errors among b and c
+    db = write_store(tmp_path / "db", local, labels=list(labels))
+    explore.build_index(db, kind=kind)
+    queue, summary = explore.audit(db, k=10)
+    loaded = []
+    real_load = explore.load_vectors
+
+    def spy(store, table, vector, *, with_vectors=True):
+        loaded.append(with_vectors)
+        return real_load(store, table, vector, with_vectors=with_vectors)
+
+    monkeypatch.setattr(explore, "load_vectors", spy)
+    monkeypatch.setattr(explore, "_vectors_fit", lambda db, table, vector: False)
+    streamed, summary2 = explore.audit(db, k=10)
+    assert loaded == [False]
+    found = set(queue.filter("flagged")["cell_id"].to_list())
+    assert len(found & {f"c{i:03d}" for i in flipped}) >= 25, found
+    assert streamed.equals(queue) and summary2.equals(summary)

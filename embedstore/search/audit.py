@@ -76,7 +76,7 @@ def _drop_near(nbr: np.ndarray, r: np.ndarray, gcodes: np.ndarray, xy: np.ndarra
 MIN_VOTES = 5
 
 
-def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
+def label_audit(index: CellIndex, vectors: np.ndarray | None, labels: np.ndarray,
                 classes: Sequence[str], k: int = 20, groups: np.ndarray | None = None,
                 other_groups_only: bool = False, batch_size: int = 4096,
                 progress: Progress | None = None, *, min_votes: int = MIN_VOTES,
@@ -85,7 +85,9 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
                 overfetch: int = 8) -> pl.DataFrame:
     """Score each labelled cell by how well its label agrees with its k nearest neighbours.
 
-    ``vectors`` are the indexed rows (row i of the index); ``labels`` an int code per row into
+    ``vectors`` are the indexed rows (row i of the index), or None: each batch's queries are
+    then the index's own (`CellIndex.reconstruct`: from a flat index, or read from the store
+    for an IVF index with a `StoreSource`), so no copy of every vector is held; ``labels`` an int code per row into
     ``classes`` (-1 = unlabelled: not audited, and ignored in votes). With
     ``other_groups_only`` (needs ``groups``, e.g. slide codes) only neighbours from other
     groups vote, so a slide cannot vouch for its own labels. A cell never votes for itself.
@@ -96,7 +98,7 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
     suggested_share, support (smoothed posterior of its label, see module docstring),
     suspicion (1 - support) and flagged.
     """
-    x = _check_vectors(index, vectors)
+    x = None if vectors is None else _check_vectors(index, vectors)
     n = index.ntotal
     lab = np.asarray(labels)
     if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
@@ -143,7 +145,8 @@ def label_audit(index: CellIndex, vectors: np.ndarray, labels: np.ndarray,
         kw: dict[str, Any] = {}
         if other_groups_only:
             kw = {"groups": gcodes, "exclude_groups": gcodes[r]}
-        _, nbr = index.search(x[r], min(k * overfetch, n) if near else k, query_ids=r, **kw)
+        q = index.reconstruct(r) if x is None else x[r]
+        _, nbr = index.search(q, min(k * overfetch, n) if near else k, query_ids=r, **kw)
         if near:
             nbr = _drop_near(nbr, r, gcodes, xy, exclude_radius_um, k)
         nl = np.where(nbr >= 0, lab[nbr.clip(0)], -1)
@@ -230,7 +233,7 @@ def same_slide_rate(index: CellIndex, vectors: np.ndarray, groups: np.ndarray, k
     A ratio near 1 means slides mix; far above 1 means a batch effect (neighbours found by
     slide rather than by cell type). Sorted by ratio, highest first.
     """
-    x = _check_vectors(index, vectors)
+    x = None if vectors is None else _check_vectors(index, vectors)
     n = index.ntotal
     g = np.asarray(groups)
     if g.shape != (n,):

@@ -341,7 +341,8 @@ def audit(
     check_k(k)
     if not 0 < kwargs.get("min_share", 0.75) <= 1:
         raise UserError(f"--min-share {kwargs['min_share']} must lie in (0, 1]")
-    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
+    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify,
+                                      with_vectors=_vectors_fit(db, table, vector))
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
     if not 0 <= min_label_confidence <= 1:
@@ -375,6 +376,18 @@ def audit(
                f"voting among their {k} (too few labels{', or none on other slides' if other_slides_only else ''}); "
                "they could not be audited")  # fmt: skip
     return queue, flag_summary(result, classes)
+
+
+def _vectors_fit(db: str | Path, table: str, vector: str) -> bool:
+    """Whether the table's `vector` vectors fit this machine's memory as float32 (`vectors_fit`):
+    then one scan loads them, else the audit reads each batch's queries through the index."""
+    from .distributed import vectors_fit
+
+    store = Store(db)
+    check_vector(vector)
+    schema = store.open(table).schema
+    dim = sum(schema.field(k).type.list_size for k in (("local", "context") if vector == "both" else (vector,)))
+    return vectors_fit(store.open(table).count_rows(), dim)
 
 
 def batch_effect(
