@@ -178,6 +178,7 @@ def report(
     index_dir: Annotated[Path | None, typer.Option(help="where FAISS indexes live (default DB/_faiss; for a URI store a temporary one)")] = None,
     cohort: Annotated[str | None, typer.Option(help="--db is the held-out cohort NAME of `heads eval --cohort` (page: RUN/cohort-NAME/report.html)")] = None,
     synonyms: Annotated[Path | None, typer.Option(help="JSON {raw label: training class or null} for --cohort, when it is not evaluated yet")] = None,
+    on: Annotated[str, typer.Option(help="the part of the run's split to show: test, or val/train/all as `heads eval --on` scored them (page: RUN/eval-ON/report.html)")] = "test",
 ) -> None:
     """One self-contained HTML page of the run: metrics, plots, galleries (runs `eval` if needed)."""
     from rich.text import Text
@@ -189,7 +190,7 @@ def report(
         raise UserError("--synonyms maps a cohort's labels: give it with --cohort NAME")
     syn = _read_synonyms(synonyms)
     page = write_report(run_dir, db, out, table=table, slides=slides, index_dir=index_dir, cohort=cohort,
-                        synonyms=syn, log=_log)  # fmt: skip
+                        synonyms=syn, on=on, log=_log)  # fmt: skip
     emit(Text(str(page)))  # no markup
 
 

@@ -82,11 +82,12 @@ class Ctx:
     index_dir: Path | None = None  # FAISS indexes (default DB/_faiss; a temporary one for URI stores)
     metrics_note: str | None = None  # metrics.json was made on another store or table
     cohort: str | None = None  # the page of a held-out cohort (`heads eval --cohort`)
+    on: str = "test"  # the part of the run's split the page shows (`heads eval --on`)
 
     @property
     def evaluated(self) -> Path:
         """Where `heads eval` wrote metrics.json and its plots."""
-        return ckpt.eval_dir(self.run_dir, self.cohort)
+        return ckpt.eval_dir(self.run_dir, self.cohort, self.on)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -139,16 +140,16 @@ def note(text: str) -> str:
 
 # -- loading ----------------------------------------------------------------------------------
 def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | None = None,
-                 synonyms: dict[str, str | None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """metrics.json (of `cohort`: RUN/cohort-NAME/), made with `heads eval`'s defaults (and
-    `synonyms`) when the run has none yet."""
-    path = ckpt.eval_dir(run_dir, cohort) / "metrics.json"
-    command = _eval_command(run_dir, db, cohort)
+                 synonyms: dict[str, str | None] | None = None, on: str = "test") -> dict[str, Any]:  # fmt: skip
+    """metrics.json (of `cohort`: RUN/cohort-NAME/; of another part `on` of the split:
+    RUN/eval-ON/), made with `heads eval`'s defaults (and `synonyms`) when the run has none yet."""
+    path = ckpt.eval_dir(run_dir, cohort, on) / "metrics.json"
+    command = _eval_command(run_dir, db, cohort, on)
     if not path.exists():
         from .runs import evaluate_run
 
         log(f"{path} is missing: evaluating the run first (as `{command}`)")
-        evaluate_run(run_dir, db, table=table, cohort=cohort, synonyms=synonyms, log=log)
+        evaluate_run(run_dir, db, table=table, on=on, cohort=cohort, synonyms=synonyms, log=log)
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -162,8 +163,9 @@ def load_metrics(run_dir: Path, db: Path, table: str, log: Log, cohort: str | No
     return metrics
 
 
-def _eval_command(run_dir: Path, db: str | Path, cohort: str | None) -> str:
-    return f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
+def _eval_command(run_dir: Path, db: str | Path, cohort: str | None, on: str = "test") -> str:
+    return (f"heads eval --run {run_dir} --db {db}" + (f" --cohort {cohort}" if cohort else "")
+            + (f" --on {on}" if on != "test" else ""))
 
 
 def _recorded_synonyms(metrics: dict[str, Any]) -> dict[str, str | None]:
@@ -236,7 +238,8 @@ def check_run(run_dir: Path) -> list[str]:
     return list(ckpt.read_info(run_dir, "local")["classes"])
 
 
-def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any], cohort: str | None = None) -> str | None:
+def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, Any], cohort: str | None = None,
+                      on: str = "test") -> str | None:
     """What to say when metrics.json was made by `heads eval` on another store or table than
     the one this page shows the predictions of (None when the same, or not recorded)."""
     from embedstore.store import store_key
@@ -245,8 +248,8 @@ def _metrics_elsewhere(run_dir: Path, db: str, table: str, metrics: dict[str, An
     made_on, made_table = info.get("store"), info.get("table", table)
     if made_on is None or (made_on == store_key(db) and made_table == table):
         return None
-    command = _eval_command(run_dir, db, cohort)
-    return (f"{ckpt.eval_dir(run_dir, cohort) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
+    command = _eval_command(run_dir, db, cohort, on)
+    return (f"{ckpt.eval_dir(run_dir, cohort, on) / 'metrics.json'} was made by `heads eval` on {info.get('db', made_on)} (table {made_table!r}), "
             f"not on {db} (table {table!r}): the results, per-class F1, confusion, calibration, conformal and "
             f"complementarity sections are of that store, the gate and galleries of this one; run `{command}` "
             "for this store's metrics")  # fmt: skip
@@ -677,7 +680,8 @@ figcaption{font-size:13px;color:#555;margin-top:.3em} .note{color:#8a5a00;font-s
 
 def render(ctx: Ctx, bodies: dict[str, str]) -> str:
     """The page: header, table of contents, one <section id=...> per section."""
-    title = f"NuClass run: {ctx.run_dir.resolve().name}" + (f" on cohort {ctx.cohort}" if ctx.cohort else "")
+    title = (f"NuClass run: {ctx.run_dir.resolve().name}" + (f" on cohort {ctx.cohort}" if ctx.cohort else "")
+             + (f" ({ctx.on} cells)" if ctx.on != "test" else ""))
     toc = "".join(f'<li><a href="#{sid}">{html.escape(h)}</a></li>' for sid, h in SECTIONS)
     secs = "".join(
         f'<section id="{sid}"><h2>{html.escape(h)}</h2>{bodies[sid]}</section>'
@@ -704,6 +708,7 @@ def write_report(
     index_dir: str | Path | None = None,
     cohort: str | None = None,
     synonyms: dict[str, str | None] | None = None,
+    on: str = "test",
     log: Log = print,
 ) -> Path:
     """Write the run's HTML report (default RUN/report.html, atomically); returns its path.
@@ -711,6 +716,8 @@ def write_report(
     `cohort`: the page of a held-out cohort `db` (default RUN/cohort-NAME/report.html), from
     `heads eval --cohort NAME`'s metrics, run first with `synonyms` when there are none; its
     labels are mapped to the training classes through the synonyms that eval recorded.
+    `on`: val, train or all: the page of `heads eval --on ON` (default RUN/eval-ON/report.html),
+    whose scores are those of cells that chose or trained the model.
     `slides`: a slide file or folder, for stores whose recorded slide paths moved.
     `index_dir`: where FAISS indexes live (as `embed index --index-dir`); default DB/_faiss,
     and for a store given as a URI a temporary index, built for this page only.
@@ -718,7 +725,14 @@ def write_report(
     t0 = time.perf_counter()
     run_dir, db = Path(run_dir), str(db)  # a directory or a URI
     classes = check_run(run_dir)
-    evaluated = ckpt.eval_dir(run_dir, cohort)
+    from .runs import EVAL_ON
+
+    if on not in EVAL_ON:
+        raise UserError(f"--on must be one of {', '.join(EVAL_ON)}, not {on!r}")
+    if cohort and on != "test":
+        raise UserError(f"--on {on} picks a part of the run's own split; --cohort {cohort} is every labelled cell "
+                        "of --db: leave out one of them")  # fmt: skip
+    evaluated = ckpt.eval_dir(run_dir, cohort, on)
     out = Path(out) if out else evaluated / "report.html"
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give the HTML file to write, e.g. --out {out / 'report.html'}")
@@ -732,11 +746,11 @@ def write_report(
             f"{db} has no table {table!r}: pass the run's store with --db (and --table)"
         )
     cells = load_cells(run_dir, db, table, classes, log, eval_min_label_confidence(evaluated))
-    metrics = load_metrics(run_dir, db, table, log, cohort, synonyms)
+    metrics = load_metrics(run_dir, db, table, log, cohort, synonyms, on)
     if cohort:
         cells = cohort_labels(cells, _recorded_synonyms(metrics), classes)
     ctx = Ctx(run_dir, db, table, classes, metrics, cells, slides, log, Path(index_dir) if index_dir else None,
-              metrics_note=_metrics_elsewhere(run_dir, db, table, metrics, cohort), cohort=cohort)  # fmt: skip
+              metrics_note=_metrics_elsewhere(run_dir, db, table, metrics, cohort, on), cohort=cohort, on=on)  # fmt: skip
     if ctx.metrics_note:
         log(f"warning: {ctx.metrics_note}")
     bodies = {}

@@ -138,7 +138,8 @@ def load_cell_data(
 def _with_file_labels(meta: pl.DataFrame, path: str | Path, keys: pl.DataFrame, where: str) -> pl.DataFrame:
     """`meta` with the labels of the table at `path`, read and checked as `embed labels` reads
     them. They replace the stored labels and confidences (a label without one is a hand label);
-    the stored split stays unless the table has one. Rows naming no stored cell are counted."""
+    the stored split stays unless the table has one, or it leaves some of the table's labelled
+    cells out. Rows naming no stored cell are counted."""
     import warnings
 
     from embedstore.io.labels import KEYS, examples, match_stored, read_labels, warn_case_variants
@@ -154,7 +155,15 @@ def _with_file_labels(meta: pl.DataFrame, path: str | Path, keys: pl.DataFrame, 
     if "label_confidence" not in known.columns:
         known = known.with_columns(label_confidence=pl.lit(None, pl.Float64))
     given = [c for c in ("label", "label_confidence", "split") if c in known.columns]
-    return meta.drop(given, strict=False).join(known.select(*KEYS, *given), on=KEYS, how="left", maintain_order="left")
+    out = meta.drop(given, strict=False).join(known.select(*KEYS, *given), on=KEYS, how="left", maintain_order="left")
+    if "split" not in given and "split" in out.columns:
+        stored = out.filter(pl.col("label").is_not_null())["split"]
+        if 0 < stored.null_count() < stored.len():  # the stored split was made for other labels
+            warnings.warn(f"the split stored in {where} covers {stored.len() - stored.null_count()} of the {stored.len()} "
+                          f"cells {path} labels, so it is not used: per-slide stripes are cut instead (give {path} "
+                          "a split column of train/val/test to choose the parts)", UserWarning, stacklevel=2)  # fmt: skip
+            out = out.drop("split")
+    return out
 
 
 def save_split(run_dir: Path, data: CellData, split: Split, store: str | None = None) -> None:

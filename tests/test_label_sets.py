@@ -165,3 +165,24 @@ def test_stripe_options_beside_a_split_column_are_named_as_unused(tmp_path):
     quiet = []
     runs.train(db, tmp_path / "run2", "local", CFG, scale=False, log=quiet.append, split_config=SPLIT, split_given=["seed"])
     assert not any("not used" in line for line in quiet), quiet
+
+
+def test_labels_file_with_cells_the_stored_split_leaves_out_cuts_stripes(tmp_path):
+    """The store held a split for the 80 cells `embed labels` had labelled; `heads train
+    --labels more.csv` (240 cells, no split column) then failed on "`split` column is empty for
+    160 of 240 cells; fill it", a column the user had never given it."""
+    labels = ["a", "b"] * 40 + [None] * 160
+    db = labelled_store(tmp_path / "db", labels, split=["train", "train", "val", "test"] * 20 + [None] * 160)
+    more = tmp_path / "more.csv"
+    pl.DataFrame({"slide_id": [f"s{i % 2}" for i in range(240)], "cell_id": [f"c{i:03d}" for i in range(240)],
+                  "label": ["a", "b"] * 120}).write_csv(more)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"split stored in .* covers 80 of the 240 cells .*more.csv labels.*stripes"):
+        lines = train(db, tmp_path / "run", labels=more)
+    assert any(line.startswith("split (stripes") for line in lines), lines
+    # a file within the stored split's cells keeps it
+    within = tmp_path / "within.csv"
+    pl.read_csv(more).head(80).write_csv(within)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lines = train(db, tmp_path / "run2", labels=within)
+    assert any(line.startswith("split (column") for line in lines), lines

@@ -135,6 +135,23 @@ def test_missing_metrics_are_made_by_eval(predicted, monkeypatch):
     assert calls == [run] and "gate" in metrics["paths"]
 
 
+def test_page_of_the_val_cells_is_its_own_and_says_so(predicted, page):
+    """`heads eval --on val` writes RUN/eval-val/, but `heads report` could only show the test
+    page: the val scores (the cells that chose the model) had no page, and no way to get one."""
+    db, run, _ = predicted
+    test_page, test_metrics = (run / "report.html").read_bytes(), (run / "metrics.json").read_bytes()
+    out = report.write_report(run, db, on="val", log=quiet)  # evaluates on val first: none yet
+    assert out == run / "eval-val" / "report.html" and (run / "eval-val" / "metrics.json").exists()
+    text = out.read_text(encoding="utf-8")
+    assert "(val cells)</title>" in text and "Scored on the <b>val</b> cells" in text
+    assert "validation cells that chose the model" in text  # eval's warning, shown on the page
+    assert (run / "report.html").read_bytes() == test_page and (run / "metrics.json").read_bytes() == test_metrics
+    with pytest.raises(UserError, match="--on must be one of test, val, train, all"):
+        report.write_report(run, db, on="holdout", log=quiet)
+    with pytest.raises(UserError, match="--on val picks a part of the run's own split; --cohort c"):
+        report.write_report(run, db, on="val", cohort="c", log=quiet)
+
+
 def test_cli_prints_the_path(predicted, tmp_path):
     """The store given as a URI: every section drawn, the batch effect from a temporary index."""
     db, run, _ = predicted
