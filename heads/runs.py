@@ -56,6 +56,7 @@ from .splits import (
     SplitConfig,
     check_same_settings,
     make_split,
+    options_given,
     split_digest,
     split_table,
 )
@@ -254,8 +255,10 @@ def train(
         if stage in ("local", "all"):
             _check_holdout_labelled(db, table, data, holdout, min_label_confidence)
             split = make_split(data.meta, holdout=holdout, config=split_config)
-            if split.source == "column" and (unused := _options_given(split_config, split_given)):
-                log(f"note: {', '.join(unused)} not used: the labels' split column sets train/val/test "
+            unused = [n for n in options_given(split_config, split_given) if n in SPLIT_OPTIONS]
+            if split.source == "column" and unused:
+                shown = ", ".join(f"--{n.replace('_', '-')} {getattr(split_config, n):g}" for n in unused)
+                log(f"note: {shown} not used: the labels' split column sets train/val/test "
                     "(clear that column, or leave it out of the labels table, to cut stripes)")
             if holdout:
                 check_holdout_scorable(data, split, holdout)
@@ -281,16 +284,6 @@ def train(
         fit_posthoc(run_dir, data, replace(split, val=val), device=cfg.device, log=log)
         runlock.mark_finished(run_dir)
         return out
-
-
-def _options_given(config: SplitConfig | None, given: Sequence[str] | None) -> list[str]:
-    """The stripe options (`SPLIT_OPTIONS`) set: those named in `given`, or when None those of
-    `config` away from their default; as command-line options."""
-    if config is None:
-        return []
-    defaults = SplitConfig()
-    names = [n for n in SPLIT_OPTIONS if (n in given if given is not None else getattr(config, n) != getattr(defaults, n))]
-    return [f"--{n.replace('_', '-')} {getattr(config, n):g}" for n in names]
 
 
 def _check_holdout_labelled(db: str | Path, table: str, data: CellData, holdout: Sequence[str], min_conf: float) -> None:

@@ -195,16 +195,7 @@ def check_same_settings(
     the local stage's; the split keeps the seed it was made with. Returns notes to log (a seed
     other than the split's)."""
     settings = saved.info.get("settings", {})
-    defaults = {f.name: f.default for f in fields(SplitConfig)}
-    if config is None:
-        names: Collection[str] = ()
-    elif given is None:
-        names = [f.name for f in fields(SplitConfig) if getattr(config, f.name) != defaults[f.name]]
-    else:
-        unknown = sorted(set(given) - set(defaults))
-        if unknown:
-            raise ValueError(f"given names no SplitConfig field: {', '.join(unknown)}")
-        names = given
+    names = options_given(config, given)
     said = {}
     if holdout and sorted(holdout) != sorted(settings.get("holdout", [])):
         said["holdout"] = list(holdout)
@@ -227,6 +218,20 @@ def check_same_settings(
         notes.append(f"note: --seed {config.seed} seeds the training of stage {stage} only; its split is the "
                      f"local stage's, made with seed {settings['seed']}")  # fmt: skip
     return notes
+
+
+def options_given(config: SplitConfig | None, given: Collection[str] | None) -> list[str]:
+    """The fields of `config` set by the user: those named in `given` (the options typed), or
+    when None those away from their default."""
+    defaults = {f.name: f.default for f in fields(SplitConfig)}
+    if config is None:
+        return []
+    if given is None:
+        return [name for name, value in defaults.items() if getattr(config, name) != value]
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"given names no SplitConfig field: {', '.join(unknown)}")
+    return list(given)
 
 
 def _show(value: Any) -> str:

@@ -322,10 +322,11 @@ def test_an_opened_ivf_index_re_ranks_with_the_vectors_of_its_own_version(tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["ivf", "flat"])
-def test_audit_of_vectors_that_would_not_fit_reads_its_queries_through_the_index(tmp_path, monkeypatch, kind):
-    """`embed audit` loaded every vector of the table as float32 before its first query (61 GB
-    at 10M x 1536): past this machine's memory it now queries each batch with the index's own
-    vectors (re-ranking ones read from the store), and flags the same cells."""
+def test_audit_of_vectors_that_would_not_fit_queries_through_the_index(tmp_path, monkeypatch, kind):
+    """`embed audit` (and the batch-effect plot) loaded every vector of the table as float32
+    before the first query (61 GB at 10M x 1536): past this machine's memory they now query each
+    batch with the index's own vectors (re-ranking ones read from the store), with the same
+    results."""
     rng = np.random.default_rng(9)
     centres = rng.normal(size=(3, 32)) * 4
     cls = rng.integers(0, 3, 1200)
@@ -336,6 +337,7 @@ def test_audit_of_vectors_that_would_not_fit_reads_its_queries_through_the_index
     db = write_store(tmp_path / "db", local, labels=list(labels))
     explore.build_index(db, kind=kind)
     queue, summary = explore.audit(db, k=10)
+    rates = explore.batch_effect(db, tmp_path / "a.png", k=10)
     loaded = []
     real_load = explore.load_vectors
 
@@ -344,9 +346,12 @@ def test_audit_of_vectors_that_would_not_fit_reads_its_queries_through_the_index
         return real_load(store, table, vector, with_vectors=with_vectors)
 
     monkeypatch.setattr(explore, "load_vectors", spy)
-    monkeypatch.setattr(explore, "_vectors_fit", lambda db, table, vector: False)
+    from embedstore.search import distributed
+
+    monkeypatch.setattr(distributed, "vectors_fit", lambda n, dim: False)
     streamed, summary2 = explore.audit(db, k=10)
-    assert loaded == [False]
+    assert explore.batch_effect(db, tmp_path / "b.png", k=10).equals(rates)  # its queries too
+    assert loaded == [False, False]
     found = set(queue.filter("flagged")["cell_id"].to_list())
     assert len(found & {f"c{i:03d}" for i in flipped}) >= 25, found
     assert streamed.equals(queue) and summary2.equals(summary)

@@ -45,6 +45,12 @@ def _check_vectors(index: CellIndex, vectors: Any) -> np.ndarray:
     return arr
 
 
+def _queries(index: CellIndex, x: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """The vectors of indexed `rows` to query with: from `x`, or without it the index's own
+    (`CellIndex.reconstruct`: a flat index's, or an IVF index's re-ranking source)."""
+    return index.reconstruct(rows) if x is None else x[rows]
+
+
 def _check_batch(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
             or batch_size <= 0:
@@ -145,8 +151,7 @@ def label_audit(index: CellIndex, vectors: np.ndarray | None, labels: np.ndarray
         kw: dict[str, Any] = {}
         if other_groups_only:
             kw = {"groups": gcodes, "exclude_groups": gcodes[r]}
-        q = index.reconstruct(r) if x is None else x[r]
-        _, nbr = index.search(q, min(k * overfetch, n) if near else k, query_ids=r, **kw)
+        _, nbr = index.search(_queries(index, x, r), min(k * overfetch, n) if near else k, query_ids=r, **kw)
         if near:
             nbr = _drop_near(nbr, r, gcodes, xy, exclude_radius_um, k)
         nl = np.where(nbr >= 0, lab[nbr.clip(0)], -1)
@@ -222,12 +227,13 @@ def flag_summary(audit_df: pl.DataFrame, classes: Sequence[str]) -> pl.DataFrame
     ).select("label", "class", "n_labelled", "n_flagged", "flagged_share", "most_suggested")
 
 
-def same_slide_rate(index: CellIndex, vectors: np.ndarray, groups: np.ndarray, k: int = 20,
+def same_slide_rate(index: CellIndex, vectors: np.ndarray | None, groups: np.ndarray, k: int = 20,
                     sample: int | None = 2000, seed: int = 0, batch_size: int = 4096,
                     progress: Progress | None = None) -> pl.DataFrame:
     """Per group (slide): how often a cell's k nearest neighbours come from its own group.
 
-    Up to ``sample`` cells per group are queried (None: all). ``observed`` is the mean share of
+    Up to ``sample`` cells per group are queried (None: all), with ``vectors`` (the indexed
+    rows) or, when None, the index's own (see `label_audit`). ``observed`` is the mean share of
     their neighbours from the same group; ``expected`` the share if neighbours were drawn at
     random from all other cells, ``(n_group - 1) / (N - 1)``; ``ratio = observed / expected``.
     A ratio near 1 means slides mix; far above 1 means a batch effect (neighbours found by
@@ -260,7 +266,7 @@ def same_slide_rate(index: CellIndex, vectors: np.ndarray, groups: np.ndarray, k
     same = np.zeros(q.size, np.float64)
     for s in range(0, q.size, batch_size):
         r = q[s:s + batch_size]
-        _, nbr = index.search(x[r], k, query_ids=r)
+        _, nbr = index.search(_queries(index, x, r), k, query_ids=r)
         ok = nbr >= 0
         hit = ok & (codes[nbr.clip(0)] == codes[r][:, None])
         same[s:s + r.size] = hit.sum(1) / np.maximum(ok.sum(1), 1)

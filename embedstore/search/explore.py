@@ -341,8 +341,7 @@ def audit(
     check_k(k)
     if not 0 < kwargs.get("min_share", 0.75) <= 1:
         raise UserError(f"--min-share {kwargs['min_share']} must lie in (0, 1]")
-    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify,
-                                      with_vectors=_vectors_fit(db, table, vector))
+    index, meta, vectors = _open_for_queries(db, table, vector, root, notify)
     if "label" not in meta.columns or meta["label"].null_count() == meta.height:
         raise UserError("no labels are stored: attach them with `embed labels TABLE --db DB` first")
     if not 0 <= min_label_confidence <= 1:
@@ -378,16 +377,18 @@ def audit(
     return queue, flag_summary(result, classes)
 
 
-def _vectors_fit(db: str | Path, table: str, vector: str) -> bool:
-    """Whether the table's `vector` vectors fit this machine's memory as float32 (`vectors_fit`):
-    then one scan loads them, else the audit reads each batch's queries through the index."""
+def _open_for_queries(db: str | Path, table: str, vector: str, root: str | Path | None,
+                      notify: Callable[[str], None]) -> tuple[CellIndex, pl.DataFrame, np.ndarray | None]:
+    """`open_index` for a caller querying with indexed rows (audit, batch effect): with the
+    vectors in memory while they fit (`vectors_fit`: one scan), else without (None): the
+    queries are then the index's own, read batch by batch (`audit._queries`)."""
     from .distributed import vectors_fit
 
-    store = Store(db)
     check_vector(vector)
-    schema = store.open(table).schema
-    dim = sum(schema.field(k).type.list_size for k in (("local", "context") if vector == "both" else (vector,)))
-    return vectors_fit(store.open(table).count_rows(), dim)
+    t = Store(db).open(table)
+    dim = sum(t.schema.field(k).type.list_size for k in (("local", "context") if vector == "both" else (vector,)))
+    fit = vectors_fit(t.count_rows(), dim)
+    return open_index(db, table=table, vector=vector, root=root, notify=notify, with_vectors=fit)
 
 
 def batch_effect(
@@ -405,7 +406,7 @@ def batch_effect(
     A table of one cell has no neighbours to measure: no rows, and no PNG (an earlier one is
     removed, so that it cannot pass for this table's)."""
     check_k(k)
-    index, meta, vectors = open_index(db, table=table, vector=vector, root=root, notify=notify)
+    index, meta, vectors = _open_for_queries(db, table, vector, root, notify)
     if index.ntotal < 2:
         Path(out_png).unlink(missing_ok=True)
         return pl.DataFrame(schema={"group": pl.Utf8, "n_cells": pl.Int64, "n_queries": pl.Int64,
