@@ -12,7 +12,7 @@ from PIL import Image
 from embedstore.doctor import blocking, check_slides
 from embedstore.errors import SlideError
 from embedstore.geometry import LOCAL_CROP
-from embedstore.io.slides import Slide, find_slides, slide_id_from_path
+from embedstore.io.slides import PlainImage, Slide, find_slides, slide_id_from_path
 
 
 def _image(h: int = 512, w: int = 640) -> np.ndarray:
@@ -205,3 +205,44 @@ def test_a_cells_table_of_a_slide_with_non_square_pixels_is_not_refused():
     x, y = np.array([100.0, 400.0, 900.0]), np.array([800.0, 300.0, 50.0])
     cells = pl.DataFrame({"x_px": x, "y_px": y, "x_um": x * 0.25, "y_um": y * 0.30})
     assert _table_mpp(cells) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------ 16-bit camera samples
+def _pyramid_16(path, rgb16: np.ndarray, **kw) -> None:
+    """A tiled 16-bit RGB pyramid, levels as top-level pages (what OpenSlide reads)."""
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb16, photometric="rgb", tile=(64, 64), metadata=None,
+                 resolution=(1e4 / 0.25,) * 2, resolutionunit="CENTIMETER", **kw)  # fmt: skip
+        tw.write(rgb16[::2, ::2], photometric="rgb", tile=(64, 64), subfiletype=1, metadata=None)
+
+
+@pytest.mark.parametrize("layout", ["pyramid", "pyramid+MaxSampleValue", "untiled"])
+def test_12_bit_camera_data_in_16_bit_samples_is_read_in_its_own_range(tmp_path, layout):
+    """A camera's 12-bit data stored in 16-bit samples (0-4095) was cut to its high byte, as
+    OpenSlide does: values 0-15, a black slide, embedded without a word. It now reads scaled
+    by its own depth, the same pixels as the 8-bit image it came from."""
+    img = _image()
+    rgb12 = img.astype(np.uint16) << 4 | 0x9  # the 12-bit samples an 8-bit image came from
+    path = tmp_path / "cam.tif"
+    if layout == "untiled":
+        tifffile.imwrite(path, rgb12, photometric="rgb", resolution=(1e4 / 0.25,) * 2, resolutionunit="CENTIMETER")
+    else:
+        tags = [(281, "H", 3, (4095,) * 3, False)] if "MaxSampleValue" in layout else []
+        _pyramid_16(path, rgb12, extratags=tags)
+    with Slide(path) as s:
+        np.testing.assert_array_equal(s.read_level(0, 0, 0, 640, 512), img)
+        crop, _ = s.read(300.0, 250.0, LOCAL_CROP)
+    assert abs(crop[112, 112].astype(int) - (40, 20, 120)).max() <= 2
+    if layout == "untiled":  # the in-memory reader, where the pyramid readers cannot open it
+        np.testing.assert_array_equal(PlainImage(path).read_region((0, 0), 0, (640, 512))[..., :3], img)
+
+
+def test_full_range_16_bit_slides_keep_their_high_byte(tmp_path):
+    """Only data that stays below 2^14 is taken for camera data: a full-range 16-bit slide reads
+    as before, its high byte, even where a region of it is dark."""
+    img = _image()
+    path = tmp_path / "full.tif"
+    _pyramid_16(path, img.astype(np.uint16) * 257)
+    with Slide(path) as s:
+        np.testing.assert_array_equal(s.read_level(0, 0, 0, 640, 512), img)
+        np.testing.assert_array_equal(s.read_level(0, 280, 230, 40, 40), img[230:270, 280:320])

@@ -374,6 +374,15 @@ def _open_backend(path: Path):
 
     errors = []
     handle = None
+    if (shift := _shallow_colour_depth(path)) is not None:  # OpenSlide would keep the high byte: black
+        try:
+            handle = _ShallowTiffSlide(path, shift)
+            _probe(handle)
+            return handle, "tiffslide"
+        except Exception as exc:  # noqa: BLE001 - backend errors vary; reported together below
+            if handle is not None:
+                handle.close()
+            handle, errors = None, [f"tiffslide ({16 - shift}-bit samples): {exc}"]
     try:
         handle = openslide.OpenSlide(str(path))
         _probe(handle)
@@ -536,7 +545,7 @@ class PlainImage:
     """A plain image (PNG, JPEG, untiled TIFF) held in memory behind OpenSlide's handle interface.
 
     One level; `read_region` returns RGBA uint8 like OpenSlide (outside the image: transparent).
-    Only 8-bit grey/RGB(A) and 16-bit RGB(A) (read as its high byte, like OpenSlide) images are
+    Only 8-bit grey/RGB(A) and 16-bit RGB(A) (scaled by its depth, `_depth_shift`) images are
     H&E: 16/32-bit or float single-channel images are label images or masks and are refused, as
     are images over `PLAIN_IMAGE_MAX_BYTES` decoded.
     """
@@ -583,15 +592,78 @@ def _check_plain_size(path: Path, width: int, height: int) -> None:
         )
 
 
+def _depth_shift(max_value: int, max_sample: int | None = None) -> int:
+    """Bits to drop to bring 16-bit colour samples to 8: 8 for full-range data, fewer for the
+    10-14-bit data of cameras stored in 16-bit samples (which, cut to the high byte as OpenSlide
+    does, reads almost black). The depth is the TIFF's MaxSampleValue where it gives one, else
+    that of the brightest sample seen: brightfield slides have a white background, so 16-bit
+    full-range data does not stay below 2^14."""
+    top = max_sample if max_sample is not None and 0 < max_sample < 0xFFFF else max_value
+    bits = int(top).bit_length()
+    return 8 if bits > 14 else max(0, bits - 8)
+
+
+def _to_8_bit(arr: np.ndarray, shift: int) -> np.ndarray:
+    return np.minimum(arr >> shift, 255).astype(np.uint8)
+
+
+def _shallow_colour_depth(path: Path, max_segments: int = 256) -> int | None:
+    """For a 16-bit colour TIFF whose samples hold fewer bits (12-bit camera data), the shift
+    that brings them to 8 bits (`_depth_shift`); None for every other file. Looks at the
+    MaxSampleValue tag, else at the smallest pyramid level's first `max_segments` tiles."""
+    if path.name.lower().endswith(PLAIN_IMAGE_SUFFIXES):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.bitspersample != 16 or page.samplesperpixel < 3 or page.photometric != 2:  # RGB
+                return None
+            tag = page.tags.get("MaxSampleValue")
+            max_sample = int(np.max(tag.value)) if tag is not None else None
+            top = 0
+            if max_sample is None or max_sample >= 0xFFFF:
+                smallest = tif.series[0].levels[-1].pages[0] if tif.series else page
+                for i, seg in enumerate(smallest.segments()):
+                    top = max(top, int(np.asarray(seg[0])[..., :3].max()))
+                    if i + 1 >= max_segments:
+                        break
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the backends decide
+        return None
+    shift = _depth_shift(top, max_sample)
+    return shift if shift < 8 else None
+
+
+class _ShallowTiffSlide:
+    """A tiffslide handle whose 16-bit colour samples hold fewer bits (see
+    `_shallow_colour_depth`): regions come scaled by that depth to 8 bits, not cut to their
+    nearly empty high byte."""
+
+    def __init__(self, path: Path, shift: int):
+        import tiffslide
+
+        self._slide, self._shift = tiffslide.TiffSlide(str(path)), shift
+
+    def __getattr__(self, name: str):
+        return getattr(self._slide, name)
+
+    def read_region(self, location, level, size) -> np.ndarray:
+        return _to_8_bit(self._slide.read_region(location, level, size, as_array=True), self._shift)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
 def _as_rgb_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 with C in 1, 3, 4; 16-bit RGB(A) keeps its high byte (as OpenSlide);
+    """(H, W, C) uint8 with C in 1, 3, 4; 16-bit RGB(A) scaled by its depth (`_depth_shift`);
     refuses label images and masks (single-channel, not 8-bit) and other pixel types."""
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise SlideError(f"{path}: an image of shape {arr.shape} is neither grey nor RGB(A)")
     if arr.dtype == np.uint16 and arr.shape[2] > 1:
-        arr = (arr >> 8).astype(np.uint8)
+        arr = _to_8_bit(arr, _depth_shift(int(arr[..., :3].max())))
     if arr.dtype != np.uint8 and arr.shape[2] == 1:
         raise SlideError(
             f"{path}: single-channel {arr.dtype} pixels, not 8-bit grey: a label image or mask "
