@@ -333,3 +333,23 @@ def test_obs_names_stay_unique_when_ids_hold_colons():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ex._obs_names(meta.head(1)) == ["a:b:c"]
+
+
+@pytest.mark.parametrize("classes", [CLASSES[::-1], CLASSES[:2]])
+def test_class_names_come_from_the_exported_cells_own_predictions(store, tmp_path, classes):
+    """Another table's cells (same store, predictions named r1 too) predicted with other classes
+    made the export of this table's r1 name its class columns class_0.. (a class order that
+    contradicted this run's), or refuse it for "probability lists of lengths [3, 2]"."""
+    db, _, _ = store
+    other = tmp_path / "db"
+    shutil.copytree(db, other)
+    meta = Store(db).load(vectors=()).meta.head(40)
+    elsewhere = meta.with_columns(slide_id=pl.lit("another_table_slide"))
+    proba = np.full((40, len(classes)), 0.1 / (len(classes) - 1), np.float32)
+    proba[np.arange(40), np.arange(40) % len(classes)] = 0.9  # each class predicted
+    frame = predictions_frame(elsewhere, classes, proba, proba_gate=proba, gate_value=np.zeros(40, np.float32))
+    Store(other).write_predictions(frame.with_columns(run=pl.lit("r1")))
+    got = ex.to_anndata(other, run="r1", vectors=())
+    pred = got.uns["nuclass"]["predictions"]
+    assert pred["classes"] == CLASSES and pred["classes_source"].startswith("stored predictions"), pred
+    assert list(got.obs["pred_class"].cat.categories) == CLASSES

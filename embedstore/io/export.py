@@ -176,11 +176,6 @@ def _join_predictions(
                                 log=lambda m: warnings.warn(m.removeprefix("warning: "), stacklevel=2))  # fmt: skip
     else:
         preds = store.predictions(run)
-    width = preds["proba"].list.len().unique().drop_nulls().to_list()
-    if len(width) != 1:
-        raise StoreError(f"predictions of run {run!r} have probability lists of lengths {width}; rerun `heads predict`")
-    k = int(width[0])
-    classes, source = run_classes(run_dir, preds, k)
     cols = [c for c in PRED_COLUMNS if c in preds.columns]
     made_by = ["run_digest", "run_dir"] if run_dir is None and "run_digest" in preds.columns else []
     joined = meta.join(
@@ -191,9 +186,17 @@ def _join_predictions(
     n_pred = int(has.sum())
     if n_pred == 0:
         return None
+    # the exported cells' own predictions say the class names: rows of this name on cells not
+    # exported (another table's, a run of the same name) may hold other classes
+    mine = joined.filter(has)
     if made_by:
-        _check_one_run_folder(joined.filter(has), run)
+        _check_one_run_folder(mine, run)
         joined = joined.drop(made_by)
+    width = mine["proba"].list.len().unique().to_list()
+    if len(width) != 1:
+        raise StoreError(f"predictions of run {run!r} have probability lists of lengths {width}; rerun `heads predict`")
+    k = int(width[0])
+    classes, source = run_classes(run_dir, mine, k)
     proba = np.full((joined.height, k), np.nan, dtype=np.float32)
     proba[has.to_numpy()] = joined["proba"].filter(has).list.to_array(k).to_numpy().astype(np.float32, copy=False)
     keep = [c for c in cols if c in PRED_REQUIRED or joined[c].null_count() < joined.height]
