@@ -353,3 +353,22 @@ def test_class_names_come_from_the_exported_cells_own_predictions(store, tmp_pat
     pred = got.uns["nuclass"]["predictions"]
     assert pred["classes"] == CLASSES and pred["classes_source"].startswith("stored predictions"), pred
     assert list(got.obs["pred_class"].cat.categories) == CLASSES
+
+
+def test_cell_ids_repeated_across_slides_stay_text_in_the_h5ad(tmp_path):
+    """Ids numbered per slide ("1", "2", ... on every slide) came back from the .h5ad as a
+    categorical cell_id (anndata converts repeated strings on write), against the documented
+    layout, and `obs.cell_id.str` / joins on it behaved differently from one export to the next."""
+    import anndata as ad
+    import pandas as pd
+
+    from tests.test_search_inputs import write_store
+
+    rng = np.random.default_rng(0)
+    db = write_store(tmp_path / "db", rng.normal(size=(10, 8)).astype(np.float32),
+                     slides=["s0"] * 5 + ["s1"] * 5, ids=[str(i) for i in range(5)] * 2)  # fmt: skip
+    ex.export(db, tmp_path / "cells.h5ad")
+    back = ad.read_h5ad(tmp_path / "cells.h5ad")
+    assert back.obs["cell_id"].dtype == object and back.obs["cell_id"].tolist() == [str(i) for i in range(5)] * 2
+    assert isinstance(back.obs["slide_id"].dtype, pd.CategoricalDtype)
+    assert back.obs_names.tolist()[:2] == ["s0:0", "s0:1"]

@@ -409,7 +409,8 @@ def write_anndata(adata: anndata.AnnData, path: str | Path) -> Path:
     """Write .h5ad atomically (a temporary file in the same folder, renamed when complete)."""
     path = check_suffix(path, "anndata")
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        # cell_id stays text: anndata would make it categorical wherever ids repeat across slides
+        adata.write_h5ad(tmp, convert_strings_to_categoricals=False)
     return path
 
 
