@@ -243,6 +243,15 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], pos: torch.Tensor, bs: 
     return torch.cat([fn(pos[i : i + bs]) for i in range(0, pos.numel(), bs)])
 
 
+def _elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since `t0` (a `time.perf_counter()` reading), counting the work still queued on
+    a CUDA device: its kernels run asynchronously, so without a sync the clock stops before
+    the epoch's last steps have run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _permutation(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.randperm(n, generator=gen).to(device)
 
@@ -417,7 +426,7 @@ def _fit(
             opt.step()
             total += loss.detach()
             step += 1
-        seconds = time.perf_counter() - t0
+        seconds = _elapsed(t0, res.local.device)
         score = evaluate()
         rec = {
             "epoch": epoch + 1, "loss": float(total) / steps_per_epoch, "val_macro_f1": score,
@@ -567,7 +576,7 @@ def train_gate(
                 # end of the gate-alone phase: evaluate it, then fine-tune the heads too
                 if seg_steps:
                     record(epoch + i / steps_per_epoch, totals, seg_steps,
-                           time.perf_counter() - t0, seg_cells)
+                           _elapsed(t0, device), seg_cells)
                     model.gate.train()
                     t0, seg_steps, seg_cells, totals = time.perf_counter(), 0, 0, {}
                 heads_trainable = True
@@ -589,7 +598,7 @@ def train_gate(
             for k, v in {"loss": loss.detach(), **terms}.items():
                 totals[k] = totals.get(k, 0.0) + v
             step, seg_steps, seg_cells = step + 1, seg_steps + 1, seg_cells + pos.numel()
-        record(epoch + 1, totals, seg_steps, time.perf_counter() - t0, seg_cells)
+        record(epoch + 1, totals, seg_steps, _elapsed(t0, device), seg_cells)
         if stopper.should_stop:
             log(f"[gate] early stop: no better val macro-F1 for {cfg.patience} epoch(s)")
             break

@@ -280,7 +280,10 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
                 std = 1.0 / math.sqrt(p[0].numel())
             else:
                 std = 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            # drawn where the generator lives (the CPU), whatever the default device (a
+            # `torch.device("cuda")` context in build_random_backbone), then copied: the same
+            # weights on every device, and no CPU generator asked for a CUDA tensor
+            p.copy_(torch.randn(p.shape, generator=gen, device=gen.device) * std)
 
 
 def _build_seeded(spec: BackboneSpec) -> nn.Module:
@@ -919,6 +922,12 @@ def build_backbone(
     trunk.eval().requires_grad_(False)
     model = Backbone(spec, trunk, pooling=pooling, input_px=px, weights_sha256=sha,
                      weights_source=source)
+    return _to_device(model, device)
+
+
+def _to_device(model: Backbone, device: torch.device | str) -> Backbone:
+    """`model` in eval mode on `device`; on CUDA its conv weights NHWC, as `preprocess` makes
+    the input."""
     model = model.to(device).eval()
     if model.device.type == "cuda":
         model.trunk.to(memory_format=torch.channels_last)  # conv weights to NHWC, as the input
@@ -948,7 +957,7 @@ def build_random_backbone(
         trunk = _build_trunk(entry, device).eval().requires_grad_(False)
     model = Backbone(entry.spec, trunk, pooling=pooling, input_px=px, weights_sha256="random",
                      weights_source=source)
-    return model.to(device).eval()
+    return _to_device(model, device)  # the memory layout build_backbone gives, so timings match
 
 
 def how_to_get_weights(name: str, role: str | None = None) -> str:
