@@ -719,10 +719,15 @@ class CellIndex:
         still short. Returns positions in ``rows`` left for the CPU pre-filtered search."""
         n = self.ntotal
         extra = 0 if own is None else 1
-        kk = min(n, k + extra if m is None else int(math.ceil((k + 1) * n / avail * 1.5)) + 8)
         nprobe = self._nprobe()
         nlist = self._ivf.nlist if self._ivf is not None else None
         cap = GPU_MAX_K if self._gpu_index is not None else n
+        # never more than the GPU serves: past it `_raw` would run an unfiltered CPU search for
+        # up to n results per query (a full scan and an (nq, n) result); queries still short
+        # at the cap go to the CPU's pre-filtered search instead
+        if self._gpu_index is not None and m is None and k + extra > cap:
+            return np.arange(rows.size)  # more than the GPU serves, and nothing to filter
+        kk = min(cap, n, k + extra if m is None else int(math.ceil((k + 1) * n / avail * 1.5)) + 8)
         todo = np.arange(rows.size)
         while True:
             dist, ids = self._raw(q[rows[todo]], kk, nprobe)
