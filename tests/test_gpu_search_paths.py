@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
+from embedstore.errors import UserError
 from embedstore.search import index as ix
 from embedstore.search.index import GPU_MAX_K, CellIndex
 
@@ -132,3 +133,26 @@ def test_unfiltered_gpu_search_past_the_gpu_k_is_one_cpu_search(fake_gpu):
     fake_gpu.clear()
     gpu.search(q, 10, query_ids=np.arange(3))  # within the limit: the GPU alone
     assert [(where, k) for where, k, _ in fake_gpu] == [("gpu", 11)]
+
+
+def test_an_index_that_does_not_fit_the_gpu_is_searched_on_the_cpu_under_auto(fake_gpu, monkeypatch):
+    """With use_gpu="auto" (every command's default), a flat index too large for the GPU's
+    free memory failed the whole search (faiss's "cudaMalloc ... out of memory" traceback),
+    although the CPU could serve it. "auto" now searches on the CPU and says why; use_gpu=True,
+    which asks for the GPU, is refused in one line."""
+    x = _data(500)
+    ref = CellIndex.build(x, kind="flat", use_gpu=False)
+
+    def out_of_memory(res, device, index, options=None):
+        raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory: "
+                           "Error: 'err == cudaSuccess' failed: cudaMalloc error out of memory [2]")  # fmt: skip
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", out_of_memory)
+    with pytest.warns(UserWarning, match=r"flat index \(500 x 16\) could not be copied to the GPU .*out of memory.*on the CPU"):
+        index = CellIndex.build(x, kind="flat", use_gpu="auto")
+    assert not index.on_gpu
+    allowed = np.arange(500) % 3 == 0
+    for kw in ({}, {"allowed": allowed}):
+        np.testing.assert_array_equal(index.search(x[:5], 7, **kw)[1], ref.search(x[:5], 7, **kw)[1])
+    with pytest.raises(UserError, match=r"could not be copied to the GPU .*free GPU memory, or search on the CPU \(use_gpu=False\)"):
+        CellIndex.build(x, kind="flat", use_gpu=True)

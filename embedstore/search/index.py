@@ -371,7 +371,15 @@ class CellIndex:
         if self._ivf is not None:
             self._ivf.parallel_mode = 0
         if _resolve_gpu(use_gpu) and info["kind"] == "flat":
-            self._to_gpu()
+            try:
+                self._to_gpu()
+            except RuntimeError as exc:  # faiss's CUDA errors, e.g. out of GPU memory
+                self._gpu_index = self._gpu_res = None
+                self._use_selectors = True
+                what = f"the flat index ({index.ntotal} x {index.d}) could not be copied to the GPU ({str(exc).strip()[:200]})"
+                if use_gpu is True:
+                    raise UserError(f"{what}: free GPU memory, or search on the CPU (use_gpu=False)") from None
+                warnings.warn(f"{what}: searching on the CPU", stacklevel=2)
 
     def attach(self, source: VectorSource | np.ndarray) -> CellIndex:
         """Set where an IVF index reads full vectors for re-ranking (rows in index order)."""
@@ -448,7 +456,8 @@ class CellIndex:
             index = _build_ivf(x, metric, nlist, seed, gpu, progress, target_recall,
                                tune_queries, info, source)
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
-        return cls(index, info, use_gpu=gpu, source=source if kind == "ivf" else None)
+        return cls(index, info, use_gpu=use_gpu if gpu else False,  # "auto" falls back to the CPU
+                   source=source if kind == "ivf" else None)
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
